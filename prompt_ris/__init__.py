@@ -1,0 +1,7 @@
+"""Prompt-RIS: referring image segmentation bridging a prompt-tuned CLIP and a frozen SAM."""
+
+__version__ = "0.1.0"
+
+from prompt_ris.config import Config, load_config  # noqa: E402
+
+__all__ = ["Config", "load_config", "__version__"]

@@ -1,0 +1,351 @@
+"""Configuration schema: typed dataclasses, YAML diffs against the defaults, dotted overrides.
+
+A YAML file in ``configs/`` holds only what differs from the defaults below. Any field can be
+overridden on the command line as ``section.field=value`` (the value is parsed as a YAML scalar
+and type-checked), e.g. ``train.lr=2e-4 model.cmp.num_prompts=8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ClipConfig:
+    """CLIP towers (open_clip). Defaults: ViT-B/16 at 480 (Sec. 4.2)."""
+
+    pretrained: str | None = "openai"  # open_clip tag ("openai") or a local file; None = random
+    model_name: str = "ViT-B-16"  # open_clip architecture the pretrained weights belong to
+    image_size: int = 480  # CLIP input side, letterboxed (H_C = W_C = image_size / patch_size)
+    patch_size: int = 16
+    vision_width: int = 768  # D_IC
+    vision_layers: int = 12
+    vision_heads: int = 12
+    text_width: int = 512  # D_T
+    text_layers: int = 12
+    text_heads: int = 8
+    embed_dim: int = 512  # joint CLIP embedding width (output of the projections)
+    vocab_size: int = 49408  # CLIP BPE vocabulary
+    context_length: int = 77  # length of CLIP's text position table (weights), not the input length
+    text_length: int = 22  # tokens per expression incl. [SOS]/[EOS]; longer ones are cut
+    quick_gelu: bool = True  # the OpenAI weights were trained with QuickGELU
+    freeze: bool = True  # freeze CLIP's own weights (gradients still flow through them)
+
+
+@dataclass
+class CMPConfig:
+    """Cross-Modal Prompting (Sec. 3.2, eqs. 5-6)."""
+
+    num_prompts: int = 16  # n learnable queries per direction and layer; 0 switches CMP off
+    num_heads: int = 8  # heads of the prompt cross-attention
+
+
+@dataclass
+class DecoderConfig:
+    """Cross-modal decoder producing t_g, F'_IC and the coarse mask (eqs. 1-2)."""
+
+    dim: int = 512  # D_C, width of the decoder (both modalities are projected to it)
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class SAMConfig:
+    """SAM (segment_anything). Defaults: ViT-B at 1024."""
+
+    checkpoint: str | None = "checkpoints/sam_vit_b_01ec64.pth"  # None = random weights
+    image_size: int = 1024  # SAM input side, letterboxed; embedding is image_size / 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: list[int] = field(default_factory=lambda: [2, 5, 8, 11])
+    encoder_window_size: int = 14
+    prompt_embed_dim: int = 256  # D_S
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    freeze_image_encoder: bool = True  # run without gradient, once per image
+    freeze_prompt_encoder: bool = True
+    freeze_mask_decoder: bool = True
+
+
+@dataclass
+class PromptConfig:
+    """CLIP-based prompting of SAM (Sec. 3.1, eq. 3) and prompt dropout (Sec. 4.2)."""
+
+    use_mask: bool = True  # default inference switches (Table 5)
+    use_point: bool = True
+    use_text: bool = True
+    text_blocks: int = 2  # transformer blocks of the text prompter
+    text_heads: int = 8
+    gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax
+    drop_mask: float = 0.2  # per-sample probability of dropping each prompt in stage 2
+    drop_point: float = 0.2
+    drop_text: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_b"  # "vit_b" (the paper) or "tiny"; a preset fills the fields below
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    cmp: CMPConfig = field(default_factory=CMPConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    sam: SAMConfig = field(default_factory=SAMConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Data, training, evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    root: str = "data"  # folder with <dataset>/refs(<splitBy>).p, instances.json and images/
+    prepared: str = "data/prepared"  # output of scripts/prepare_data.py (Arrow)
+    train: str = "combined"  # "combined" (paper) or "<dataset>:<split>", e.g. "refcoco:train_seen"
+    val: str = "refcoco:val"  # validation split during training (never a test split)
+    images_per_batch: int = 16  # I per process and step
+    expressions_per_image: int = 4  # b
+    word_mask_prob: float = 0.15  # share of words masked in resampled (filler) expressions
+    num_workers: int = 2
+    max_val_expressions: int | None = None  # cap validation size during training (None = all)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "checkpoints/run"
+    stage1_epochs: int = 20  # CLIP + CMP + ICL, coarse masks only
+    stage2_epochs: int = 30  # whole model end to end
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16", "no"
+    seed: int = 42
+    log_every: int = 20  # steps between log lines
+    val_every: int = 1  # epochs between validations
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
+    icl_weight: float = 1.0
+    num_overlays: int = 4  # mask overlays written to TensorBoard per validation
+
+
+@dataclass
+class EvalConfig:
+    splits: list[str] = field(default_factory=lambda: ["refcoco:val"])
+    threshold: float = 0.5  # probability threshold for a foreground pixel
+    batch_images: int = 8
+    use_mask: bool = True
+    use_point: bool = True
+    use_text: bool = True
+    output_dir: str | None = None  # defaults to <checkpoint>/eval
+    save_masks: bool = False
+    num_overlays: int = 0
+    overlay_order: str = "first"  # "first" or "worst"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's model: CLIP ViT-B/16 at 480, SAM ViT-B at 1024, n = 16 at all 12 layers.
+    "vit_b": {},
+    # Same structure, small widths and depths: tests and the CPU demo (trained from scratch).
+    "tiny": {
+        "clip": {
+            "pretrained": None,
+            "model_name": "tiny",
+            "image_size": 128,
+            "patch_size": 8,
+            "vision_width": 64,
+            "vision_layers": 3,
+            "vision_heads": 2,
+            "text_width": 64,
+            "text_layers": 3,
+            "text_heads": 2,
+            "embed_dim": 64,
+            "context_length": 77,
+            "text_length": 16,
+            "quick_gelu": False,
+            "freeze": False,
+        },
+        "cmp": {"num_prompts": 4, "num_heads": 2},
+        "decoder": {"dim": 64, "num_heads": 2},
+        "sam": {
+            "checkpoint": None,
+            "image_size": 256,
+            "encoder_embed_dim": 64,
+            "encoder_depth": 2,
+            "encoder_num_heads": 2,
+            "encoder_global_attn_indexes": [1],
+            "encoder_window_size": 4,
+            "prompt_embed_dim": 64,
+            "decoder_depth": 2,
+            "decoder_mlp_dim": 128,
+            "decoder_num_heads": 2,
+            "freeze_image_encoder": False,
+            "freeze_prompt_encoder": False,
+            "freeze_mask_decoder": False,
+        },
+        "prompts": {"text_heads": 2},
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# --------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int widens to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _merge(obj: Any, diff: dict[str, Any], where: str) -> None:
+    """Apply a nested dict onto a dataclass instance in place, strictly."""
+    types_ = _field_types(type(obj))
+    for key, value in diff.items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            _merge(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, types_[key], path))
+
+
+def _dotted_to_nested(overrides: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        out.append(nested)
+    return out
+
+
+def apply_preset(cfg: Config) -> None:
+    """Fill ``cfg.model`` from its preset before the file's own model keys are applied."""
+    if cfg.model.preset not in MODEL_PRESETS:
+        raise ConfigError(
+            f"model.preset '{cfg.model.preset}' is unknown; choose one of {sorted(MODEL_PRESETS)}"
+        )
+    _merge(cfg.model, MODEL_PRESETS[cfg.model.preset], "model")
+
+
+def load_config(
+    path: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Build a Config: defaults, then the model preset, then the YAML file, then overrides.
+
+    Args:
+        path: a YAML file (or an already-parsed dict) holding differences from the defaults.
+        overrides: ``section.key=value`` strings applied last.
+    """
+    diffs: list[dict[str, Any]] = []
+    if isinstance(path, dict):
+        diffs.append(path)
+    elif path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' not found; see configs/ for examples")
+        diffs.append(yaml.safe_load(path.read_text()) or {})
+    diffs.extend(_dotted_to_nested(overrides or []))
+
+    # The preset is chosen first (from any layer), then every layer is applied on top of it.
+    preset = "vit_b"
+    for diff in diffs:
+        preset = diff.get("model", {}).get("preset", preset)
+    cfg = Config()
+    cfg.model.preset = preset
+    apply_preset(cfg)
+    for diff in diffs:
+        _merge(cfg, diff, "")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``config_to_dict`` output (as saved beside a checkpoint)."""
+    cfg = Config()
+    _merge(cfg, data, "")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config_to_dict(cfg)
+    if path.suffix in (".yaml", ".yml"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    else:
+        path.write_text(json.dumps(data, indent=2))

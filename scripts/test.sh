@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite. Extra arguments go to pytest (e.g. -k metrics).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest tests -q -rs "$@"
