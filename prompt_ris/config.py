@@ -80,6 +80,7 @@ class SAMConfig:
     freeze_image_encoder: bool = True  # run without gradient, once per image
     freeze_prompt_encoder: bool = True
     freeze_mask_decoder: bool = True
+    fast_attention: bool = True  # image encoder attention as one fused SDPA call (same math)
 
 
 @dataclass
@@ -114,6 +115,7 @@ class ModelConfig:
 class DataConfig:
     root: str = "data"  # folder with <dataset>/refs(<splitBy>).p, instances.json and images/
     prepared: str = "data/prepared"  # output of scripts/prepare_data.py (Arrow)
+    image_dir: str | None = None  # image folder override; None = the paths stored when prepared
     train: str = "combined"  # "combined" (paper) or "<dataset>:<split>", e.g. "refcoco:train_seen"
     val: str = "refcoco:val"  # validation split during training (never a test split)
     images_per_batch: int = 16  # I per process and step
@@ -139,6 +141,12 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     icl_weight: float = 1.0
     num_overlays: int = 4  # mask overlays written to TensorBoard per validation
+    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    sam_embed_cache: str | None = None  # folder caching frozen SAM image embeddings (stage 2)
+    save_every_steps: int | None = None  # extra resumable checkpoint every N optimizer steps
+    keep_checkpoints: int = 2  # newest resumable checkpoints kept in <output_dir>/checkpoints
+    stop_at_step: int | None = None  # save and stop at this global step (resume with --resume)
+    best_metric: str = "oIoU"  # validation metric that picks <output_dir>/best (oIoU or mIoU)
 
 
 @dataclass

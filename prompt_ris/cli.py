@@ -1,0 +1,260 @@
+"""``prompt-ris`` command line: segment what an expression describes with a trained checkpoint.
+
+Examples::
+
+    prompt-ris predict --checkpoint checkpoints/run1/final --image a.jpg \\
+        --text "the man on the left" --out overlay.png          # + overlay_mask.png
+    prompt-ris predict --checkpoint ... --image photos/ --text "the dog" --out-dir masks/
+    prompt-ris predict --checkpoint ... --batch jobs.json --out-dir masks/
+
+``jobs.json`` is a list of ``{"image": "path", "text": "expression"}`` (``text`` may be a list);
+relative image paths are read from the JSON file's folder. Batch modes write
+``<name>_mask.png`` (0/255) and ``<name>_overlay.png`` per expression plus ``predictions.json``,
+go on past a bad image or expression, and exit with 1 if any failed.
+
+Every user error (missing or mismatched checkpoint, missing base weights, unreadable image,
+empty expression) ends the program with one ``prompt-ris: error: ...`` line and exit code 1;
+``--verbose`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from PIL import Image
+
+from prompt_ris.data.text import EmptyExpressionError, tokenize
+from prompt_ris.models.pretrained import load_pretrained
+from prompt_ris.models.prompt_ris import PromptSwitches
+from prompt_ris.predictor import DEFAULT_THRESHOLD, Predictor, as_rgb_image, draw_overlay
+
+logger = logging.getLogger(__name__)
+
+PROG = "prompt-ris"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SUMMARY_NAME = "predictions.json"
+USER_ERRORS = (OSError, ValueError, RuntimeError)  # reported as one line (see module docstring)
+
+
+@dataclass
+class Job:
+    """Expressions about one image and the (overlay, mask) files each one is written to."""
+
+    image: Path
+    texts: list[str]
+    outputs: list[tuple[Path, Path]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("predict", help="segment the object an expression refers to")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder or .safetensors file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="an image file, or a folder of images")
+    source.add_argument("--batch", type=Path, help='JSON list of {"image": ..., "text": ...}')
+    p.add_argument("--text", action="append", default=[], help="expression (repeatable)")
+    p.add_argument("--out", type=Path, help="overlay file for a single image (e.g. overlay.png)")
+    p.add_argument("--mask-out", type=Path, help="mask file (default: <out stem>_mask.png)")
+    p.add_argument("--out-dir", type=Path, help="output folder (folder and --batch modes)")
+    for name in ("mask", "point", "text"):
+        p.add_argument(f"--no-{name}", action="store_true", help=f"leave out the {name} prompt")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="mask probability")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
+    p.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 error, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"{PROG}: %(levelname)s: %(message)s",
+    )
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return run_predict(args)
+        except USER_ERRORS as err:
+            if args.verbose:
+                raise
+            _error(str(err))
+            return 1
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The ``predict`` command: plan the jobs, load the model once, run them."""
+    jobs = _plan_jobs(args)
+    model = load_pretrained(
+        args.checkpoint, clip_weights=args.clip_weights, sam_weights=args.sam_weights
+    )
+    dtype = None if args.dtype == "auto" else args.dtype
+    predictor = Predictor(model, device=args.device, dtype=dtype, threshold=args.threshold)
+    default = model.default_switches
+    switches = PromptSwitches(
+        mask=default.mask and not args.no_mask,
+        point=default.point and not args.no_point,
+        text=default.text and not args.no_text,
+    )
+    single = args.image is not None and args.image.is_file()
+    records: list[dict[str, Any]] = []
+    for job in jobs:
+        try:
+            records.extend(_run_job(predictor, job, switches, single))
+        except USER_ERRORS as err:
+            if single or args.verbose:
+                raise
+            _error(f"{job.image}: {err}")
+            image = str(job.image)
+            records.extend({"image": image, "text": t, "error": str(err)} for t in job.texts)
+    failed = sum("error" in record for record in records)
+    if not single:
+        summary = args.out_dir / SUMMARY_NAME
+        summary.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {len(records) - failed} mask(s) and {summary}")
+    if failed:
+        _error(f"{failed} of {len(records)} expressions failed (see above and {SUMMARY_NAME})")
+        return 1
+    return 0
+
+
+def _run_job(
+    predictor: Predictor, job: Job, switches: PromptSwitches, strict: bool
+) -> list[dict[str, Any]]:
+    """Predict all expressions of one image in one batch and write their files.
+
+    An empty expression raises when ``strict``; otherwise it gets an error record and the
+    other expressions of the image are still predicted.
+    """
+    records: list[dict[str, Any]] = [{"image": str(job.image), "text": t} for t in job.texts]
+    todo = list(range(len(job.texts)))
+    if not strict:  # drop empty expressions here so that the others still run
+        for k, text in enumerate(job.texts):
+            try:
+                tokenize(text, predictor.model.text_length)  # raises if empty
+            except EmptyExpressionError as err:
+                _error(f"{job.image}: {err}")
+                records[k]["error"] = str(err)
+                todo.remove(k)
+    if not todo:
+        return records
+    rgb = as_rgb_image(job.image)
+    predictor.set_image(rgb)
+    prediction = predictor.predict([job.texts[k] for k in todo], switches=switches)
+    for k, mask in zip(todo, prediction.masks):
+        overlay_path, mask_path = job.outputs[k]
+        for path in (overlay_path, mask_path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)  # (H, W) 0/255
+        draw_overlay(rgb, mask, job.texts[k]).save(overlay_path)
+        fraction = float(mask.mean())
+        print(f"{job.image}: {job.texts[k]!r} -> {overlay_path}, {mask_path} ({fraction:.1%})")
+        records[k].update(overlay=str(overlay_path), mask=str(mask_path), mask_fraction=fraction)
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which image gets which expressions and output files
+# --------------------------------------------------------------------------------------------
+def _plan_jobs(args: argparse.Namespace) -> list[Job]:
+    """Check the argument combination and list the jobs (before any model is loaded)."""
+    if args.batch is not None:
+        _require(not args.text, "--text is not used with --batch (the JSON file gives the texts)")
+        _require(args.out_dir is not None, "--batch needs --out-dir")
+        return _jobs_from_json(args.batch, args.out_dir)
+    _require(bool(args.text), "give the expression with --text")
+    if args.image.is_dir():
+        _require(len(args.text) == 1, "a folder of images takes exactly one --text")
+        _require(args.out_dir is not None, "a folder of images needs --out-dir")
+        images = sorted(p for p in args.image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        _require(bool(images), f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{args.image}'")
+        return [
+            Job(image, list(args.text), [_outputs(args.out_dir, image.stem)]) for image in images
+        ]
+    if not args.image.is_file():
+        raise FileNotFoundError(f"image '{args.image}' does not exist; check the path")
+    _require(
+        (args.out is None) != (args.out_dir is None), "give either --out FILE or --out-dir DIR"
+    )
+    return [Job(args.image, list(args.text), list(_single_outputs(args)))]
+
+
+def _single_outputs(args: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
+    """(overlay, mask) paths for the expressions of the single-image mode."""
+    many = len(args.text) > 1
+    _require(not (many and args.mask_out), "--mask-out takes one --text; use --out instead")
+    for k in range(len(args.text)):
+        if args.out_dir is not None:
+            yield _outputs(args.out_dir, f"{args.image.stem}_{k}" if many else args.image.stem)
+            continue
+        out = args.out.with_name(f"{args.out.stem}_{k}{args.out.suffix}") if many else args.out
+        yield out, args.mask_out or out.with_name(f"{out.stem}_mask.png")
+
+
+def _jobs_from_json(path: Path, out_dir: Path) -> list[Job]:
+    """Read a JSON list of {"image", "text"}; entries about the same image share one job."""
+    if not path.is_file():
+        raise FileNotFoundError(f"batch file '{path}' does not exist")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"batch file '{path}' is not valid JSON ({err})") from err
+    _require(
+        isinstance(entries, list) and bool(entries),
+        f"batch file '{path}' must hold a non-empty JSON list of "
+        '{"image": "path", "text": "expression"} objects',
+    )
+    jobs: dict[Path, Job] = {}
+    for i, entry in enumerate(entries):
+        _require(
+            isinstance(entry, dict) and {"image", "text"} <= set(entry),
+            f"batch file '{path}' entry {i} must be an object with \"image\" and \"text\"",
+        )
+        texts = entry["text"] if isinstance(entry["text"], list) else [entry["text"]]
+        _require(
+            all(isinstance(t, str) for t in texts),
+            f"batch file '{path}' entry {i}: \"text\" must be a string or a list of strings",
+        )
+        image = path.parent / str(entry["image"])  # relative to the JSON file's folder
+        job = jobs.setdefault(image, Job(image, [], []))
+        for k, text in enumerate(texts):
+            job.texts.append(text)
+            job.outputs.append(_outputs(out_dir, f"{i:04d}_{k}_{image.stem}"))
+    return list(jobs.values())
+
+
+def _outputs(out_dir: Path, name: str) -> tuple[Path, Path]:
+    return out_dir / f"{name}_overlay.png", out_dir / f"{name}_mask.png"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"{PROG}: error: {' '.join(message.split())}\n")
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    sys.stderr.write(f"{PROG}: warning: {' '.join(str(message).split())}\n")

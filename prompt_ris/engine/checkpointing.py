@@ -1,0 +1,236 @@
+"""Two kinds of checkpoint: resumable training state, and exports of what was learned.
+
+**Resume state** (``<output_dir>/checkpoints/step_<global_step>/``) is everything needed to continue
+a run exactly: ``accelerator.save_state`` (model, optimizer, lr schedule, gradient scaler, the RNG
+states of every process) plus ``trainer_state.json`` (epoch, optimizer steps done in that epoch,
+global step, best validation score). It is written atomically: into a hidden temporary folder
+first, renamed into place once complete, and only then is the ``latest`` pointer (a one-line text
+file naming the folder) replaced, so a crash at any moment leaves ``latest`` naming a complete
+checkpoint. Resume state uses ``torch.save`` (pickle) for the optimizer and RNG states, as
+accelerate does; load it only from runs you trust. All processes must see the same file system.
+
+**Export** (``<output_dir>/{stage1,final,best}/``) is what inference needs, and nothing pickled:
+the files of ``PromptRIS.save_pretrained`` (``model.safetensors`` with the learned parameters,
+``config.json`` with the resolved config, which names the base CLIP and SAM weights) and
+``training.json`` (where in training the weights come from). ``PromptRIS.from_pretrained`` loads
+it. It is written beside its destination and renamed into place, like a resume checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from prompt_ris.config import Config
+from prompt_ris.models import PromptRIS
+from prompt_ris.models.pretrained import save_pretrained
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIRNAME = "checkpoints"  # resume states live in <output_dir>/checkpoints/
+LATEST_FILENAME = "latest"  # one line: the folder name of the newest complete checkpoint
+TRAINER_STATE_FILENAME = "trainer_state.json"
+EXPORT_TRAINING_FILENAME = "training.json"  # beside save_pretrained's two files
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass
+class TrainerState:
+    """Loop position and bookkeeping saved beside ``accelerator.save_state``.
+
+    Attributes:
+        epoch: 0-based epoch in progress (equal to the number of finished epochs when
+            ``step_in_epoch`` is 0).
+        step_in_epoch: optimizer steps already done in ``epoch``.
+        global_step: optimizer steps done since the start of the run.
+        best_score: best validation score so far (see ``trainer.validate``), or None.
+        best_stage: the stage in which ``best_score`` was measured.
+        history: a few per-epoch validation summaries, for humans.
+    """
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_score: float | None = None
+    best_stage: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        return cls(**json.loads(text))
+
+
+# --------------------------------------------------------------------------------------------
+# Small file-system helpers
+# --------------------------------------------------------------------------------------------
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` to disk, so a rename after it publishes complete data."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(_TMP_PREFIX + path.name)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``, replacing an older ``final`` if present."""
+    _fsync_tree(tmp)
+    old = final.with_name(_TMP_PREFIX + final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume state
+# --------------------------------------------------------------------------------------------
+def checkpoint_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIRNAME
+
+
+def save_training_state(
+    accelerator: Accelerator, output_dir: str | Path, state: TrainerState, keep: int = 2
+) -> Path:
+    """Save a resumable checkpoint atomically; call it on every process.
+
+    Args:
+        accelerator: the run's accelerator (its prepared model, optimizer and scheduler are saved).
+        output_dir: the run folder; the checkpoint goes to ``checkpoints/step_<global_step>``.
+        state: loop position, written as ``trainer_state.json``.
+        keep: number of newest checkpoints kept; older ones are deleted after ``latest`` moves.
+
+    Returns:
+        The published checkpoint folder.
+    """
+    root = checkpoint_root(output_dir)
+    name = f"step_{state.global_step:08d}"
+    tmp, final = root / (_TMP_PREFIX + name), root / name
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left behind by a crash during an earlier save
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every process writes its RNG states here
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE_FILENAME).write_text(state.to_json())
+        _publish_dir(tmp, final)
+        _write_text_atomic(root / LATEST_FILENAME, name + "\n")  # last: the commit point
+        _prune_checkpoints(root, keep=keep, protect=name)
+        logger.info("saved resumable checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune_checkpoints(root: Path, keep: int, protect: str) -> None:
+    done = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE_FILENAME).is_file())
+    for path in done[: max(len(done) - max(keep, 1), 0)]:
+        if path.name != protect:
+            shutil.rmtree(path)
+    for path in root.glob(_TMP_PREFIX + "*"):  # stale halves of interrupted saves
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def resolve_resume(output_dir: str | Path, resume: str) -> Path:
+    """Find the checkpoint folder that ``--resume`` names.
+
+    Args:
+        output_dir: the run folder (used for ``"latest"``).
+        resume: ``"latest"`` (the newest complete checkpoint of ``output_dir``), a checkpoint folder
+            (holding ``trainer_state.json``), or another run folder (its latest checkpoint).
+
+    Raises:
+        FileNotFoundError: naming what was looked for and how to fix the command.
+    """
+    target = Path(output_dir) if resume == "latest" else Path(resume)
+    if (target / TRAINER_STATE_FILENAME).is_file():
+        return target
+    pointer = checkpoint_root(target) / LATEST_FILENAME
+    if not pointer.is_file():
+        raise FileNotFoundError(
+            f"--resume {resume}: no checkpoint found ({pointer} does not exist). Start without "
+            f"--resume, or pass a checkpoint folder such as <output_dir>/{CHECKPOINTS_DIRNAME}/"
+            "step_00001000, or set train.output_dir to the run you want to continue."
+        )
+    folder = checkpoint_root(target) / pointer.read_text().strip()
+    if not (folder / TRAINER_STATE_FILENAME).is_file():
+        raise FileNotFoundError(
+            f"{pointer} names {folder}, which holds no {TRAINER_STATE_FILENAME}; the run folder "
+            "was edited by hand. Pass a complete checkpoint folder to --resume instead."
+        )
+    return folder
+
+
+def load_training_state(accelerator: Accelerator, checkpoint_dir: str | Path) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG states in place; return the loop position."""
+    checkpoint_dir = Path(checkpoint_dir)
+    accelerator.load_state(str(checkpoint_dir))
+    state = TrainerState.from_json((checkpoint_dir / TRAINER_STATE_FILENAME).read_text())
+    logger.info(
+        "resumed from %s (epoch %d, step %d of that epoch, global step %d)",
+        checkpoint_dir,
+        state.epoch + 1,
+        state.step_in_epoch,
+        state.global_step,
+    )
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Export of learned weights (inference)
+# --------------------------------------------------------------------------------------------
+def export_pretrained(
+    model: PromptRIS,
+    cfg: Config,
+    out_dir: str | Path,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Export the learned weights for inference, atomically; main process only.
+
+    Writes ``PromptRIS.save_pretrained``'s two files (``model.safetensors``: the parameters with
+    ``requires_grad``; ``config.json``: the resolved config, which names the base weights) plus
+    ``training.json`` (stage, epoch, step, validation metrics), into a temporary folder beside
+    ``out_dir`` that then replaces ``out_dir``. ``PromptRIS.from_pretrained(out_dir)`` loads it.
+
+    Args:
+        model: the unwrapped model (``accelerator.unwrap_model``), so keys carry no prefix.
+        cfg: the resolved config of the run.
+        out_dir: destination folder (replaced if it exists).
+        training: facts about the exported state, stored in ``training.json``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(_TMP_PREFIX + out_dir.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp, config=cfg)
+    (tmp / EXPORT_TRAINING_FILENAME).write_text(json.dumps(training or {}, indent=2))
+    _publish_dir(tmp, out_dir)
+    logger.info("exported learned weights to %s", out_dir)
+    return out_dir

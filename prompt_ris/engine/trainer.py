@@ -1,0 +1,593 @@
+"""Training (Sec. 4.2): two stages, AdamW, polynomial lr decay, HuggingFace Accelerate.
+
+One run trains ``train.stage1_epochs`` epochs of stage 1 and then ``train.stage2_epochs`` epochs
+of stage 2 (paper: 20 + 30):
+
+- **Stage 1** (CLIP + CMP + ICL): ``model(..., with_sam=False)``, only the coarse mask S_C;
+  loss ``L_clipseg + L_icl(coarse)``. SAM and its prompt makers get no gradient and do not move
+  (AdamW skips parameters whose gradient is None; under DDP, parameters unused on every process
+  keep a None gradient).
+- **Stage 2** (end to end): ``model(..., with_sam=True, prompt_dropout=True)``; loss
+  ``L_clipseg + L_samseg + L_icl(coarse) + L_icl(final)`` (eq. 9).
+
+AdamW over the parameters with ``requires_grad``; ``lr = lr0 * (1 - step / total) ** 0.9`` per
+optimizer step over the whole run (both stages). Accelerate provides devices, processes, mixed
+precision and gradient accumulation, so the same code runs on a CPU, one GPU, several GPUs or
+several machines, whatever ``accelerate launch`` is told.
+
+**Validation** runs every ``train.val_every`` epochs (and at the end of each stage) on
+``data.val`` (never a test split). The best model (``train.best_metric``, oIoU by default) is
+exported to ``<output_dir>/best``: in stage 1 by the coarse mask, from the first stage-2
+validation on by the final mask. A stage-2 score always replaces a stage-1 one, because a stage-1
+model's SAM path is untrained and its final masks are not what the export is used for.
+
+**Exact resume.** A checkpoint is taken at optimizer-step boundaries and restores model,
+optimizer, lr schedule and RNG states; the sampler is deterministic per (seed, epoch), so the
+epoch is re-entered by skipping the batches already done. The random draws of the model (prompt
+dropout, Gumbel noise) come from torch's generator seeded at every micro-batch from (seed,
+process, epoch, micro-batch), so a resumed run draws exactly what an uninterrupted one does,
+independently of whatever else (data loader workers, validation) consumed random numbers.
+
+Outputs in ``train.output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON
+line per log step and validation), ``tensorboard/``, ``checkpoints/`` (resume states, see
+``checkpointing``), and the exports ``stage1/``, ``best/`` and ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
+from prompt_ris.engine import checkpointing
+from prompt_ris.engine.checkpointing import TrainerState
+from prompt_ris.engine.evaluator import evaluate
+from prompt_ris.losses import stage_loss
+from prompt_ris.models import PromptSwitches, build_prompt_ris
+
+logger = logging.getLogger(__name__)
+
+STAGE_COARSE, STAGE_FULL = 1, 2  # stage 1 (CLIP + CMP + ICL) and stage 2 (end to end)
+MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+METRICS_FILENAME = "metrics.jsonl"
+TRACKER_NAME = "tensorboard"
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces with no state: precision, accelerator, schedule, stage
+# --------------------------------------------------------------------------------------------
+def resolve_mixed_precision(setting: str) -> str:
+    """``train.mixed_precision`` -> accelerate's value: ``auto`` is bf16 where CUDA supports it."""
+    if setting not in MIXED_PRECISION_CHOICES:
+        raise ConfigError(
+            f"train.mixed_precision={setting!r}; choose one of {list(MIXED_PRECISION_CHOICES)}"
+        )
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator; processes and devices come from ``accelerate launch``.
+
+    Without CUDA it is a CPU accelerator (``--multi_gpu --num_processes N`` then gives N gloo
+    DDP processes). DDP looks for unused parameters because stage 1 leaves SAM's side of the
+    model without gradients (and prompt dropout may drop a prompt for a whole batch).
+    """
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, below
+        log_with=TRACKER_NAME,
+        project_dir=cfg.train.output_dir,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+def poly_decay(total_steps: int, power: float) -> Callable[[int], float]:
+    """LambdaLR factor ``(1 - step / total_steps) ** power`` (0 from ``total_steps`` on)."""
+
+    def factor(step: int) -> float:
+        return (1.0 - min(step, total_steps) / total_steps) ** power
+
+    return factor
+
+
+def stage_of_epoch(epoch: int, cfg: Config) -> int:
+    """1 for the first ``train.stage1_epochs`` epochs (0-based ``epoch``), then 2."""
+    return STAGE_COARSE if epoch < cfg.train.stage1_epochs else STAGE_FULL
+
+
+def check_val_split(name: str) -> None:
+    """Refuse model selection on a test split (peers.md section 3: CRIS validates on testB)."""
+    if "test" in name.lower():
+        raise ConfigError(
+            f"data.val={name!r} is a test split; validation during training picks the best "
+            "model and must not see test data. Use a validation split, e.g. data.val=refcoco:val"
+        )
+
+
+def seed_micro_step(seed: int, process_index: int, epoch: int, micro_step: int) -> None:
+    """Seed torch (CPU and CUDA) for one micro-batch from (seed, process, epoch, micro-step)."""
+    state = np.random.SeedSequence([seed, process_index, epoch, micro_step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Run state shared by the phases
+# --------------------------------------------------------------------------------------------
+class SaveRequest:
+    """SIGUSR1 handler: remembers that a checkpoint was asked for (saved at the next step)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: Any = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+
+
+@dataclass
+class LossMeter:
+    """Sums of loss terms and expressions since the last log line (this process)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    expressions: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, terms: dict[str, float], expressions: int) -> None:
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+        self.expressions += expressions
+
+
+@dataclass
+class TrainRun:
+    """Everything the phases of a run share."""
+
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module  # prepared (possibly DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    val_loader: Any
+    state: TrainerState
+    steps_per_epoch: int
+    total_steps: int
+    output_dir: Path
+    save_request: SaveRequest = field(default_factory=SaveRequest)
+    meter: LossMeter = field(default_factory=LossMeter)
+    progress: Any = None
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def num_epochs(self) -> int:
+        return self.cfg.train.stage1_epochs + self.cfg.train.stage2_epochs
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the run folder, how far it got, and the trained model."""
+
+    output_dir: Path
+    global_step: int
+    finished: bool  # False when stopped early by ``train.stop_at_step``
+    best_score: float | None
+    model: nn.Module  # unwrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def build_loaders(cfg: Config, accelerator: Accelerator) -> tuple[Any, Any]:
+    """Training loader (I images x b expressions, sharded per process) and validation loader."""
+    raise NotImplementedError
+
+
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Make the training sampler draw epoch ``epoch``'s (deterministic) order."""
+    raise NotImplementedError
+
+
+def skip_batches(loader: Any, num_batches: int) -> Iterable[dict[str, Any]]:
+    """The loader's batches of the current epoch after the first ``num_batches``."""
+    raise NotImplementedError
+
+
+def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) -> int:
+    """Optimizer steps per epoch, equal on every process (DDP steps in lockstep)."""
+    batches = torch.tensor([len(loader)], device=accelerator.device)
+    all_batches = accelerator.gather(batches).tolist()
+    if len(set(all_batches)) != 1:
+        raise RuntimeError(
+            f"processes have different numbers of training batches {all_batches}; the sampler "
+            "must give every process the same number (pad or drop the last images)"
+        )
+    steps = all_batches[0] // cfg.train.gradient_accumulation_steps
+    if cfg.train.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(
+            f"an epoch of {all_batches[0]} batches per process holds no optimizer step of "
+            f"{cfg.train.gradient_accumulation_steps} accumulated batches; use fewer processes, "
+            "a smaller data.images_per_batch or train.gradient_accumulation_steps, or more data"
+        )
+    return steps
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------------------------
+def setup_run(cfg: Config, resume: str | None) -> TrainRun:
+    """Accelerator -> seed -> data -> model -> AdamW -> poly schedule -> prepare -> resume."""
+    check_val_split(cfg.data.val)
+    accelerator = build_accelerator(cfg)
+    output_dir = Path(cfg.train.output_dir)
+    checkpoint = checkpointing.resolve_resume(output_dir, resume) if resume else None
+    if checkpoint is not None:
+        check_resume_config(cfg, checkpoint)
+    set_seed(cfg.train.seed)
+    with accelerator.main_process_first():
+        train_loader, val_loader = build_loaders(cfg, accelerator)
+    model = build_prompt_ris(cfg.model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = count_steps_per_epoch(cfg, accelerator, train_loader)
+    total_steps = steps_per_epoch * (cfg.train.stage1_epochs + cfg.train.stage2_epochs)
+    scheduler = LambdaLR(optimizer, poly_decay(max(total_steps, 1), cfg.train.poly_power))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainerState()
+    if checkpoint is not None:
+        state = checkpointing.load_training_state(accelerator, checkpoint)
+    run = TrainRun(
+        cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        train_loader=train_loader, val_loader=val_loader, state=state,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, output_dir=output_dir,
+    )  # fmt: skip
+    start_outputs(run, resumed=checkpoint is not None)
+    return run
+
+
+def check_resume_config(cfg: Config, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint of a different model; warn about other differences."""
+    saved_path = checkpoint.parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    current = config_to_dict(cfg)
+    if saved.get("model") != current["model"]:
+        raise ConfigError(
+            f"--resume {checkpoint}: its run was trained with another model config "
+            f"({saved_path}); resume with the same --config and model overrides"
+        )
+    changed = [k for k in ("data", "train") if saved.get(k) != current[k]]
+    if changed:
+        logger.warning("resuming with changed %s settings; the run is no longer exact", changed)
+
+
+def start_outputs(run: TrainRun, resumed: bool) -> None:
+    """Resolved config, TensorBoard tracker, metrics file (cut back to the resumed step)."""
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        save_config(run.cfg, run.output_dir / "config.yaml")
+        metrics = run.output_dir / METRICS_FILENAME
+        if resumed and metrics.is_file():  # drop what the interrupted run logged after the save
+            lines = metrics.read_text().splitlines()
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= run.state.global_step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+    accelerator.init_trackers(TRACKER_NAME)
+    accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
+    logger.info(
+        "%d process(es) on %s, mixed precision %s; %d epochs (%d stage 1, %d stage 2) of %d "
+        "steps, %d expressions per step and process, %d trainable parameters",
+        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+        run.num_epochs, run.cfg.train.stage1_epochs, run.cfg.train.stage2_epochs,
+        run.steps_per_epoch,
+        run.cfg.data.images_per_batch * run.cfg.data.expressions_per_image,
+        sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Train Prompt-RIS: stage 1 then stage 2, with validation, checkpoints and exports.
+
+    Args:
+        cfg: the resolved config (``load_config``).
+        resume: None (start fresh), ``"latest"`` (newest checkpoint of ``train.output_dir``) or
+            a checkpoint / run folder.
+
+    Returns:
+        TrainResult (on every process; ``model`` is the unwrapped, trained model).
+    """
+    run = setup_run(cfg, resume)
+    run.save_request.install()
+    finished = True
+    try:
+        with logging_redirect_tqdm(loggers=[logging.getLogger("prompt_ris")]):
+            run.progress = tqdm(
+                total=run.total_steps, initial=run.state.global_step, desc="train",
+                dynamic_ncols=True, disable=not run.accelerator.is_main_process,
+            )  # fmt: skip
+            while run.state.epoch < run.num_epochs:
+                if not train_one_epoch(run):
+                    finished = False
+                    break
+                end_of_epoch(run)
+            run.progress.close()
+        if finished:
+            export(run, "final", stage_of_epoch(run.num_epochs - 1, cfg))
+    finally:
+        run.save_request.uninstall()
+        run.accelerator.end_training()
+    return TrainResult(
+        output_dir=run.output_dir, global_step=run.state.global_step, finished=finished,
+        best_score=run.state.best_score, model=run.unwrapped,
+    )  # fmt: skip
+
+
+def train_one_epoch(run: TrainRun) -> bool:
+    """Train the rest of epoch ``run.state.epoch``; False when ``stop_at_step`` stopped it."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    epoch, accum = state.epoch, cfg.train.gradient_accumulation_steps
+    stage = stage_of_epoch(epoch, cfg)
+    if state.step_in_epoch == 0:
+        logger.info("epoch %d/%d: stage %d", epoch + 1, run.num_epochs, stage)
+    run.model.train()
+    set_loader_epoch(run.train_loader, epoch)
+    micro_total = run.steps_per_epoch * accum  # a trailing partial accumulation is dropped
+    first = state.step_in_epoch * accum
+    if first >= micro_total:
+        return True
+    for micro_step, batch in enumerate(skip_batches(run.train_loader, first), start=first):
+        seed_micro_step(cfg.train.seed, accelerator.process_index, epoch, micro_step)
+        batch = send_to_device(batch, accelerator.device)
+        with accelerator.accumulate(run.model):
+            out = run.model(
+                batch["clip_images"], batch["sam_images"], batch["text_tokens"],
+                batch["image_index"], with_sam=stage == STAGE_FULL,
+                prompt_dropout=stage == STAGE_FULL,
+            )  # fmt: skip
+            loss, terms = stage_loss(out, batch, stage, cfg.train.icl_weight)
+            accelerator.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        run.meter.add(terms, int(batch["text_tokens"].shape[0]))
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+            state.global_step += 1
+            state.step_in_epoch += 1
+            if not after_optimizer_step(run, stage):
+                return False
+        if micro_step + 1 >= micro_total:
+            break
+    return True
+
+
+def after_optimizer_step(run: TrainRun, stage: int) -> bool:
+    """Progress, logs and requested checkpoints after a step; False to stop the run here."""
+    cfg, state = run.cfg, run.state
+    run.progress.update(1)
+    if state.global_step % cfg.train.log_every == 0:
+        log_train(run, stage)
+    stop = cfg.train.stop_at_step is not None and state.global_step >= cfg.train.stop_at_step
+    every = cfg.train.save_every_steps
+    requested = agree(run.accelerator, run.save_request.pending)
+    if stop or requested or (every and state.global_step % every == 0):
+        run.save_request.pending = False
+        save_checkpoint(run)
+    if stop:
+        logger.info("stopped at step %d (train.stop_at_step); continue with --resume", state.global_step)
+    return not stop
+
+
+def agree(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a signal may reach only one)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def log_train(run: TrainRun, stage: int) -> None:
+    """One log line, TensorBoard scalars and a metrics.jsonl record; averages over processes."""
+    accelerator, meter, state = run.accelerator, run.meter, run.state
+    names = sorted(meter.sums)
+    means = torch.tensor([meter.sums[n] / meter.steps for n in names], device=accelerator.device)
+    means = accelerator.reduce(means, reduction="mean").tolist()
+    elapsed = time.perf_counter() - meter.start
+    throughput = meter.expressions * accelerator.num_processes / max(elapsed, 1e-9)
+    lr = run.scheduler.get_last_lr()[0]
+    record = {
+        "step": state.global_step, "epoch": state.epoch + 1, "stage": stage, "lr": lr,
+        "expressions_per_s": throughput, **{f"loss/{n}": v for n, v in zip(names, means)},
+    }  # fmt: skip
+    run.meter = LossMeter()
+    if not accelerator.is_main_process:
+        return
+    terms = " ".join(f"{n} {v:.4f}" for n, v in zip(names, means))
+    logger.info(
+        "epoch %d/%d stage %d step %d/%d | %s | lr %.3g | %.1f expr/s",
+        state.epoch + 1, run.num_epochs, stage, state.global_step, run.total_steps, terms, lr,
+        throughput,
+    )  # fmt: skip
+    run.progress.set_postfix(stage=stage, loss=f"{record.get('loss/total', math.nan):.4f}")
+    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.global_step)
+    append_metrics(run, record)
+
+
+def append_metrics(run: TrainRun, record: dict[str, Any]) -> None:
+    with open(run.output_dir / METRICS_FILENAME, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(run: TrainRun) -> Path:
+    return checkpointing.save_training_state(
+        run.accelerator, run.output_dir, run.state, keep=run.cfg.train.keep_checkpoints
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# End of an epoch: validation, exports, checkpoint
+# --------------------------------------------------------------------------------------------
+def end_of_epoch(run: TrainRun) -> None:
+    """Validate (every ``val_every`` epochs and at the end of each stage), export, checkpoint."""
+    cfg, state = run.cfg, run.state
+    epoch, stage = state.epoch, stage_of_epoch(state.epoch, cfg)
+    ends_stage = epoch + 1 in (cfg.train.stage1_epochs, run.num_epochs)
+    every = cfg.train.val_every
+    if every > 0 and ((epoch + 1) % every == 0 or ends_stage):
+        validate(run, stage)
+    if stage == STAGE_COARSE and epoch + 1 == cfg.train.stage1_epochs:
+        export(run, "stage1", stage)
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    save_checkpoint(run)
+
+
+def validate(run: TrainRun, stage: int) -> dict[str, float]:
+    """Validation metrics on ``data.val``; exports ``best/`` when the selection score improves.
+
+    Returns:
+        ``{"val/<output>_<metric>": value}`` for the coarse (and, in stage 2, final) masks.
+    """
+    cfg, state, accelerator = run.cfg, run.state, run.accelerator
+    prompts = cfg.model.prompts
+    switches = PromptSwitches(mask=prompts.use_mask, point=prompts.use_point, text=prompts.use_text)
+    with_sam = stage == STAGE_FULL
+    metrics, _ = evaluate(
+        run.model, run.val_loader, accelerator, switches, cfg.data.val,
+        threshold=cfg.eval.threshold, with_sam=with_sam,
+    )  # fmt: skip
+    values = {
+        f"val/{output}_{name}": float(value)
+        for output, table in metrics.items()
+        for name, value in table.items()
+        if not name.startswith("num_")
+    }
+    score = values[f"val/{'final' if with_sam else 'coarse'}_{cfg.train.best_metric}"]
+    improved = state.best_stage != stage or state.best_score is None or score > state.best_score
+    logger.info(
+        "validation %s after epoch %d (stage %d): %s%s", cfg.data.val, state.epoch + 1, stage,
+        ", ".join(f"{k[4:]} {v:.2f}" for k, v in values.items() if "IoU" in k),
+        " (new best)" if improved else "",
+    )  # fmt: skip
+    if accelerator.is_main_process:
+        accelerator.log(values, step=state.global_step)
+        append_metrics(run, {"step": state.global_step, "epoch": state.epoch + 1, **values})
+    state.history.append({"epoch": state.epoch + 1, "stage": stage, "score": score})
+    if improved:
+        state.best_score, state.best_stage = score, stage
+        export(run, "best", stage, values)
+    log_overlays(run, stage)
+    return values
+
+
+def export(run: TrainRun, name: str, stage: int, metrics: dict[str, float] | None = None) -> None:
+    """Export the learned weights to ``<output_dir>/<name>`` (main process; others wait)."""
+    if run.accelerator.is_main_process:
+        training = {
+            "stage": stage, "epoch": run.state.epoch + 1, "global_step": run.state.global_step,
+            "metrics": metrics or {},
+        }  # fmt: skip
+        checkpointing.export_pretrained(run.unwrapped, run.cfg, run.output_dir / name, training)
+    run.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------
+# Mask overlays for TensorBoard
+# --------------------------------------------------------------------------------------------
+OVERLAY_ALPHA = 0.5
+OVERLAY_COLOURS = {"gt": (0.1, 0.9, 0.1), "coarse": (0.9, 0.6, 0.1), "final": (0.9, 0.1, 0.1)}
+
+
+def _tint(image: torch.Tensor, mask: torch.Tensor, colour: tuple[float, float, float]) -> torch.Tensor:
+    """Blend ``colour`` into ``image`` (3, h, w) in [0, 1] where ``mask`` (h, w) is on."""
+    tint = torch.tensor(colour, dtype=image.dtype, device=image.device)[:, None, None]
+    weight = OVERLAY_ALPHA * mask.to(image.dtype)[None]  # (1, h, w)
+    return image * (1 - weight) + tint * weight
+
+
+@torch.no_grad()
+def overlay_panels(
+    model: nn.Module, batch: dict[str, Any], stage: int, count: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Input | ground truth | coarse | final panels in the low-res frame for ``count`` expressions.
+
+    Returns:
+        (N, 3, S_s/4, 4 * S_s/4) images in [0, 1] and the N expressions.
+    """
+    from prompt_ris.data.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+
+    out = model(
+        batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
+        with_sam=stage == STAGE_FULL, prompt_dropout=False,
+    )  # fmt: skip
+    lowres = batch["gt_masks"].shape[-1]
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=batch["sam_images"].device)[:, None, None]
+    std = torch.tensor(SAM_PIXEL_STD, device=batch["sam_images"].device)[:, None, None]
+    images = ((batch["sam_images"].float() * std + mean) / 255.0).clamp(0, 1)  # (I, 3, S_s, S_s)
+    images = torch.nn.functional.interpolate(images, size=(lowres, lowres), mode="area")
+    coarse = model.upsample_coarse(out.coarse_logits.float())  # (B, 1, S_s/4, S_s/4)
+    panels = []
+    for k in range(min(count, coarse.shape[0])):
+        image = images[batch["image_index"][k]]  # (3, h, w)
+        row = [image, _tint(image, batch["gt_masks"][k, 0] > 0.5, OVERLAY_COLOURS["gt"])]
+        row.append(_tint(image, coarse[k, 0] > 0, OVERLAY_COLOURS["coarse"]))
+        final = out.mask_logits[k, 0] > 0 if out.mask_logits is not None else None
+        row.append(_tint(image, final, OVERLAY_COLOURS["final"]) if final is not None else image * 0)
+        panels.append(torch.cat(row, dim=-1))  # (3, h, 4w)
+    return torch.stack(panels).cpu(), list(batch["texts"][: len(panels)])
+
+
+def log_overlays(run: TrainRun, stage: int) -> None:
+    """A few mask overlays of the first validation batch to TensorBoard (main process)."""
+    count = run.cfg.train.num_overlays
+    if count <= 0 or not run.accelerator.is_main_process:
+        return
+    model = run.unwrapped
+    was_training = model.training
+    model.eval()
+    batch = send_to_device(next(iter(run.val_loader)), run.accelerator.device)
+    with run.accelerator.autocast():
+        images, texts = overlay_panels(model, batch, stage, count)
+    model.train(was_training)
+    step = run.state.global_step
+    tracker = run.accelerator.get_tracker(TRACKER_NAME)
+    tracker.log_images({"val/overlays": images.float().numpy()}, step=step, dataformats="NCHW")
+    run.accelerator.log({"val/overlay_texts": " | ".join(texts)}, step=step)

@@ -1,0 +1,188 @@
+"""Training losses: BCE + Dice segmentation, Instance Contrastive Learning (eqs. 7-8), eq. (9).
+
+Conventions (DESIGN.md section 4):
+
+- Every loss works in float32 (logits are cast), so bf16 autocast cannot underflow the logs.
+- A target of a different size than the logits is area-resized to the logits' size. The coarse
+  mask, on the CLIP grid (``h_c x w_c``), is first upsampled bilinearly (``align_corners=False``)
+  to the low-res frame of ``gt_masks`` (S_s / 4). Both frames letterbox the same image the same
+  way (longest side resized, padding bottom/right), so this is a pure resampling.
+- Dice follows V-Net [36] (the paper's Dice reference, and the form of eq. 7): squared sums in the
+  denominator, ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)`` per mask with smoothing ``s = 1``
+  (so an empty prediction of an empty target costs 0), averaged over the batch.
+- ICL's weight ``w_i`` is the hard IoU of ``sigmoid(S_i) > 0.5`` (i.e. ``logits > 0``) with
+  ``target > 0.5``; it carries no gradient. An empty prediction of an empty target has IoU 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DICE_SMOOTH = 1.0  # additive smoothing of the segmentation Dice (numerator and denominator)
+ICL_EPS = 1e-6  # O_ij is clamped to [eps, 1 - eps] before the logs of eq. (8)
+
+
+def _match_size(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-resize ``target`` (B, 1, H, W) to ``size`` unless it already has it."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target.float()
+    return F.interpolate(target.float(), size=size, mode="area")
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+    """V-Net Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)``, mean over the batch.
+
+    Args:
+        logits: (B, 1, h, w) mask logits.
+        target: (B, 1, h, w) ground truth in [0, 1], same size as ``logits``.
+        smooth: additive smoothing ``s``.
+
+    Returns:
+        Scalar tensor.
+    """
+    probs = logits.float().sigmoid().flatten(1)  # (B, h*w)
+    target = target.float().flatten(1)  # (B, h*w)
+    inter = (probs * target).sum(-1)  # (B,)
+    denom = probs.square().sum(-1) + target.square().sum(-1)  # (B,)
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Segmentation loss ``BCE + Dice`` (L_clipseg / L_samseg of eq. 9).
+
+    BCE-with-logits is the mean over all pixels of all masks; Dice is the V-Net form (module
+    docstring) averaged over the masks.
+
+    Args:
+        logits: (B, 1, h, w) mask logits.
+        target: (B, 1, H, W) ground truth in [0, 1]; area-resized to (h, w) if the sizes differ.
+
+    Returns:
+        Scalar tensor.
+    """
+    logits = logits.float()
+    target = _match_size(target, tuple(logits.shape[-2:]))  # (B, 1, h, w)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    return bce + dice_loss(logits, target)
+
+
+@torch.no_grad()
+def hard_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of ``logits > 0`` (probability > 0.5) with ``target > 0.5``, per mask, no gradient.
+
+    Args:
+        logits: (B, 1, h, w) mask logits.
+        target: (B, 1, h, w) ground truth in [0, 1].
+
+    Returns:
+        (B,) float IoU; 1.0 where prediction and ground truth are both empty.
+    """
+    pred = (logits > 0).flatten(1)  # (B, h*w)
+    gt = (target > 0.5).flatten(1)  # (B, h*w)
+    inter = (pred & gt).sum(-1).float()
+    union = (pred | gt).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
+
+
+def instance_contrastive_loss(
+    logits: torch.Tensor,
+    object_ids: torch.Tensor,
+    image_index: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = ICL_EPS,
+) -> torch.Tensor:
+    """Instance Contrastive Learning loss L_icl (eqs. 7-8).
+
+    For the b expressions of one image: ``O_ij = 2 sum_k S_i^k S_j^k / (sum_k (S_i^k)^2 +
+    sum_k (S_j^k)^2)`` on sigmoid probabilities (eq. 7), clamped to ``[eps, 1 - eps]``;
+    ``Y_ij = 1`` when expressions i and j refer to the same object; ``w_i`` = IoU of mask i with
+    its ground truth (no gradient, :func:`hard_iou`);
+    ``L = -(1 / b^2) sum_ij w_i (Y_ij log O_ij + (1 - Y_ij) log(1 - O_ij))`` (eq. 8).
+    The loss is averaged over the images; images may have different b. The diagonal (i = j) is
+    included as in eq. (8); it is a constant ``-w_i log(1 - eps)`` with no gradient.
+
+    Args:
+        logits: (B, 1, h, w) mask logits.
+        object_ids: (B,) annotated object identity of each expression.
+        image_index: (B,) image row of each expression.
+        target: (B, 1, H, W) ground truth in [0, 1]; area-resized to (h, w) if sizes differ.
+        eps: clamp margin for O.
+
+    Returns:
+        Scalar tensor.
+    """
+    logits = logits.float()
+    target = _match_size(target, tuple(logits.shape[-2:]))  # (B, 1, h, w)
+    weights = hard_iou(logits, target)  # (B,)
+    probs = logits.sigmoid().flatten(1)  # (B, h*w)
+    losses = []
+    for image in torch.unique(image_index):
+        rows = (image_index == image).nonzero(as_tuple=True)[0]
+        s = probs[rows]  # (b, h*w)
+        squares = s.square().sum(-1)  # (b,)
+        denom = (squares[:, None] + squares[None, :]).clamp_min(torch.finfo(s.dtype).tiny)
+        overlap = 2.0 * (s @ s.T) / denom  # O, eq. (7), (b, b)
+        # 1 - O = sum (S_i - S_j)^2 / denom, computed directly: near O = 1 (the case ICL pushes
+        # down for different objects) the subtraction 1 - O would lose all float32 precision.
+        gap = (s[:, None] - s[None, :]).square().sum(-1) / denom  # (b, b)
+        ids = object_ids[rows]
+        same = (ids[:, None] == ids[None, :]).float()  # Y, (b, b)
+        log_likelihood = (
+            same * overlap.clamp(eps, 1.0 - eps).log()
+            + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
+        )
+        b = rows.numel()
+        losses.append(-(weights[rows, None] * log_likelihood).sum() / b**2)  # eq. (8)
+    return torch.stack(losses).mean()
+
+
+def stage_loss(
+    out: Any, batch: dict[str, Any], stage: int, icl_weight: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total training loss of a stage (eq. 9) and its terms for logging.
+
+    Stage 1 (CLIP + CMP + ICL): ``L_clipseg + icl_weight * L_icl(coarse)``.
+    Stage 2 (whole model): ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``.
+    The coarse logits (B, 1, h_c, w_c) on the CLIP grid are upsampled bilinearly to the low-res
+    frame of ``batch['gt_masks']`` (B, 1, S_s/4, S_s/4) before both coarse terms.
+
+    Args:
+        out: model output with ``coarse_logits`` (B, 1, h_c, w_c) and ``mask_logits``
+            (B, 1, S_s/4, S_s/4) or None (stage 1).
+        batch: collated batch with ``gt_masks``, ``object_ids`` and ``image_index``.
+        stage: 1 or 2.
+        icl_weight: weight of the ICL terms (1.0 in the paper).
+
+    Returns:
+        The total loss (scalar tensor) and a dict of float terms: ``clipseg``, ``icl_coarse``
+        and, in stage 2, ``samseg`` and ``icl_final``, plus ``total``.
+    """
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    gt = batch["gt_masks"].float()  # (B, 1, S_s/4, S_s/4)
+    object_ids, image_index = batch["object_ids"], batch["image_index"]
+    coarse = F.interpolate(
+        out.coarse_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False
+    )  # (B, 1, S_s/4, S_s/4)
+    terms = {
+        "clipseg": bce_dice_loss(coarse, gt),
+        "icl_coarse": icl_weight * instance_contrastive_loss(coarse, object_ids, image_index, gt),
+    }
+    if stage == 2:
+        if out.mask_logits is None:
+            raise ValueError(
+                "stage 2 loss needs out.mask_logits, but the model ran without SAM; "
+                "call the model with with_sam=True in stage 2"
+            )
+        final = out.mask_logits.float()  # (B, 1, S_s/4, S_s/4)
+        terms["samseg"] = bce_dice_loss(final, gt)
+        terms["icl_final"] = icl_weight * instance_contrastive_loss(
+            final, object_ids, image_index, gt
+        )
+    total = torch.stack(list(terms.values())).sum()
+    logged = {name: value.detach().item() for name, value in terms.items()}
+    logged["total"] = total.detach().item()
+    return total, logged

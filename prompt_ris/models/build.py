@@ -1,0 +1,288 @@
+"""Build Prompt-RIS from a ModelConfig: open_clip CLIP + segment_anything SAM + learned parts.
+
+Every preset ("vit_b", "tiny") goes through the same code; only the config numbers differ. Base
+weights come from open_clip (a tag such as "openai", or a local file) and from a local SAM
+checkpoint (``sam_vit_b_01ec64.pth``). Modules never read files themselves: this file does.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+from torch import nn
+
+from prompt_ris.config import ClipConfig, ModelConfig, SAMConfig
+from prompt_ris.models.clip_prompted import PromptedCLIP
+from prompt_ris.models.coarse_decoder import CoarseDecoder
+from prompt_ris.models.prompt_ris import PromptRIS, PromptSwitches
+from prompt_ris.models.sam_bridge import FrozenSAM
+from prompt_ris.models.sam_prompts import GumbelPointPrompt, MaskPrompt, TextPrompter
+
+logger = logging.getLogger(__name__)
+
+# SAM's fixed architecture numbers (segment_anything/build_sam.py).
+SAM_PATCH_SIZE = 16
+SAM_MASK_IN_CHANS = 16
+SAM_NUM_MULTIMASK_OUTPUTS = 3
+SAM_IOU_HEAD_DEPTH = 3
+SAM_IOU_HEAD_HIDDEN_DIM = 256
+SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
+SAM_PIXEL_STD = [58.395, 57.12, 57.375]
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+DOWNLOAD_HINT = "run `python scripts/download_weights.py` (see checkpoints/README.md)"
+
+
+def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
+    """Build open_clip's CLIP at ``cfg.image_size`` and load its weights.
+
+    Position embeddings are resized (bicubic, open_clip's ``resize_pos_embed``) once, while the
+    weights load: 14 x 14 -> 30 x 30 for ViT-B/16 at 480.
+
+    Args:
+        cfg: the CLIP section of the model config.
+        pretrained: None (random weights), a local weight file (an open_clip state dict, as
+            written by ``scripts/download_weights.py``) or an open_clip pretrained tag for
+            ``cfg.model_name`` (e.g. "openai"; downloaded by open_clip).
+
+    Returns:
+        An open_clip ``CLIP``.
+    """
+    if pretrained is None:
+        return _clip_from_fields(cfg)
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        model = _clip_from_fields(cfg)
+        open_clip.load_checkpoint(model, str(path))
+        logger.info("loaded CLIP weights from %s", path)
+        return model
+    if path.suffix in WEIGHT_SUFFIXES or "/" in pretrained:
+        raise FileNotFoundError(
+            f"CLIP weight file '{pretrained}' not found; {DOWNLOAD_HINT}, or set "
+            f"model.clip.pretrained to an existing file, an open_clip tag such as 'openai', or "
+            f"null for random weights"
+        )
+    tags = open_clip.list_pretrained_tags_by_model(cfg.model_name)
+    if pretrained not in tags:
+        raise ValueError(
+            f"model.clip.pretrained='{pretrained}' is neither a file nor an open_clip tag of "
+            f"'{cfg.model_name}' (tags: {tags}); give a weight file or one of these tags"
+        )
+    try:
+        model = open_clip.create_model(
+            cfg.model_name,
+            pretrained=pretrained,
+            force_image_size=cfg.image_size,
+            force_quick_gelu=cfg.quick_gelu,
+        )
+    except Exception as err:  # open_clip raises many kinds of network/hub errors
+        raise RuntimeError(
+            f"open_clip could not fetch '{cfg.model_name}' weights '{pretrained}' ({err}); "
+            f"without internet, {DOWNLOAD_HINT} on a connected machine and set "
+            f"model.clip.pretrained=checkpoints/clip_vit_b16_openai.pt"
+        ) from err
+    _check_clip_matches(model, cfg)
+    return model
+
+
+def _clip_from_fields(cfg: ClipConfig) -> CLIP:
+    for width, heads, name in (
+        (cfg.vision_width, cfg.vision_heads, "vision"),
+        (cfg.text_width, cfg.text_heads, "text"),
+    ):
+        if width % heads:
+            raise ValueError(
+                f"model.clip.{name}_width={width} is not divisible by {name}_heads={heads}"
+            )
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(
+            f"model.clip.image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}"
+        )
+    vision_cfg = CLIPVisionCfg(
+        layers=cfg.vision_layers,
+        width=cfg.vision_width,
+        head_width=cfg.vision_width // cfg.vision_heads,
+        patch_size=cfg.patch_size,
+        image_size=cfg.image_size,
+    )
+    text_cfg = CLIPTextCfg(
+        context_length=cfg.context_length,
+        vocab_size=cfg.vocab_size,
+        width=cfg.text_width,
+        heads=cfg.text_heads,
+        layers=cfg.text_layers,
+    )
+    return CLIP(cfg.embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=cfg.quick_gelu)
+
+
+def _check_clip_matches(model: CLIP, cfg: ClipConfig) -> None:
+    found = {
+        "vision_width": model.visual.transformer.width,
+        "vision_layers": len(model.visual.transformer.resblocks),
+        "text_width": model.transformer.width,
+        "text_layers": len(model.transformer.resblocks),
+        "image_size": model.visual.image_size[0],
+    }
+    wrong = {k: v for k, v in found.items() if getattr(cfg, k) != v}
+    if wrong:
+        raise ValueError(
+            f"open_clip '{cfg.model_name}' does not match model.clip: {wrong} (config: "
+            f"{ {k: getattr(cfg, k) for k in wrong} }); fix model.clip or model.clip.model_name"
+        )
+
+
+def build_sam(cfg: SAMConfig, checkpoint: str | None) -> Sam:
+    """Build segment_anything's ``Sam`` from the config numbers and load a checkpoint.
+
+    Mirrors ``segment_anything.build_sam._build_sam`` (the vit_b preset gives its exact numbers).
+
+    Args:
+        cfg: the SAM section of the model config.
+        checkpoint: a local SAM state dict (``sam_vit_b_01ec64.pth``), or None for random weights.
+    """
+    if cfg.image_size % SAM_PATCH_SIZE:
+        raise ValueError(
+            f"model.sam.image_size={cfg.image_size} is not a multiple of {SAM_PATCH_SIZE}"
+        )
+    embedding_size = cfg.image_size // SAM_PATCH_SIZE
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg.encoder_depth,
+            embed_dim=cfg.encoder_embed_dim,
+            img_size=cfg.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.encoder_num_heads,
+            patch_size=SAM_PATCH_SIZE,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(cfg.encoder_global_attn_indexes),
+            window_size=cfg.encoder_window_size,
+            out_chans=cfg.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=SAM_MASK_IN_CHANS,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=SAM_NUM_MULTIMASK_OUTPUTS,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                mlp_dim=cfg.decoder_mlp_dim,
+                num_heads=cfg.decoder_num_heads,
+            ),
+            transformer_dim=cfg.prompt_embed_dim,
+            iou_head_depth=SAM_IOU_HEAD_DEPTH,
+            iou_head_hidden_dim=SAM_IOU_HEAD_HIDDEN_DIM,
+        ),
+        pixel_mean=SAM_PIXEL_MEAN,
+        pixel_std=SAM_PIXEL_STD,
+    )
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"SAM checkpoint '{checkpoint}' not found; {DOWNLOAD_HINT} (it writes "
+                f"checkpoints/sam_vit_b_01ec64.pth), or set model.sam.checkpoint to the file, or "
+                f"null for random weights"
+            )
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        sam.load_state_dict(state_dict)
+        logger.info("loaded SAM weights from %s", path)
+    return sam
+
+
+def _never_used(clip: CLIP, sam: Sam) -> list[nn.Parameter | nn.Module | None]:
+    """Upstream weights no Prompt-RIS output depends on: kept frozen so every trainable
+    parameter can receive a gradient (CLIP's joint-space heads, SAM's IoU head, the multimask
+    hypernetworks, negative-point and box-corner embeddings)."""
+    return [
+        clip.visual.proj,
+        clip.text_projection,
+        clip.logit_scale,
+        clip.logit_bias,
+        sam.mask_decoder.iou_prediction_head,
+        *sam.mask_decoder.output_hypernetworks_mlps[1:],
+        sam.prompt_encoder.point_embeddings[0],
+        sam.prompt_encoder.point_embeddings[2],
+        sam.prompt_encoder.point_embeddings[3],
+    ]
+
+
+def build_prompt_ris(
+    model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
+) -> PromptRIS:
+    """Build Prompt-RIS (Sec. 3) from a model config.
+
+    Args:
+        model_cfg: ``Config.model`` (a preset already applied, as ``load_config`` does).
+        clip_weights: overrides ``model_cfg.clip.pretrained`` (a file or an open_clip tag).
+        sam_weights: overrides ``model_cfg.sam.checkpoint`` (a file).
+
+    Returns:
+        PromptRIS with CLIP and SAM frozen as the config says and the learned parts trainable.
+    """
+    clip_cfg, sam_cfg, prompt_cfg = model_cfg.clip, model_cfg.sam, model_cfg.prompts
+    clip = build_clip(clip_cfg, clip_weights if clip_weights is not None else clip_cfg.pretrained)
+    sam = build_sam(sam_cfg, sam_weights if sam_weights is not None else sam_cfg.checkpoint)
+
+    clip.requires_grad_(not clip_cfg.freeze)
+    sam.image_encoder.requires_grad_(not sam_cfg.freeze_image_encoder)
+    sam.prompt_encoder.requires_grad_(not sam_cfg.freeze_prompt_encoder)
+    sam.mask_decoder.requires_grad_(not sam_cfg.freeze_mask_decoder)
+    for item in _never_used(clip, sam):
+        if item is not None:
+            item.requires_grad_(False)
+
+    prompted_clip = PromptedCLIP(
+        clip=clip, num_prompts=model_cfg.cmp.num_prompts, num_heads=model_cfg.cmp.num_heads
+    )
+    decoder = CoarseDecoder(
+        vision_dim=clip_cfg.vision_width,
+        text_dim=clip_cfg.text_width,
+        dim=model_cfg.decoder.dim,
+        num_heads=model_cfg.decoder.num_heads,
+        mlp_ratio=model_cfg.decoder.mlp_ratio,
+        dropout=model_cfg.decoder.dropout,
+    )
+    frozen_sam = FrozenSAM(
+        image_encoder=sam.image_encoder,
+        prompt_encoder=sam.prompt_encoder,
+        mask_decoder=sam.mask_decoder,
+        freeze_image_encoder=sam_cfg.freeze_image_encoder,
+        freeze_prompt_encoder=sam_cfg.freeze_prompt_encoder,
+    )
+    text_prompter = TextPrompter(
+        text_dim=clip_cfg.text_width,
+        dim=sam_cfg.prompt_embed_dim,
+        num_blocks=prompt_cfg.text_blocks,
+        num_heads=prompt_cfg.text_heads,
+    )
+    return PromptRIS(
+        clip=prompted_clip,
+        decoder=decoder,
+        sam=frozen_sam,
+        mask_prompt=MaskPrompt(),
+        point_prompt=GumbelPointPrompt(tau=prompt_cfg.gumbel_tau),
+        text_prompter=text_prompter,
+        text_length=clip_cfg.text_length,
+        drop_probs=(prompt_cfg.drop_mask, prompt_cfg.drop_point, prompt_cfg.drop_text),
+        default_switches=PromptSwitches(
+            mask=prompt_cfg.use_mask, point=prompt_cfg.use_point, text=prompt_cfg.use_text
+        ),
+        config=model_cfg,
+    )

@@ -1,0 +1,73 @@
+"""Attention blocks shared by the prompting, decoding and prompt-making modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block ``Linear -> GELU -> Linear``."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm multi-head attention of ``query`` tokens over ``context`` tokens (no residual).
+
+    Used for CrossAttn(., .) of eqs. (1), (5) and (6) and for the text prompter. With
+    ``context = query`` it is plain self-attention.
+
+    Args:
+        dim: width of the query tokens (and of the output).
+        num_heads: attention heads; must divide ``dim``.
+        context_dim: width of the context tokens (defaults to ``dim``).
+        dropout: attention dropout.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        context_dim = context_dim or dim
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(context_dim)
+        self.attn = nn.MultiheadAttention(
+            dim, num_heads, dropout=dropout, kdim=context_dim, vdim=context_dim, batch_first=True
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        context_pad_mask: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+        context_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``query`` to ``context``.
+
+        Args:
+            query: (B, Q, dim).
+            context: (B, K, context_dim).
+            context_pad_mask: (B, K) bool, True where a context token is padding (ignored).
+            query_pos: optional (B or 1, Q, dim) position embedding added to the queries.
+            context_pos: optional (B or 1, K, context_dim) position embedding added to the keys.
+
+        Returns:
+            (B, Q, dim).
+        """
+        q = self.norm_q(query)
+        kv = self.norm_kv(context)
+        k = kv if context_pos is None else kv + context_pos
+        if query_pos is not None:
+            q = q + query_pos
+        return self.attn(q, k, kv, key_padding_mask=context_pad_mask, need_weights=False)[0]

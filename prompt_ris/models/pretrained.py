@@ -1,0 +1,300 @@
+"""Trained Prompt-RIS checkpoints: safetensors weights + the resolved config as JSON (DESIGN §7).
+
+A checkpoint is a directory holding
+
+- ``model.safetensors``: by default only what was learned (the parameters with ``requires_grad``,
+  from ``PromptRIS.learnable_state_dict()``); with ``self_contained=True`` every parameter and
+  persistent buffer, base CLIP and SAM weights included;
+- ``config.json``: ``{"format": "prompt-ris", "format_version": 1, "config": <resolved Config>,
+  "base_weights": {...}, "self_contained": bool, "learned_keys": [...], "training": {...}}``, the
+  layout ``engine.checkpointing.export_pretrained`` writes too. ``config.model.clip.pretrained``
+  and ``config.model.sam.checkpoint`` name the base weights a learned-only checkpoint is rebuilt
+  on. A bare ``config_to_dict(Config)`` is accepted as well.
+
+The safetensors header repeats config.json and records which of the two kinds the file is, so a
+``.safetensors`` file alone is loadable too. Nothing is ever unpickled: loading reads only
+safetensors and JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from prompt_ris.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
+
+if TYPE_CHECKING:
+    from prompt_ris.models.prompt_ris import PromptRIS
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT_NAME = "prompt-ris"  # config.json "format"
+FORMAT_VERSION = 1  # config.json "format_version"; loading refuses newer versions
+HEADER_CONFIG_KEY = "prompt_ris_config"  # safetensors metadata: config.json as a string
+HEADER_KIND_KEY = "prompt_ris_weights"  # safetensors metadata: KIND_LEARNED or KIND_FULL
+KIND_LEARNED = "learned"  # learned parameters only; base weights come from their own files
+KIND_FULL = "full"  # every parameter and persistent buffer (self-contained)
+MAX_LISTED_KEYS = 20  # keys listed per category in a mismatch message
+
+HOW_TO_GET = (
+    "a checkpoint is a directory with model.safetensors and config.json, written by "
+    "scripts/train.py (under train.output_dir) or PromptRIS.save_pretrained; train one with "
+    "`accelerate launch scripts/train.py --config configs/<name>.yaml`"
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable or does not match the model its config builds."""
+
+
+def save_pretrained(
+    model: PromptRIS,
+    directory: str | Path,
+    *,
+    config: Config | ModelConfig,
+    self_contained: bool = False,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``directory``.
+
+    Args:
+        model: the model to save (unwrapped: no DDP ``module.`` or compile ``_orig_mod.``).
+        directory: created if needed; existing files of the same names are replaced.
+        config: the resolved config the model was built from (a bare ``ModelConfig`` is wrapped
+            into an otherwise default ``Config``).
+        self_contained: store every parameter and buffer, base weights included, so that loading
+            needs no base-weight files; otherwise store only the learned parameters.
+        training: facts stored under ``"training"`` in config.json (stage, epoch, metrics).
+
+    Returns:
+        The path of the written ``model.safetensors``.
+    """
+    if isinstance(config, ModelConfig):
+        config = Config(model=config)
+    if self_contained:
+        state, kind = model.state_dict(), KIND_FULL
+    else:
+        state, kind = model.learnable_state_dict(), KIND_LEARNED
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": config_to_dict(config),
+        "base_weights": {
+            "clip_model": config.model.clip.model_name,
+            "clip_pretrained": config.model.clip.pretrained,
+            "sam_checkpoint": config.model.sam.checkpoint,
+        },
+        "self_contained": self_contained,
+        "learned_keys": sorted(model.learnable_state_dict()),
+        "training": training or {},
+    }
+    meta_json = json.dumps(meta, indent=2)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_path = directory / WEIGHTS_NAME
+    save_file(
+        _plain_tensors(state),
+        str(weights_path),
+        metadata={"format": "pt", HEADER_KIND_KEY: kind, HEADER_CONFIG_KEY: meta_json},
+    )
+    (directory / CONFIG_NAME).write_text(meta_json + "\n", encoding="utf-8")
+    logger.info("saved %d %s tensors to %s", len(state), kind, weights_path)
+    return weights_path
+
+
+def load_pretrained(
+    directory_or_file: str | Path,
+    *,
+    clip_weights: str | None = None,
+    sam_weights: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> PromptRIS:
+    """Rebuild a model from its config and load a checkpoint into it strictly.
+
+    A learned-only checkpoint is rebuilt on the base weights its config names (or on
+    ``clip_weights`` / ``sam_weights`` when given); a self-contained one is built with random base
+    weights and then overwritten entirely, so it needs no base-weight files.
+
+    Args:
+        directory_or_file: a checkpoint directory, or a ``.safetensors`` file written by
+            :func:`save_pretrained` (config.json beside it, else the copy in its header).
+        clip_weights: local CLIP weights (or open_clip tag) replacing ``model.clip.pretrained``.
+        sam_weights: local SAM checkpoint replacing ``model.sam.checkpoint``.
+        device: where to put the model (default: stays on CPU).
+        dtype: cast the model's floating tensors to this dtype (default: as built, float32).
+
+    Returns:
+        The model in eval mode, with ``model.config`` set to the checkpoint's ``Config``.
+
+    Raises:
+        FileNotFoundError: the checkpoint (or its config) does not exist; the message says how
+            to get one. The model builder raises its own error for missing base weights.
+        CheckpointError: the file is unreadable, or its keys or shapes differ from the model
+            built from its config (missing, unexpected and mismatched keys are listed).
+    """
+    from prompt_ris.models.build import build_prompt_ris  # build imports the model: no cycle
+
+    weights_path, config_path = _resolve_paths(Path(directory_or_file))
+    header, shapes = _read_header(weights_path)
+    meta, source = _read_meta(config_path, header.get(HEADER_CONFIG_KEY), weights_path)
+    cfg = _config_from_meta(meta, source)
+    kind = header.get(HEADER_KIND_KEY, KIND_FULL if meta.get("self_contained") else KIND_LEARNED)
+
+    model_cfg = copy.deepcopy(cfg.model)
+    if kind == KIND_FULL:
+        if clip_weights is not None or sam_weights is not None:
+            logger.info("%s is self-contained; ignoring the base-weight overrides", weights_path)
+        # Every tensor is overwritten below: random base weights avoid reading any base file.
+        model_cfg.clip.pretrained = None
+        model_cfg.sam.checkpoint = None
+        model = build_prompt_ris(model_cfg)
+        expected = model.state_dict()
+    else:
+        model = build_prompt_ris(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
+        expected = model.learnable_state_dict()
+
+    _check_keys(weights_path, shapes, {k: tuple(v.shape) for k, v in expected.items()})
+    state = _load_tensors(weights_path)
+    result = model.load_state_dict(state, strict=kind == KIND_FULL)
+    # Learned-only: everything left out of the file must be a frozen (non-learned) tensor.
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert not set(result.missing_keys) & set(expected), result.missing_keys
+    model.config = cfg  # the full resolved config, for save_pretrained
+    model.to(device=device, dtype=dtype)
+    logger.info("loaded %s checkpoint %s (%d tensors)", kind, weights_path, len(state))
+    return model.eval()
+
+
+def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; safetensors refuses tensors that share memory."""
+    out, seen = {}, set()
+    for key, value in state.items():
+        tensor = value.detach().cpu().contiguous()
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensor = tensor.clone()
+        seen.add(ptr)
+        out[key] = tensor
+    return out
+
+
+def _resolve_paths(path: Path) -> tuple[Path, Path]:
+    """(weights file, config file) for a checkpoint directory or a weights file."""
+    if path.is_dir():
+        weights_path = path / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint file '{weights_path}' not found in '{path}'; {HOW_TO_GET}"
+            )
+        return weights_path, path / CONFIG_NAME
+    if path.is_file():
+        return path, path.parent / CONFIG_NAME
+    raise FileNotFoundError(f"checkpoint '{path}' not found; {HOW_TO_GET}")
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(safetensors metadata, {key: shape}) without reading the tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors file ({err}); it is corrupt or truncated: "
+            "copy or export the checkpoint again"
+        ) from err
+    kind = header.get(HEADER_KIND_KEY, KIND_LEARNED)
+    if kind not in (KIND_LEARNED, KIND_FULL):
+        raise CheckpointError(
+            f"'{path}' has {HEADER_KIND_KEY}={kind!r}; expected '{KIND_LEARNED}' or '{KIND_FULL}'"
+        )
+    return header, shapes
+
+
+def _read_meta(
+    config_path: Path, header_text: str | None, weights_path: Path
+) -> tuple[dict[str, Any], str]:
+    """(config.json beside the weights, else the copy in their header; where it came from)."""
+    if config_path.is_file():
+        text, source = config_path.read_text(encoding="utf-8"), f"'{config_path}'"
+    elif header_text is not None:
+        text, source = header_text, f"the header of '{weights_path}'"
+    else:
+        raise FileNotFoundError(
+            f"config file '{config_path}' not found (and '{weights_path}' carries none); "
+            f"the config.json written with the weights is needed to rebuild the model; {HOW_TO_GET}"
+        )
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{source} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{source} holds a {type(meta).__name__}, expected a JSON object")
+    return meta, source
+
+
+def _config_from_meta(meta: dict[str, Any], source: str) -> Config:
+    """The Config of a config.json: the ``"config"`` of the wrapper, or a bare Config dict."""
+    if "format" in meta:
+        if meta["format"] != FORMAT_NAME:
+            raise CheckpointError(
+                f"{source} has format {meta['format']!r}; expected '{FORMAT_NAME}'"
+            )
+        version = meta.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{source} has format_version {version!r}; this prompt-ris reads versions up to "
+                f"{FORMAT_VERSION}: upgrade prompt-ris"
+            )
+        data = meta.get("config")
+    else:
+        data = meta
+    try:
+        return config_from_dict(data)
+    except (ConfigError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"the config in {source} is invalid: {err}") from err
+
+
+def _check_keys(
+    path: Path, found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise CheckpointError listing missing, unexpected and shape-mismatched keys."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(
+        f"{key}: checkpoint {list(found[key])} vs model {list(expected[key])}"
+        for key in set(found) & set(expected)
+        if found[key] != expected[key]
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"checkpoint '{path}' does not match the model built from its config"]
+    for title, items in (
+        ("missing from the checkpoint", missing),
+        ("unexpected in the checkpoint", unexpected),
+        ("shape mismatch", mismatched),
+    ):
+        if items:
+            shown = items[:MAX_LISTED_KEYS]
+            more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+            parts.append(f"{title} ({len(items)}): {', '.join(shown)}{more}")
+    parts.append(
+        "the weights were saved for another config: load them with the config.json written "
+        "beside them (same model.preset, widths, depths, cmp.num_prompts and freeze flags)"
+    )
+    raise CheckpointError("; ".join(parts))
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}

@@ -1,0 +1,105 @@
+"""Fetch the base weights Prompt-RIS builds on into checkpoints/ (needs internet).
+
+    python scripts/download_weights.py            # SAM ViT-B and CLIP ViT-B/16 (openai)
+    python scripts/download_weights.py --only sam
+
+SAM: ``sam_vit_b_01ec64.pth`` from Meta's public URL (segment_anything's checkpoint, ~375 MB).
+CLIP: open_clip's ``ViT-B-16`` / ``openai`` weights, fetched by open_clip and saved as a plain
+open_clip state dict ``clip_vit_b16_openai.pt`` (~600 MB), so that training machines without
+internet can use ``model.clip.pretrained=checkpoints/clip_vit_b16_openai.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("download_weights")
+
+SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+SAM_FILE = "sam_vit_b_01ec64.pth"
+SAM_CHECK_KEY = "image_encoder.patch_embed.proj.weight"  # present in every SAM state dict
+CLIP_MODEL, CLIP_TAG = "ViT-B-16", "openai"
+CLIP_FILE = "clip_vit_b16_openai.pt"
+CHUNK_BYTES = 1 << 20
+
+
+def download_sam(out_dir: Path, force: bool = False) -> Path:
+    """Download SAM ViT-B to ``out_dir/sam_vit_b_01ec64.pth`` and check that it loads."""
+    target = out_dir / SAM_FILE
+    if target.is_file() and not force:
+        logger.info("%s exists; skipping (use --force to download again)", target)
+        return target
+    partial = target.with_suffix(".pth.part")
+    logger.info("downloading %s -> %s", SAM_URL, target)
+    try:
+        with urllib.request.urlopen(SAM_URL) as response, partial.open("wb") as f:
+            shutil.copyfileobj(response, f, CHUNK_BYTES)
+    except (urllib.error.URLError, OSError) as err:
+        partial.unlink(missing_ok=True)
+        raise SystemExit(
+            f"could not download SAM ({err}). Without internet here, fetch {SAM_URL} on a "
+            f"connected machine and copy it to {target}"
+        ) from err
+    state_dict = torch.load(partial, map_location="cpu", weights_only=True)
+    if SAM_CHECK_KEY not in state_dict:
+        partial.unlink(missing_ok=True)
+        raise SystemExit(f"{SAM_URL} did not give a SAM state dict; try again later")
+    partial.replace(target)
+    logger.info("saved %s (%.0f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def download_clip(out_dir: Path, force: bool = False) -> Path:
+    """Fetch CLIP ViT-B/16 (openai) through open_clip and save its state dict to ``out_dir``."""
+    import open_clip
+
+    target = out_dir / CLIP_FILE
+    if target.is_file() and not force:
+        logger.info("%s exists; skipping (use --force to download again)", target)
+        return target
+    logger.info("fetching open_clip %s / %s", CLIP_MODEL, CLIP_TAG)
+    try:
+        model = open_clip.create_model(CLIP_MODEL, pretrained=CLIP_TAG, force_quick_gelu=True)
+    except Exception as err:  # open_clip raises hub, HTTP and file errors of many kinds
+        raise SystemExit(
+            f"open_clip could not fetch {CLIP_MODEL}/{CLIP_TAG} ({err}). Run this script on a "
+            f"machine with internet and copy {target} here"
+        ) from err
+    partial = target.with_suffix(".pt.part")
+    torch.save(model.state_dict(), partial)
+    partial.replace(target)
+    logger.info("saved %s (%.0f MB)", target, target.stat().st_size / 1e6)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--only", choices=["sam", "clip"], default=None)
+    parser.add_argument("--force", action="store_true", help="download even if the file exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if args.only in (None, "sam"):
+        paths.append(download_sam(args.out_dir, args.force))
+    if args.only in (None, "clip"):
+        paths.append(download_clip(args.out_dir, args.force))
+    logger.info("done: %s", ", ".join(str(p) for p in paths))
+    if args.only in (None, "clip"):
+        logger.info(
+            "offline use: model.clip.pretrained=%s (the default 'openai' downloads again)",
+            args.out_dir / CLIP_FILE,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
