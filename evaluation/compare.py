@@ -17,11 +17,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 METRIC_ORDER = (
-    "oIoU", "mIoU", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "ImgAcc", "InstAcc",
-)  # fmt: skip
+    "oIoU",
+    "mIoU",
+    "P@0.5",
+    "P@0.6",
+    "P@0.7",
+    "P@0.8",
+    "P@0.9",
+    "ImgAcc",
+    "InstAcc",
+)
 
 
 def load_splits(path: str | Path, entry: str | None = None) -> dict[str, dict[str, dict]]:
@@ -53,8 +60,9 @@ def compare_rows(
             shared = [m for m in METRIC_ORDER if m in a[split][output] and m in b[split][output]]
             for metric in shared:
                 if metrics is None or metric in metrics:
-                    rows.append((split, output, metric, a[split][output][metric],
-                                 b[split][output][metric]))  # fmt: skip
+                    rows.append(
+                        (split, output, metric, a[split][output][metric], b[split][output][metric])
+                    )
     return rows
 
 

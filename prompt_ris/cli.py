@@ -122,9 +122,10 @@ def run_predict(args: argparse.Namespace) -> int:
             records.extend({"image": image, "text": t, "error": str(err)} for t in job.texts)
     failed = sum("error" in record for record in records)
     if not single:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
         summary = args.out_dir / SUMMARY_NAME
         summary.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {len(records) - failed} mask(s) and {summary}")
+        _say(f"wrote {len(records) - failed} mask(s) and {summary}")
     if failed:
         _error(f"{failed} of {len(records)} expressions failed (see above and {SUMMARY_NAME})")
         return 1
@@ -161,7 +162,7 @@ def _run_job(
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)  # (H, W) 0/255
         draw_overlay(rgb, mask, job.texts[k]).save(overlay_path)
         fraction = float(mask.mean())
-        print(f"{job.image}: {job.texts[k]!r} -> {overlay_path}, {mask_path} ({fraction:.1%})")
+        _say(f"{job.image}: {job.texts[k]!r} -> {overlay_path}, {mask_path} ({fraction:.1%})")
         records[k].update(overlay=str(overlay_path), mask=str(mask_path), mask_fraction=fraction)
     return records
 
@@ -171,6 +172,11 @@ def _run_job(
 # --------------------------------------------------------------------------------------------
 def _plan_jobs(args: argparse.Namespace) -> list[Job]:
     """Check the argument combination and list the jobs (before any model is loaded)."""
+    if args.batch is not None or args.image.is_dir():
+        _require(
+            args.out is None and args.mask_out is None,
+            "--out and --mask-out are for a single image; use --out-dir",
+        )
     if args.batch is not None:
         _require(not args.text, "--text is not used with --batch (the JSON file gives the texts)")
         _require(args.out_dir is not None, "--batch needs --out-dir")
@@ -243,6 +249,10 @@ def _outputs(out_dir: Path, name: str) -> tuple[Path, Path]:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _say(message: str) -> None:
+    sys.stdout.write(message + "\n")
 
 
 def _error(message: str) -> None:

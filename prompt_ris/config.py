@@ -161,6 +161,9 @@ class EvalConfig:
     save_masks: bool = False
     num_overlays: int = 0
     overlay_order: str = "first"  # "first" or "worst"
+    random_baseline: bool = True  # also score the random-object baseline (output "random")
+    baseline_seed: int = 0  # seed of the random-object baseline's draws
+    max_expressions: int | None = None  # per split: a fixed subset of whole images (quick checks)
 
 
 @dataclass

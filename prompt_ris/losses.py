@@ -2,7 +2,8 @@
 
 Conventions (DESIGN.md section 4):
 
-- Every loss works in float32 (logits are cast), so bf16 autocast cannot underflow the logs.
+- Every loss works in float32 (logits are cast, autocast is switched off for the ICL matmul),
+  so bf16 mixed precision neither underflows the logs nor rounds the overlaps O.
 - A target of a different size than the logits is area-resized to the logits' size. The coarse
   mask, on the CLIP grid (``h_c x w_c``), is first upsampled bilinearly (``align_corners=False``)
   to the low-res frame of ``gt_masks`` (S_s / 4). Both frames letterbox the same image the same
@@ -16,10 +17,13 @@ Conventions (DESIGN.md section 4):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from prompt_ris.models.prompt_ris import PromptRISOutput
 
 DICE_SMOOTH = 1.0  # additive smoothing of the segmentation Dice (numerator and denominator)
 ICL_EPS = 1e-6  # O_ij is clamped to [eps, 1 - eps] before the logs of eq. (8)
@@ -32,7 +36,9 @@ def _match_size(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(target.float(), size=size, mode="area")
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH
+) -> torch.Tensor:
     """V-Net Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)``, mean over the batch.
 
     Args:
@@ -114,7 +120,19 @@ def instance_contrastive_loss(
     Returns:
         Scalar tensor.
     """
-    logits = logits.float()
+    # Autocast would run the matmul below in bf16/fp16: O needs float32 near 0 and 1.
+    with torch.autocast(logits.device.type, enabled=False):
+        return _icl(logits.float(), object_ids, image_index, target, eps)
+
+
+def _icl(
+    logits: torch.Tensor,
+    object_ids: torch.Tensor,
+    image_index: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Body of :func:`instance_contrastive_loss`, in float32."""
     target = _match_size(target, tuple(logits.shape[-2:]))  # (B, 1, h, w)
     weights = hard_iou(logits, target)  # (B,)
     probs = logits.sigmoid().flatten(1)  # (B, h*w)
@@ -140,7 +158,7 @@ def instance_contrastive_loss(
 
 
 def stage_loss(
-    out: Any, batch: dict[str, Any], stage: int, icl_weight: float = 1.0
+    out: PromptRISOutput, batch: dict[str, Any], stage: int, icl_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total training loss of a stage (eq. 9) and its terms for logging.
 
@@ -158,15 +176,17 @@ def stage_loss(
 
     Returns:
         The total loss (scalar tensor) and a dict of float terms: ``clipseg``, ``icl_coarse``
-        and, in stage 2, ``samseg`` and ``icl_final``, plus ``total``.
+        and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms already multiplied by
+        ``icl_weight``, so the terms sum to the total), plus ``total``.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     gt = batch["gt_masks"].float()  # (B, 1, S_s/4, S_s/4)
     object_ids, image_index = batch["object_ids"], batch["image_index"]
-    coarse = F.interpolate(
-        out.coarse_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False
-    )  # (B, 1, S_s/4, S_s/4)
+    with torch.autocast(gt.device.type, enabled=False):  # keep the upsampling in float32
+        coarse = F.interpolate(
+            out.coarse_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False
+        )  # (B, 1, S_s/4, S_s/4)
     terms = {
         "clipseg": bce_dice_loss(coarse, gt),
         "icl_coarse": icl_weight * instance_contrastive_loss(coarse, object_ids, image_index, gt),

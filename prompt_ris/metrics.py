@@ -42,7 +42,9 @@ def threshold_logit(threshold: float) -> float:
 
 
 def intersection_union(
-    pred_logits: torch.Tensor | np.ndarray, gt_mask: np.ndarray | torch.Tensor, threshold: float = 0.5
+    pred_logits: torch.Tensor | np.ndarray,
+    gt_mask: np.ndarray | torch.Tensor,
+    threshold: float = 0.5,
 ) -> tuple[int, int]:
     """Intersection and union pixel counts of one thresholded prediction with its ground truth.
 

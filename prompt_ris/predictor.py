@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from prompt_ris.data.text import tokenize
-from prompt_ris.data.transforms import _to_rgb, letterbox_image, load_image
+from prompt_ris.data.transforms import letterbox_image, load_image, to_rgb
 
 if TYPE_CHECKING:
     from prompt_ris.models.prompt_ris import PromptRIS, PromptSwitches
@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | np.ndarray
 DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is foreground (DESIGN §6)
+DEFAULT_MAX_BATCH = 32  # expressions per forward pass
 OVERLAY_COLOR = (30, 144, 255)  # segment_anything's show_mask colour
 OVERLAY_ALPHA = 0.5
+MIN_FONT_SIZE = 10  # pixels; the caption scales with the image above this
 
 
 @dataclass
@@ -67,6 +69,8 @@ class Predictor:
         dtype: computation dtype, applied with autocast (the weights keep their own dtype).
             Default: bfloat16 on a CUDA device that supports it, float32 otherwise.
         threshold: probability above which a pixel belongs to the mask.
+        max_batch: expressions run through the model at once (bounds memory for long lists;
+            the results do not depend on it).
     """
 
     def __init__(
@@ -75,11 +79,16 @@ class Predictor:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         threshold: float = DEFAULT_THRESHOLD,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.device = resolve_device(device, model)
         self.dtype = resolve_dtype(dtype, self.device)
         self.threshold = threshold
+        self.max_batch = max_batch
         self.model = model.to(self.device).eval()
+        logger.info("predicting on %s with %s computation", self.device, self.dtype)
         self.reset_image()
 
     # ---------------------------------------------------------------------------------------
@@ -145,6 +154,7 @@ class Predictor:
         Raises:
             RuntimeError: no image was set.
             EmptyExpressionError: an expression is empty or whitespace only.
+            ValueError: ``expressions`` is an empty list.
         """
         texts = [expressions] if isinstance(expressions, str) else list(expressions)
         if not texts:
@@ -184,9 +194,21 @@ class Predictor:
         """
         if not self.is_image_set:
             raise RuntimeError("no image is set; call set_image(image) before predict()")
-        text_tokens = text_tokens.to(self.device)
+        chunks = [
+            self._predict_chunk(tokens.to(self.device), switches, with_coarse)
+            for tokens in text_tokens.split(self.max_batch)
+        ]
+        mask_logits = torch.cat([mask for mask, _ in chunks])  # (N, H, W)
+        if not with_coarse:
+            return mask_logits, None
+        return mask_logits, torch.cat([coarse for _, coarse in chunks])  # (N, H, W)
+
+    def _predict_chunk(
+        self, text_tokens: torch.Tensor, switches: PromptSwitches | None, with_coarse: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``predict_torch`` for at most ``max_batch`` expressions sharing the cached F_IS."""
         num = text_tokens.shape[0]
-        image_index = torch.zeros(num, dtype=torch.long, device=self.device)  # (N,) all image 0
+        image_index = torch.zeros(num, dtype=torch.long, device=self.device)  # (n,) all image 0
         with self._autocast():
             out = self.model(
                 self._clip_images,
@@ -201,11 +223,11 @@ class Predictor:
             torch.tensor([self.orig_size]),  # (1, 2) (H, W)
             image_index,
         )
-        # Low-res frame (N, 1, S_s/4, S_s/4) -> original frame (N, H, W)
+        # Low-res frame (n, 1, S_s/4, S_s/4) -> original frame (n, H, W)
         mask_logits = torch.stack(self.model.postprocess_masks(out.mask_logits.float(), *sizes))
         if not with_coarse:
             return mask_logits, None
-        coarse_lowres = self.model.upsample_coarse(out.coarse_logits.float())  # (N, 1, ., .)
+        coarse_lowres = self.model.upsample_coarse(out.coarse_logits.float())  # (n, 1, ., .)
         coarse_logits = torch.stack(self.model.postprocess_masks(coarse_lowres, *sizes))
         return mask_logits, coarse_logits
 
@@ -304,7 +326,7 @@ def as_rgb_image(image: ImageInput) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"the image has zero size {image.size} (W, H); give a non-empty image")
     try:
-        return _to_rgb(image)
+        return to_rgb(image)
     except (ValueError, OSError) as err:
         raise ValueError(
             f"cannot convert a PIL image of mode '{image.mode}' to RGB ({err}); convert it to "
@@ -374,13 +396,14 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 def _write_text(canvas: Image.Image, text: str) -> None:
     width, height = canvas.size
-    font = ImageFont.load_default(size=max(10, min(width, height) // 20))
+    size = max(MIN_FONT_SIZE, min(width, height) // 20)
+    font = ImageFont.load_default(size=size)  # Pillow's bundled font (>= 10.1), no file needed
     draw = ImageDraw.Draw(canvas)
-    margin = max(2, font.size // 4)
+    margin = max(2, size // 4)
     # Wrap to the image width, measured in pixels (at least one word per line).
     avg = max(1.0, font.getlength("x"))
     lines = textwrap.wrap(text, width=max(1, int((width - 2 * margin) / avg))) or [text]
-    line_height = font.size + margin
+    line_height = size + margin
     band = min(height, len(lines) * line_height + margin)
     band_width = min(width, int(max(font.getlength(line) for line in lines)) + 2 * margin)
     draw.rectangle([0, 0, band_width, band], fill=(0, 0, 0))

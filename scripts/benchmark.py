@@ -5,7 +5,8 @@ Usage (speed does not depend on the weights, so the model has random weights; no
     python scripts/benchmark.py --out outputs/bench/h100.json --reference          # vit_b, GPU
     python scripts/benchmark.py --preset tiny --device cpu --steps 2 --warmup 1 --reference
 
-Measured on synthetic batches of ``--images`` x ``--expressions`` (16 x 4 by default):
+Measured on synthetic batches of ``--images`` x ``--expressions`` (16 x 4 for vit_b, 2 x 2 for
+tiny by default):
 
 - ``train_stage1`` / ``train_stage2``: expressions/s of one optimizer step (forward, the
   ``stage_loss`` of eq. 9, backward, AdamW), stage 1 without SAM;
@@ -14,7 +15,7 @@ Measured on synthetic batches of ``--images`` x ``--expressions`` (16 x 4 by def
 - ``latency``: one new image + one expression, end to end from letterboxed tensors on the device
   (SAM encoder included) to the thresholded original-size mask; median over the repeats.
 
-The fast path is SDPA in the SAM image encoder, ``--dtype`` autocast (bf16 by default), the
+The fast path is SDPA in the SAM image encoder, ``--dtype`` autocast (bf16 on CUDA), the
 SAM encoder once per image, and optionally ``--compile``. ``--reference`` also runs, in the same
 process and with the same weights, the straightforward path: fp32, the libraries' own attention,
 the SAM encoder once per expression. Every figure then has its speed-up ratio. Warm-up steps are
@@ -26,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
+import functools
 import gc
 import json
 import logging
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ GIB = 2**30
 SEED = 0
 ORIG_SIZE = (480, 640)  # (H, W) of the synthetic originals, a typical COCO image
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BATCH_DEFAULTS = {"vit_b": (16, 4), "tiny": (2, 2)}  # (I, b): the paper's batch; a CPU smoke run
 TARGET_NOTE = "targets are for --preset vit_b on an H100 at 16 x 4"
 
 
@@ -108,17 +110,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default="vit_b", choices=["vit_b", "tiny"])
-    parser.add_argument("--images", type=int, default=16, help="I images per batch")
-    parser.add_argument("--expressions", type=int, default=4, help="b expressions per image")
+    parser.add_argument("--images", type=int, help="I images per batch (vit_b 16, tiny 2)")
+    parser.add_argument("--expressions", type=int, help="b per image (vit_b 4, tiny 2)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="fast path")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="fast path autocast (default bf16 on CUDA, else "
+        "fp32: CPUs without native bf16 run it many times slower)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     parser.add_argument("--reference", action="store_true", help="also time the plain path")
     parser.add_argument("--profile", action="store_true", help="write torch.profiler tables")
     parser.add_argument("--out", default="outputs/benchmark/benchmark.json", help="JSON file")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.cmp.num_prompts=8")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. model.cmp.num_prompts=8"
+    )
     args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    images, expressions = BATCH_DEFAULTS[args.preset]
+    args.images = images if args.images is None else args.images
+    args.expressions = expressions if args.expressions is None else args.expressions
     if min(args.images, args.expressions, args.steps) < 1 or args.warmup < 0:
         parser.error("--images, --expressions and --steps must be >= 1, --warmup >= 0")
     return args
@@ -198,16 +212,23 @@ def run_model(
     """One forward. The reference encodes the SAM image once per expression, image by image."""
     if not (variant.sam_per_expression and with_sam):
         return model(
-            batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
-            with_sam=with_sam, sam_img_embed=sam_img_embed,
+            batch["clip_images"],
+            batch["sam_images"],
+            batch["text_tokens"],
+            batch["image_index"],
+            with_sam=with_sam,
+            sam_img_embed=sam_img_embed,
         )
     index = batch["image_index"]
     per_expression = torch.cat(  # (B, C, h_s, w_s): upstream attention holds (nh, N, N) maps
         [raw.encode_sam(batch["sam_images"][i : i + 1]) for i in index.tolist()]
     )
     return model(
-        batch["clip_images"][index], None, batch["text_tokens"],
-        torch.arange(index.numel(), device=index.device), with_sam=True,
+        batch["clip_images"][index],
+        None,
+        batch["text_tokens"],
+        torch.arange(index.numel(), device=index.device),
+        with_sam=True,
         sam_img_embed=per_expression,
     )
 
@@ -215,13 +236,15 @@ def run_model(
 class Runner:
     """Calls the model, compiled when asked; falls back to eager (with a warning) on failure."""
 
-    def __init__(self, model: PromptRIS, compile_model: bool) -> None:
+    def __init__(
+        self, model: PromptRIS, compile_model: bool, backend: str | Callable = "inductor"
+    ) -> None:
         self.model = model
         self.compiled = False
         self._call: Callable[..., PromptRISOutput] = model
         if compile_model:
             try:
-                self._call = torch.compile(model)
+                self._call = torch.compile(model, backend=backend)
                 self.compiled = True
             except Exception as err:  # a platform or backend without compiler support
                 logger.warning("torch.compile failed (%s); running eagerly", err)
@@ -311,7 +334,10 @@ def write_profile(step: Callable[[], Any], steps: int, device: torch.device, out
     averages = prof.key_averages()
     parts = []
     if device.type == "cuda":
-        parts += ["# top ops by self CUDA time", averages.table("self_device_time_total", row_limit=30)]
+        parts += [
+            "# top ops by self CUDA time",
+            averages.table("self_device_time_total", row_limit=30),
+        ]
     parts += ["# top ops by self CPU time", averages.table("self_cpu_time_total", row_limit=30)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(parts) + "\n")
@@ -322,14 +348,20 @@ def write_profile(step: Callable[[], Any], steps: int, device: torch.device, out
 # Measurements
 # --------------------------------------------------------------------------------------------
 def measure_training(
-    runner: Runner, batch: dict, variant: Variant, stage: int, ctx: Context,
+    runner: Runner,
+    batch: dict,
+    variant: Variant,
+    ctx: Context,
+    stage: int,
     cache: SamEmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """Expressions/s of full optimizer steps (forward, eq. 9 loss, backward, AdamW)."""
     model = runner.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=ctx.cfg.train.lr, weight_decay=ctx.cfg.train.weight_decay,
+        params,
+        lr=ctx.cfg.train.lr,
+        weight_decay=ctx.cfg.train.weight_decay,
         fused=ctx.device.type == "cuda" and variant.name == "fast",
     )
     keys = [str(i) for i in range(batch["clip_images"].shape[0])]
@@ -364,7 +396,9 @@ def inference_step(runner: Runner, batch: dict, variant: Variant, ctx: Context) 
     return step
 
 
-def measure_inference(runner: Runner, batch: dict, variant: Variant, ctx: Context) -> dict[str, Any]:
+def measure_inference(
+    runner: Runner, batch: dict, variant: Variant, ctx: Context
+) -> dict[str, Any]:
     """Expressions/s of batched eval forwards (I images x b expressions per call)."""
     step = inference_step(runner, batch, variant, ctx)
     result = time_steps(step, runner, ctx.args, ctx.device)
@@ -408,7 +442,7 @@ def measure_cached_training(runner: Runner, batch: dict, variant: Variant, ctx: 
         cache = SamEmbeddingCache(folder, "benchmark", max_memory_items=len(keys))
         with torch.no_grad(), autocast(variant, ctx.device):
             cache.encode(keys, batch["sam_images"], model.encode_sam)
-        return measure_training(runner, batch, variant, 2, ctx, cache)
+        return measure_training(runner, batch, variant, ctx, 2, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,33 +458,40 @@ UNITS = {
 COMPARED_WITH = {"train_stage2_cached": "train_stage2"}  # the reference has no cache
 
 
+MEASURES: dict[str, Callable[..., dict[str, Any]]] = {
+    "train_stage1": functools.partial(measure_training, stage=1),
+    "train_stage2": functools.partial(measure_training, stage=2),
+    "train_stage2_cached": measure_cached_training,
+    "inference": measure_inference,
+    "latency": measure_latency,
+}
+
+
 def run_variant(variant: Variant, batch: dict, ctx: Context) -> dict[str, dict[str, Any]]:
     """All measurements of one variant; the model is freed before the next variant is built."""
     runner = Runner(build_model(ctx.cfg, variant, ctx.device), variant.compile)
-    jobs: dict[str, Callable[[], dict[str, Any]]] = {
-        "train_stage1": lambda: measure_training(runner, batch, variant, 1, ctx),
-        "train_stage2": lambda: measure_training(runner, batch, variant, 2, ctx),
-        "inference": lambda: measure_inference(runner, batch, variant, ctx),
-        "latency": lambda: measure_latency(runner, batch, variant, ctx),
-    }
-    if variant.name == "fast":
-        jobs["train_stage2_cached"] = lambda: measure_cached_training(runner, batch, variant, ctx)
     results = {}
-    for name in UNITS:
-        if name in jobs:
-            results[name] = run_guarded(name, jobs[name], variant, ctx)
-    del runner, jobs
+    for name, measure in MEASURES.items():
+        if name == "train_stage2_cached" and variant.name != "fast":
+            continue  # the straightforward path has no cache
+        results[name] = run_guarded(name, measure, runner, batch, variant, ctx)
+    del runner
     reset_peak(ctx.device)
     return results
 
 
 def run_guarded(
-    name: str, job: Callable[[], dict[str, Any]], variant: Variant, ctx: Context
+    name: str,
+    measure: Callable[..., dict[str, Any]],
+    runner: Runner,
+    batch: dict,
+    variant: Variant,
+    ctx: Context,
 ) -> dict[str, Any]:
     """One measurement; running out of device memory is recorded, not raised."""
     logger.info("%s path: %s", variant.name, name)
     try:
-        result = job()
+        result = measure(runner, batch, variant, ctx)
     except torch.cuda.OutOfMemoryError as err:
         logger.warning("%s path: %s ran out of device memory", variant.name, name)
         result = {"error": f"out of memory: {str(err).splitlines()[0]}"}
@@ -472,7 +513,7 @@ def run_guarded(
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def device_name(device: torch.device) -> str:
@@ -529,8 +570,10 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [_fmt(rec, key) for rec in (row["fast"], row["reference"])]
         speedup = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
         mems = [_fmt(rec, "peak_mem_gib") for rec in (row["fast"], row["reference"])]
-        lines.append(f"| {name} ({row['unit']}) | {cells[0]} | {cells[1]} | {speedup} | "
-                     f"{mems[0]} / {mems[1]} |")
+        lines.append(
+            f"| {name} ({row['unit']}) | {cells[0]} | {cells[1]} | {speedup} | "
+            f"{mems[0]} / {mems[1]} |"
+        )
     lines += ["", "| target | value | result |", "|---|---|---|"]
     for target in report["targets"]:
         result = {True: "met", False: "missed", None: "n/a"}[target["met"]]
@@ -552,10 +595,14 @@ def _fmt(record: dict[str, Any] | None, key: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
     device = torch.device(args.device)
     overrides = [
-        f"model.preset={args.preset}", "model.clip.pretrained=null", "model.sam.checkpoint=null",
+        f"model.preset={args.preset}",
+        "model.clip.pretrained=null",
+        "model.sam.checkpoint=null",
         "model.sam.freeze_image_encoder=true",  # the paper's setting, in every preset
         *args.overrides,
     ]

@@ -51,7 +51,9 @@ def test_prompts_off_matches_open_clip(tiny_cfg: Config, tmp_path: Path) -> None
         ref_text_pooled = reference.encode_text(tokenize(TEXTS, reference.context_length))
 
     length = tokens.shape[1]
-    torch.testing.assert_close(ours.img_tokens, ref["image_intermediates"][-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.img_tokens, ref["image_intermediates"][-1], rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(
         ours.img_cls, ref["image_intermediates_prefix"][-1][:, 0], rtol=1e-5, atol=1e-5
     )
@@ -60,9 +62,13 @@ def test_prompts_off_matches_open_clip(tiny_cfg: Config, tmp_path: Path) -> None
     )
     # Pooled, projected features: [CLS] and [EOS] through open_clip's projections.
     proj_clip = model.clip.clip
-    torch.testing.assert_close(ours.img_cls @ proj_clip.visual.proj, ref_image_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        ours.img_cls @ proj_clip.visual.proj, ref_image_pooled, atol=1e-5, rtol=1e-5
+    )
     eos = ours.text_tokens[torch.arange(len(TEXTS)), tokens.argmax(-1)]
-    torch.testing.assert_close(eos @ proj_clip.text_projection, ref_text_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        eos @ proj_clip.text_projection, ref_text_pooled, atol=1e-5, rtol=1e-5
+    )
     assert ours.img_tokens.shape == (len(TEXTS), (size // cfg.model.clip.patch_size) ** 2, 64)
 
 

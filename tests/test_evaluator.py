@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -13,6 +19,9 @@ from accelerate import Accelerator
 from PIL import Image
 
 from prompt_ris.config import load_config
+from prompt_ris.data.prepare import prepare_refer
+from prompt_ris.data.splits import load_split
+from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.data.text import tokenize
 from prompt_ris.data.transforms import letterbox_image, letterbox_mask, lowres_mask
 from prompt_ris.engine.evaluator import (
@@ -26,13 +35,24 @@ from prompt_ris.engine.evaluator import (
 from prompt_ris.metrics import deduplicate, summarize
 from prompt_ris.models import PromptSwitches, build_prompt_ris
 
-from evaluation import compare
-
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = [(37, 90), (120, 64), (96, 96), (333, 500)]  # (H, W): wide, tall, square, large
 
 
+def _load_cli(name: str) -> ModuleType:
+    """evaluation/<name>.py as a module (the folder is a set of scripts, not a package)."""
+    path = ROOT / "evaluation" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"evaluation_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load_cli("compare")
+
+
 @pytest.fixture(scope="module")
-def tiny_model() -> torch.nn.Module:
+def eval_model() -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = load_config(overrides=["model.preset=tiny"])
     return build_prompt_ris(cfg.model).eval()
@@ -58,8 +78,19 @@ def _batch(model: torch.nn.Module, image_ids: list[int]) -> dict:
     cfg = model.config
     keys = ("clip_images", "sam_images", "input_sizes", "orig_sizes")
     batch: dict = {k: [] for k in keys}
-    per_expr: dict = {k: [] for k in ("image_index", "object_ids", "ref_ids", "sent_ids",
-                                      "image_ids", "category_ids", "texts", "gt_masks_orig")}  # fmt: skip
+    per_expr: dict = {
+        k: []
+        for k in (
+            "image_index",
+            "object_ids",
+            "ref_ids",
+            "sent_ids",
+            "image_ids",
+            "category_ids",
+            "texts",
+            "gt_masks_orig",
+        )
+    }
     for row, image_id in enumerate(image_ids):
         h, w = SIZES[image_id % len(SIZES)]
         pixels = np.random.default_rng(image_id).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -72,8 +103,16 @@ def _batch(model: torch.nn.Module, image_ids: list[int]) -> dict:
         objects = _objects(h, w)
         for obj, sent, text in ((0, 0, "the left blob"), (0, 1, "round thing"), (1, 2, "box")):
             ref_id = 10 * image_id + obj
-            values = (row, 100 * image_id + obj, ref_id, 10 * ref_id + sent, image_id, 1 + obj,
-                      text, objects[obj])  # fmt: skip
+            values = (
+                row,
+                100 * image_id + obj,
+                ref_id,
+                10 * ref_id + sent,
+                image_id,
+                1 + obj,
+                text,
+                objects[obj],
+            )
             for key, value in zip(per_expr, values):
                 per_expr[key].append(value)
     out = {k: torch.stack(v) for k, v in batch.items()}
@@ -93,16 +132,17 @@ def test_rle_roundtrip() -> None:
     assert np.array_equal(decode_rle(json.loads(json.dumps(rle))), mask)
 
 
-def test_oracle_prediction_scores_iou_near_one(tiny_model: torch.nn.Module) -> None:
+def test_oracle_prediction_scores_iou_near_one(eval_model: torch.nn.Module) -> None:
     """Ground truth letterboxed to the low-res frame (final) or to the CLIP grid (coarse), mapped
     back by the model's real upsample/postprocess, matches the original-size ground truth."""
-    model = tiny_model
+    model = eval_model
     batch = _batch(model, [0, 1, 2, 3])
     # Logits p - 0.5: a linear map, so bilinear resampling then "> 0" equals resampling p, "> .5".
     final = batch["gt_masks"] - 0.5  # (B, 1, S_s/4, S_s/4)
     grid = model.config.clip.image_size // model.config.clip.patch_size
-    clip_frame = torch.stack([letterbox_mask(m, model.config.clip.image_size)
-                              for m in batch["gt_masks_orig"]])[:, None]  # fmt: skip
+    clip_frame = torch.stack(
+        [letterbox_mask(m, model.config.clip.image_size) for m in batch["gt_masks_orig"]]
+    )[:, None]
     coarse = F.adaptive_avg_pool2d(clip_frame, grid) - 0.5  # (B, 1, h_c, w_c)
     frame = (batch["input_sizes"], batch["orig_sizes"], batch["image_index"])
     logits = {
@@ -120,24 +160,24 @@ def test_oracle_prediction_scores_iou_near_one(tiny_model: torch.nn.Module) -> N
     assert score_batch({"final": swapped}, batch, "x")[0]["final_iou"] == 0.0
 
 
-def test_shards_merge_to_single_process_result(tiny_model: torch.nn.Module) -> None:
+def test_shards_merge_to_single_process_result(eval_model: torch.nn.Module) -> None:
     """Two processes each seeing half the images (plus a padded repeat) give, after the gather
     and deduplication, exactly the single-process records and metrics."""
-    model, accelerator = tiny_model, Accelerator(cpu=True)
+    model, accelerator = eval_model, Accelerator(cpu=True)
     switches = PromptSwitches()
-    full_loader = [_batch(model, [0, 1]), _batch(model, [2])]
+    full_loader = [_batch(model, [0]), _batch(model, [1])]
     metrics, records = evaluate(model, full_loader, accelerator, switches, "synthetic:val")
-    shard_a = evaluate(model, [_batch(model, [2, 0])], accelerator, switches, "synthetic:val")
-    shard_b = evaluate(model, [_batch(model, [1, 2])], accelerator, switches, "synthetic:val")
+    shard_a = evaluate(model, [_batch(model, [1])], accelerator, switches, "synthetic:val")
+    shard_b = evaluate(model, [_batch(model, [0, 1])], accelerator, switches, "synthetic:val")
     merged = deduplicate(shard_a[1] + shard_b[1])
     assert merged == records
     assert {o: summarize(merged, o) for o in ("coarse", "final")} == metrics
-    assert metrics["final"]["num_expressions"] == 9 and metrics["final"]["num_images"] == 3
+    assert metrics["final"]["num_expressions"] == 6 and metrics["final"]["num_images"] == 2
     assert not model.training
 
 
-def test_evaluate_restores_mode_and_scores_coarse_only(tiny_model: torch.nn.Module) -> None:
-    model = tiny_model.train()
+def test_evaluate_restores_mode_and_scores_coarse_only(eval_model: torch.nn.Module) -> None:
+    model = eval_model.train()
     metrics, records = evaluate(
         model, [_batch(model, [1])], Accelerator(cpu=True), PromptSwitches(), "s", with_sam=False
     )
@@ -147,8 +187,8 @@ def test_evaluate_restores_mode_and_scores_coarse_only(tiny_model: torch.nn.Modu
     assert 0.0 <= metrics["coarse"]["mIoU"] <= 100.0
 
 
-def test_random_object_baseline(tiny_model: torch.nn.Module) -> None:
-    batches = [_batch(tiny_model, [0, 1, 2]), _batch(tiny_model, [3])]
+def test_random_object_baseline(eval_model: torch.nn.Module) -> None:
+    batches = [_batch(eval_model, [0, 1, 2]), _batch(eval_model, [3])]
     metrics, records = random_object_baseline(iter_expressions(batches), "s", seed=3)
     assert len(records) == 12
     for r in records:
@@ -157,22 +197,37 @@ def test_random_object_baseline(tiny_model: torch.nn.Module) -> None:
     hits = sum(r["random_object_id"] == r["object_id"] for r in records)
     assert metrics["mIoU"] == pytest.approx(100 * hits / 12)
     # Draws are seeded per image: another batching gives the same records.
-    again = random_object_baseline(iter_expressions([_batch(tiny_model, [3, 2, 1, 0])]), "s", 3)
+    again = random_object_baseline(iter_expressions([_batch(eval_model, [3, 2, 1, 0])]), "s", 3)
     assert again[1] == records
 
 
 def test_random_baseline_single_object_is_perfect() -> None:
     gt = _objects(20, 30)[1]
-    exprs = [{"split": "", "ref_id": 1, "sent_id": s, "image_id": 5, "object_id": 9,
-              "category_id": 1, "text": "t", "gt_mask": gt} for s in range(3)]  # fmt: skip
+    exprs = [
+        {
+            "split": "",
+            "ref_id": 1,
+            "sent_id": s,
+            "image_id": 5,
+            "object_id": 9,
+            "category_id": 1,
+            "text": "t",
+            "gt_mask": gt,
+        }
+        for s in range(3)
+    ]
     metrics, _ = random_object_baseline(exprs, "s")
     assert metrics["mIoU"] == 100.0 and metrics["oIoU"] == 100.0
 
 
 def test_compare_prints_differences(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a = {"splits": {"refcoco:val": {"final": {"oIoU": 76.36, "mIoU": 78.10}}}}
-    b = {"splits": {"refcoco:val": {"final": {"oIoU": 70.00, "mIoU": 80.00, "P@0.5": 90.0}},
-                    "refcoco:testA": {"final": {"mIoU": 1.0}}}}  # fmt: skip
+    b = {
+        "splits": {
+            "refcoco:val": {"final": {"oIoU": 70.00, "mIoU": 80.00, "P@0.5": 90.0}},
+            "refcoco:testA": {"final": {"mIoU": 1.0}},
+        }
+    }
     (tmp_path / "a.json").write_text(json.dumps(a))
     (tmp_path / "b.json").write_text(json.dumps(b))
     text = compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
@@ -184,9 +239,139 @@ def test_compare_prints_differences(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_paper_results_entries_compare() -> None:
-    paper = Path(__file__).parents[1] / "evaluation" / "paper_results.json"
-    text = compare.main([str(paper), str(paper), "--a-entry", "table5/point+text",
-                         "--b-entry", "table5/mask+point+text"])  # fmt: skip
+    paper = ROOT / "evaluation" / "paper_results.json"
+    text = compare.main(
+        [
+            str(paper),
+            str(paper),
+            "--a-entry",
+            "table5/point+text",
+            "--b-entry",
+            "table5/mask+point+text",
+        ]
+    )
     assert "| refcoco:val | final | mIoU | 76.75 | 78.10 | +1.35 |" in text  # Sec. 4.4 text
     with pytest.raises(SystemExit, match="no entry"):
         compare.main([str(paper), str(paper), "--a-entry", "table9"])
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic refer data (prepared) and a saved tiny checkpoint."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, num_images=20, seed=0)
+    prepare_refer(
+        root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
+    )
+    torch.manual_seed(0)
+    model = build_prompt_ris(load_config(overrides=["model.preset=tiny"]).model)
+    model.save_pretrained(root / "ckpt")
+    return {"prepared": root / "prepared", "checkpoint": root / "ckpt", "out": root / "eval"}
+
+
+def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, Path]) -> None:
+    evaluate_cli = _load_cli("evaluate")
+    splits = ["synthetic:val", "synthetic:testB"]
+    out = synthetic_run["out"]
+    results = evaluate_cli.main(
+        [
+            "--checkpoint",
+            str(synthetic_run["checkpoint"]),
+            "--splits",
+            ",".join(splits),
+            "--no-point",
+            "--save-masks",
+            "--overlays",
+            "2",
+            "--overlay-order",
+            "worst",
+            "--output",
+            str(out),
+            f"data.prepared={synthetic_run['prepared']}",
+            "eval.max_expressions=8",
+            "data.num_workers=0",
+        ]
+    )
+    assert results["switches"] == {"mask": True, "point": False, "text": True}
+    assert list(results["splits"]) == splits
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["splits"] == results["splits"]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    masks = [json.loads(line) for line in (out / "masks.jsonl").read_text().splitlines()]
+    for split in splits:
+        table = load_split(synthetic_run["prepared"], split)
+        mine = [r for r in records if r["split"] == split]
+        assert {"coarse", "final", "random"} == set(results["splits"][split])
+        assert results["splits"][split]["final"]["num_expressions"] == len(mine)
+        # Every sentence of every reference of the evaluated images, each once.
+        images = {r["image_id"] for r in mine}
+        expected = {
+            (int(ref), int(s))
+            for ref, img, sents in zip(
+                table["ref_id"][:], table["image_id"][:], table["sent_ids"][:]
+            )
+            if img in images
+            for s in sents
+        }
+        assert {(r["ref_id"], r["sent_id"]) for r in mine} == expected
+        assert summarize(mine, "final")["mIoU"] == results["splits"][split]["final"]["mIoU"]
+        assert len(list((out / "overlays" / split.replace(":", "_")).glob("*.png"))) == 2
+    first = masks[0]
+    h, w = decode_rle(first["final_rle"]).shape
+    assert decode_rle(first["coarse_rle"]).shape == (h, w) and len(masks) == len(records)
+    assert "| mIoU | final (SAM) |" in (out / "results.md").read_text()
+    # The results file compares with the paper's (no shared split here: nothing in common).
+    assert "no metric is reported by both" in compare.main(
+        [str(out / "results.json"), str(ROOT / "evaluation" / "paper_results.json")]
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    os.environ.get("PROMPT_RIS_SLOW") != "1",
+    reason="real 2-process gloo run (about a minute on 2 cores); set PROMPT_RIS_SLOW=1",
+)
+def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -> None:
+    common = [
+        "--checkpoint",
+        str(synthetic_run["checkpoint"]),
+        "--splits",
+        "synthetic:val,synthetic:testA",
+        f"data.prepared={synthetic_run['prepared']}",
+        "data.num_workers=0",
+        "eval.random_baseline=false",
+    ]
+    one, two = synthetic_run["out"].with_name("one"), synthetic_run["out"].with_name("two")
+    _load_cli("evaluate").main([*common, "--output", str(one), "eval.batch_images=3"])
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "evaluation" / "evaluate.py"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [*launch, *common, "--output", str(two), "eval.batch_images=2"],
+        check=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert (two / "records.jsonl").read_text() == (one / "records.jsonl").read_text()
+    splits = [json.loads((d / "results.json").read_text())["splits"] for d in (one, two)]
+    assert splits[0] == splits[1]

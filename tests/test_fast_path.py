@@ -104,7 +104,9 @@ def test_sdpa_sam_encoder_gradients_match() -> None:
     weights = torch.randn(2, 16, 8, 8)
     (reference(images) * weights).sum().backward()
     (fast(images) * weights).sum().backward()
-    for (name, ref_param), fast_param in zip(reference.named_parameters(), fast.parameters()):
+    for (name, ref_param), fast_param in zip(
+        reference.named_parameters(), fast.parameters(), strict=True
+    ):
         torch.testing.assert_close(fast_param.grad, ref_param.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert reference.blocks[1].attn.rel_pos_h.grad.abs().sum() > 0
 
@@ -221,7 +223,9 @@ def test_cache_rejects_overflow_and_bad_shapes(tmp_path: Path) -> None:
         cache.put(["a", "b"], torch.zeros(1, 2, 2, 2))
     bf16 = SamEmbeddingCache(tmp_path, "p", storage_dtype=torch.bfloat16)
     bf16.put(["a"], torch.full((1, 2, 2, 2), 1e6))
-    assert SamEmbeddingCache(tmp_path, "p").get(["a"])[0, 0, 0, 0].item() == pytest.approx(1e6, rel=4e-3)
+    assert SamEmbeddingCache(tmp_path, "p").get(["a"])[0, 0, 0, 0].item() == pytest.approx(
+        1e6, rel=4e-3
+    )
 
 
 def _write_many(folder: str, value: float) -> None:
@@ -255,3 +259,32 @@ def test_batch_image_keys_one_per_image() -> None:
         "image_ids": torch.tensor([581857, 581857, 17, 17, 9]),
     }
     assert batch_image_keys(batch, "coco:") == ["coco:581857", "coco:17", "coco:9"]
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model: fast path (SDPA + bf16 autocast) against the reference path
+# --------------------------------------------------------------------------------------------
+def test_fast_model_path_matches_reference(
+    tiny_model: torch.nn.Module, synthetic_batch: dict
+) -> None:
+    reference = use_sdpa_in_sam_encoder(copy.deepcopy(tiny_model), enabled=False).eval()
+    fast = use_sdpa_in_sam_encoder(copy.deepcopy(tiny_model)).eval()
+    inputs = [
+        synthetic_batch[k] for k in ("clip_images", "sam_images", "text_tokens", "image_index")
+    ]
+    with torch.no_grad():
+        expected = reference(*inputs)  # fp32, segment_anything's attention
+        same_dtype = fast(*inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast(*inputs)
+    torch.testing.assert_close(same_dtype.mask_logits, expected.mask_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        same_dtype.coarse_logits, expected.coarse_logits, rtol=1e-4, atol=1e-5
+    )
+
+    assert got.mask_logits.dtype == torch.bfloat16  # autocast really ran in bf16
+    for name in ("mask_logits", "coarse_logits"):
+        ref, low = getattr(expected, name), getattr(got, name).float()
+        assert _rel_err(low, ref) < 5e-2, name  # bf16 through ~20 layers
+        agreement = ((low > 0) == (ref > 0)).float().mean().item()
+        assert agreement >= 0.99, (name, agreement)

@@ -104,7 +104,9 @@ def test_icl_clamps_disjoint_and_empty_masks() -> None:
     b = [-BIG, -BIG, BIG, BIG]
     logits = _masks(a, b, [-BIG] * 4).requires_grad_()
     target = _masks([1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0])
-    loss = instance_contrastive_loss(logits, torch.tensor([3, 3, 4]), torch.tensor([0, 0, 0]), target)
+    loss = instance_contrastive_loss(
+        logits, torch.tensor([3, 3, 4]), torch.tensor([0, 0, 0]), target
+    )
     # Y = [[1,1,0],[1,1,0],[0,0,1]], w = 1 (mask 3 empty vs empty).
     # O: diag 1,1 (-> 1-eps) and O33 = 0/0 (-> eps); O12 = 0 (-> eps); O13 = O23 = 0 (-> eps).
     log_eps, log_1m = math.log(ICL_EPS), LOG_DIAG
@@ -142,6 +144,18 @@ def test_icl_gradient_treats_w_as_constant() -> None:
     assert torch.allclose(logits.grad, x.grad, atol=1e-6)
 
 
+def test_icl_is_float32_under_bf16_autocast() -> None:
+    torch.manual_seed(1)
+    logits, target = torch.randn(4, 1, 8, 8), (torch.rand(4, 1, 8, 8) > 0.5).float()
+    args = (torch.tensor([0, 1, 0, 2]), torch.tensor([0, 0, 1, 1]), target)
+    reference = instance_contrastive_loss(logits, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = instance_contrastive_loss(logits.bfloat16(), *args)
+    expected = instance_contrastive_loss(logits.bfloat16().float(), *args)  # same rounded input
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, expected)
+    assert mixed.item() == pytest.approx(reference.item(), rel=1e-2)
+
+
 def test_icl_weight_has_no_gradient() -> None:
     logits = torch.randn(2, 1, 2, 2, requires_grad=True)
     assert not hard_iou(logits, torch.ones(2, 1, 2, 2)).requires_grad
@@ -154,7 +168,11 @@ def _stage_inputs(with_sam: bool) -> tuple[SimpleNamespace, dict[str, torch.Tens
         coarse_logits=torch.full((2, 1, 1, 1), LN3),  # p = .75 everywhere after upsampling
         mask_logits=(gt * 2 - 1) * BIG if with_sam else None,  # perfect final masks
     )
-    batch = {"gt_masks": gt, "object_ids": torch.tensor([1, 2]), "image_index": torch.tensor([0, 0])}
+    batch = {
+        "gt_masks": gt,
+        "object_ids": torch.tensor([1, 2]),
+        "image_index": torch.tensor([0, 0]),
+    }
     return out, batch
 
 

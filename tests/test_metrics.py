@@ -54,8 +54,14 @@ def test_size_mismatch_says_what_to_do() -> None:
 def _record(
     ref: int, sent: int, image: int, obj: int, inter: int, union: int, split: str = "s"
 ) -> dict:
-    record = {"split": split, "ref_id": ref, "sent_id": sent, "image_id": image,
-              "object_id": obj, "category_id": 1}  # fmt: skip
+    record = {
+        "split": split,
+        "ref_id": ref,
+        "sent_id": sent,
+        "image_id": image,
+        "object_id": obj,
+        "category_id": 1,
+    }
     score_output(record, "final", inter, union)
     return record
 

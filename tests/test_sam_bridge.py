@@ -143,7 +143,8 @@ def test_decode_mixed_prompt_patterns_match_single_rows(tiny_model: torch.nn.Mod
         for i in range(4):
             kept = prompts.sparse[i : i + 1][:, prompts.sparse_keep[i]]  # (1, k_i, C)
             single = SAMPrompts(sparse=kept, sparse_keep=None, dense=prompts.dense[i : i + 1])
-            alone = sam.decode(embed[image_index[i : i + 1]], torch.zeros(1, dtype=torch.long), single)
+            first = torch.zeros(1, dtype=torch.long)
+            alone = sam.decode(embed[image_index[i : i + 1]], first, single)
             torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)
     assert [int(k.sum()) for k in prompts.sparse_keep] == [5, 3, 2, 0]
 

@@ -10,10 +10,12 @@ checkpoint. Resume state uses ``torch.save`` (pickle) for the optimizer and RNG 
 accelerate does; load it only from runs you trust. All processes must see the same file system.
 
 **Export** (``<output_dir>/{stage1,final,best}/``) is what inference needs, and nothing pickled:
-the files of ``PromptRIS.save_pretrained`` (``model.safetensors`` with the learned parameters,
-``config.json`` with the resolved config, which names the base CLIP and SAM weights) and
-``training.json`` (where in training the weights come from). ``PromptRIS.from_pretrained`` loads
-it. It is written beside its destination and renamed into place, like a resume checkpoint.
+the two files of ``models.pretrained.save_pretrained``: ``model.safetensors`` (the learned
+parameters; plus the weights of a tower whose config names no base-weight file, e.g. the tiny
+preset's random towers) and ``config.json`` (the resolved config, the base weights it needs, and
+under ``"training"`` the stage, epochs done, step and validation metrics of the export).
+``PromptRIS.from_pretrained(<folder>)`` loads it. It is written beside its destination and renamed
+into place, like a resume checkpoint.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIRNAME = "checkpoints"  # resume states live in <output_dir>/checkpoints/
 LATEST_FILENAME = "latest"  # one line: the folder name of the newest complete checkpoint
 TRAINER_STATE_FILENAME = "trainer_state.json"
-EXPORT_TRAINING_FILENAME = "training.json"  # beside save_pretrained's two files
 _TMP_PREFIX = ".tmp-"
 
 
@@ -210,16 +211,15 @@ def export_pretrained(
 ) -> Path:
     """Export the learned weights for inference, atomically; main process only.
 
-    Writes ``PromptRIS.save_pretrained``'s two files (``model.safetensors``: the parameters with
-    ``requires_grad``; ``config.json``: the resolved config, which names the base weights) plus
-    ``training.json`` (stage, epoch, step, validation metrics), into a temporary folder beside
-    ``out_dir`` that then replaces ``out_dir``. ``PromptRIS.from_pretrained(out_dir)`` loads it.
+    Writes ``save_pretrained``'s ``model.safetensors`` and ``config.json`` (module docstring)
+    into a temporary folder beside ``out_dir`` that then replaces ``out_dir``.
+    ``PromptRIS.from_pretrained(out_dir)`` loads it.
 
     Args:
         model: the unwrapped model (``accelerator.unwrap_model``), so keys carry no prefix.
         cfg: the resolved config of the run.
         out_dir: destination folder (replaced if it exists).
-        training: facts about the exported state, stored in ``training.json``.
+        training: facts about the exported state, stored under ``"training"`` in config.json.
 
     Returns:
         ``out_dir`` as a Path.
@@ -229,8 +229,7 @@ def export_pretrained(
     tmp = out_dir.with_name(_TMP_PREFIX + out_dir.name)
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_pretrained(model, tmp, config=cfg)
-    (tmp / EXPORT_TRAINING_FILENAME).write_text(json.dumps(training or {}, indent=2))
+    save_pretrained(model, tmp, config=cfg, training=training)
     _publish_dir(tmp, out_dir)
     logger.info("exported learned weights to %s", out_dir)
     return out_dir

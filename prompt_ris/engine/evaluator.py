@@ -31,10 +31,13 @@ from prompt_ris.metrics import (
     mask_intersection_union,
     score_output,
     summarize,
+    threshold_logit,
 )
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from prompt_ris.models.prompt_ris import PromptSwitches
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +51,10 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Inverse of :func:`encode_rle`: (H, W) bool mask."""
-    coco = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    """COCO RLE (``counts`` as str or bytes, e.g. :func:`encode_rle`) -> (H, W) bool mask."""
+    counts = rle["counts"]
+    counts = counts.encode("ascii") if isinstance(counts, str) else counts
+    coco = {"size": [int(s) for s in rle["size"]], "counts": counts}
     return mask_utils.decode(coco).astype(bool)
 
 
@@ -67,7 +72,7 @@ def _identity(batch: dict[str, Any], k: int, split: str) -> dict[str, Any]:
 
 
 def predict_original_logits(
-    model: torch.nn.Module, batch: dict[str, Any], switches: Any, with_sam: bool = True
+    model: torch.nn.Module, batch: dict[str, Any], switches: PromptSwitches, with_sam: bool = True
 ) -> dict[str, list[torch.Tensor]]:
     """Run the model on a batch and map its masks back to the original images.
 
@@ -123,9 +128,9 @@ def score_batch(
         for output, masks in logits.items():
             inter, union = intersection_union(masks[k], gt, threshold)
             score_output(record, output, inter, union)
-            if keep_masks:
-                probs = masks[k].detach().float().sigmoid().cpu().numpy()
-                record[f"{output}_rle"] = encode_rle(probs > threshold)
+            if keep_masks:  # the same rule as the counts: logits > logit(threshold)
+                fg = masks[k].detach().float().cpu().numpy() > threshold_logit(threshold)
+                record[f"{output}_rle"] = encode_rle(fg)
         records.append(record)
     return records
 
@@ -135,7 +140,7 @@ def evaluate(
     model: torch.nn.Module,
     loader: Iterable[dict[str, Any]],
     accelerator: Accelerator,
-    switches: Any,
+    switches: PromptSwitches,
     split: str,
     threshold: float = 0.5,
     with_sam: bool = True,
@@ -186,6 +191,28 @@ def iter_expressions(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any
             yield {**_identity(batch, k, ""), "gt_mask": np.asarray(gt) != 0}
 
 
+def dataset_expressions(dataset: Any) -> Iterator[dict[str, Any]]:
+    """Expressions of an evaluation ``ReferImageDataset`` read from its table, without images.
+
+    Yields dicts with identities and ``gt_rle`` (the prepared COCO RLE of the referred object),
+    for every sentence of every reference of the dataset's image groups.
+    """
+    for group in dataset.groups:
+        records = {row: dataset.table[row] for row in group.rows}
+        for row, sentence in group.expressions:
+            r = records[row]
+            yield {
+                "split": "",
+                "ref_id": int(r["ref_id"]),
+                "sent_id": int(r["sent_ids"][sentence]),
+                "image_id": int(r["image_id"]),
+                "object_id": int(r["ann_id"]),
+                "category_id": int(r["category_id"]),
+                "text": r["sentences"][sentence],
+                "gt_rle": {"size": list(r["mask_size"]), "counts": r["mask_counts"]},
+            }
+
+
 def random_object_baseline(
     expressions: Iterable[dict[str, Any]], split: str, seed: int = 0
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -197,30 +224,36 @@ def random_object_baseline(
     expressions sorted by (ref_id, sent_id), so they do not depend on batching or processes.
 
     Args:
-        expressions: per-expression dicts with identities and ``gt_mask`` (H, W) bool
-            (:func:`iter_expressions`).
+        expressions: per-expression dicts with identities and the ground truth, as ``gt_rle``
+            (COCO RLE, :func:`dataset_expressions`) or ``gt_mask`` ((H, W) bool,
+            :func:`iter_expressions`).
         split: split name stored in the records.
         seed: base seed.
 
     Returns:
         ``(metrics, records)``; the records score the output ``random``.
     """
-    # Masks are kept as RLE: a whole split of original-size masks would not fit in memory.
+    # Masks are kept as RLE until their image is scored: a whole split would not fit in memory.
     objects: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for expr in expressions:
-        objects[expr["image_id"]].setdefault(expr["object_id"], encode_rle(expr["gt_mask"]))
-        by_image[expr["image_id"]].append({k: v for k, v in expr.items() if k != "gt_mask"})
+        rle = expr.get("gt_rle") or encode_rle(np.asarray(expr["gt_mask"]) != 0)
+        objects[expr["image_id"]].setdefault(expr["object_id"], rle)
+        by_image[expr["image_id"]].append(
+            {k: v for k, v in expr.items() if k not in ("gt_mask", "gt_rle")}
+        )
     records = []
     for image_id in sorted(by_image):
+        masks = {obj: decode_rle(rle) for obj, rle in objects[image_id].items()}
+        candidates = sorted(masks)
+        counts: dict[tuple[int, int], tuple[int, int]] = {}  # (drawn, true) -> (I, U)
         rng = np.random.default_rng([seed, image_id])
-        candidates = sorted(objects[image_id])
         for expr in sorted(by_image[image_id], key=lambda e: (e["ref_id"], e["sent_id"])):
-            drawn = candidates[int(rng.integers(len(candidates)))]
-            pred = decode_rle(objects[image_id][drawn])
-            gt = decode_rle(objects[image_id][expr["object_id"]])
+            drawn, true = candidates[int(rng.integers(len(candidates)))], expr["object_id"]
+            if (drawn, true) not in counts:
+                counts[drawn, true] = mask_intersection_union(masks[drawn], masks[true])
             record = {**expr, "split": split, "random_object_id": drawn}
-            score_output(record, "random", *mask_intersection_union(pred, gt))
+            score_output(record, "random", *counts[drawn, true])
             records.append(record)
     records = deduplicate(records)
     return summarize(records, "random"), records

@@ -41,7 +41,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,14 +50,16 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
+from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.engine import checkpointing
 from prompt_ris.engine.checkpointing import TrainerState
 from prompt_ris.engine.evaluator import evaluate
@@ -68,8 +70,13 @@ logger = logging.getLogger(__name__)
 
 STAGE_COARSE, STAGE_FULL = 1, 2  # stage 1 (CLIP + CMP + ICL) and stage 2 (end to end)
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
+BEST_METRICS = ("oIoU", "mIoU")  # train.best_metric choices (metrics.summarize names)
 METRICS_FILENAME = "metrics.jsonl"
 TRACKER_NAME = "tensorboard"
+RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing the trajectory
+    "output_dir", "log_every", "num_overlays", "save_every_steps", "keep_checkpoints",
+    "stop_at_step", "num_workers",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,19 +220,15 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def build_loaders(cfg: Config, accelerator: Accelerator) -> tuple[Any, Any]:
-    """Training loader (I images x b expressions, sharded per process) and validation loader."""
-    raise NotImplementedError
+def build_loaders(cfg: Config, accelerator: Accelerator) -> tuple[DataLoader, DataLoader]:
+    """Training loader (I images x b expressions) and validation loader, sharded per process.
 
-
-def set_loader_epoch(loader: Any, epoch: int) -> None:
-    """Make the training sampler draw epoch ``epoch``'s (deterministic) order."""
-    raise NotImplementedError
-
-
-def skip_batches(loader: Any, num_batches: int) -> Iterable[dict[str, Any]]:
-    """The loader's batches of the current epoch after the first ``num_batches``."""
-    raise NotImplementedError
+    The samplers shard themselves, so neither loader goes through ``accelerator.prepare``.
+    """
+    shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
+    train_loader = build_train_loader(cfg, **shard)
+    val_loader = build_eval_loader(cfg, cfg.data.val, limit=cfg.data.max_val_expressions, **shard)
+    return train_loader, val_loader
 
 
 def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) -> int:
@@ -253,17 +256,21 @@ def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) ->
 # Set-up
 # --------------------------------------------------------------------------------------------
 def setup_run(cfg: Config, resume: str | None) -> TrainRun:
-    """Accelerator -> seed -> data -> model -> AdamW -> poly schedule -> prepare -> resume."""
+    """Accelerator -> seed -> model -> data -> AdamW -> poly schedule -> prepare -> resume."""
     check_val_split(cfg.data.val)
+    if cfg.train.best_metric not in BEST_METRICS:
+        raise ConfigError(
+            f"train.best_metric={cfg.train.best_metric!r}; choose one of {list(BEST_METRICS)}"
+        )
     accelerator = build_accelerator(cfg)
     output_dir = Path(cfg.train.output_dir)
     checkpoint = checkpointing.resolve_resume(output_dir, resume) if resume else None
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
     set_seed(cfg.train.seed)
+    model = build_prompt_ris(cfg.model)  # right after set_seed: the same weights on every run
     with accelerator.main_process_first():
         train_loader, val_loader = build_loaders(cfg, accelerator)
-    model = build_prompt_ris(cfg.model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = count_steps_per_epoch(cfg, accelerator, train_loader)
@@ -283,7 +290,8 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
 
 
 def check_resume_config(cfg: Config, checkpoint: Path) -> None:
-    """Refuse to resume a checkpoint of a different model; warn about other differences."""
+    """Refuse to resume a checkpoint of a different model; warn about other changed settings
+    that alter the training trajectory."""
     saved_path = checkpoint.parent.parent / "config.yaml"
     if not saved_path.is_file():
         return
@@ -294,9 +302,14 @@ def check_resume_config(cfg: Config, checkpoint: Path) -> None:
             f"--resume {checkpoint}: its run was trained with another model config "
             f"({saved_path}); resume with the same --config and model overrides"
         )
-    changed = [k for k in ("data", "train") if saved.get(k) != current[k]]
+    changed = [
+        f"{section}.{key}"
+        for section in ("data", "train")
+        for key, value in current[section].items()
+        if saved.get(section, {}).get(key) != value and key not in RESUME_NEUTRAL_KEYS
+    ]
     if changed:
-        logger.warning("resuming with changed %s settings; the run is no longer exact", changed)
+        logger.warning("resuming with changed settings %s: the run is no longer exact", changed)
 
 
 def start_outputs(run: TrainRun, resumed: bool) -> None:
@@ -306,20 +319,31 @@ def start_outputs(run: TrainRun, resumed: bool) -> None:
         save_config(run.cfg, run.output_dir / "config.yaml")
         metrics = run.output_dir / METRICS_FILENAME
         if resumed and metrics.is_file():  # drop what the interrupted run logged after the save
-            lines = metrics.read_text().splitlines()
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= run.state.global_step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+            kept = [r for r in records if logged_before_checkpoint(r, run.state)]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
     accelerator.init_trackers(TRACKER_NAME)
     accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
+    data, train_cfg = run.cfg.data, run.cfg.train
+    accum = train_cfg.gradient_accumulation_steps
+    images = data.images_per_batch * accelerator.num_processes * accum
     logger.info(
         "%d process(es) on %s, mixed precision %s; %d epochs (%d stage 1, %d stage 2) of %d "
-        "steps, %d expressions per step and process, %d trainable parameters",
+        "steps of %d images x %d expressions (%d images per process x %d processes x %d "
+        "accumulated); %d trainable parameters",
         accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
-        run.num_epochs, run.cfg.train.stage1_epochs, run.cfg.train.stage2_epochs,
-        run.steps_per_epoch,
-        run.cfg.data.images_per_batch * run.cfg.data.expressions_per_image,
-        sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
+        run.num_epochs, train_cfg.stage1_epochs, train_cfg.stage2_epochs, run.steps_per_epoch,
+        images, data.expressions_per_image, data.images_per_batch, accelerator.num_processes,
+        accum, sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
     )  # fmt: skip
+
+
+def logged_before_checkpoint(record: dict[str, Any], state: TrainerState) -> bool:
+    """Whether a metrics.jsonl record was written before the checkpoint ``state`` was saved:
+    training logs up to its step; validations up to its step only if it ends an epoch."""
+    if record["step"] != state.global_step:
+        return record["step"] < state.global_step
+    return "loss/total" in record or state.step_in_epoch == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +364,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     run.save_request.install()
     finished = True
     try:
-        with logging_redirect_tqdm(loggers=[logging.getLogger("prompt_ris")]):
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
             run.progress = tqdm(
                 total=run.total_steps, initial=run.state.global_step, desc="train",
                 dynamic_ncols=True, disable=not run.accelerator.is_main_process,
@@ -352,7 +376,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 end_of_epoch(run)
             run.progress.close()
         if finished:
-            export(run, "final", stage_of_epoch(run.num_epochs - 1, cfg))
+            export(run, "final", stage_of_epoch(run.num_epochs - 1, cfg), run.num_epochs)
     finally:
         run.save_request.uninstall()
         run.accelerator.end_training()
@@ -370,21 +394,17 @@ def train_one_epoch(run: TrainRun) -> bool:
     if state.step_in_epoch == 0:
         logger.info("epoch %d/%d: stage %d", epoch + 1, run.num_epochs, stage)
     run.model.train()
-    set_loader_epoch(run.train_loader, epoch)
+    run.train_loader.batch_sampler.set_epoch(epoch)  # the same batches on every (re)run
     micro_total = run.steps_per_epoch * accum  # a trailing partial accumulation is dropped
     first = state.step_in_epoch * accum
     if first >= micro_total:
         return True
-    for micro_step, batch in enumerate(skip_batches(run.train_loader, first), start=first):
+    batches = skip_first_batches(run.train_loader, first) if first else run.train_loader
+    for micro_step, batch in enumerate(batches, start=first):
         seed_micro_step(cfg.train.seed, accelerator.process_index, epoch, micro_step)
         batch = send_to_device(batch, accelerator.device)
         with accelerator.accumulate(run.model):
-            out = run.model(
-                batch["clip_images"], batch["sam_images"], batch["text_tokens"],
-                batch["image_index"], with_sam=stage == STAGE_FULL,
-                prompt_dropout=stage == STAGE_FULL,
-            )  # fmt: skip
-            loss, terms = stage_loss(out, batch, stage, cfg.train.icl_weight)
+            loss, terms = forward_loss(run.model, batch, stage, cfg.train.icl_weight)
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -400,6 +420,17 @@ def train_one_epoch(run: TrainRun) -> bool:
     return True
 
 
+def forward_loss(
+    model: nn.Module, batch: dict[str, Any], stage: int, icl_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts."""
+    out = model(
+        batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
+        with_sam=stage == STAGE_FULL, prompt_dropout=stage == STAGE_FULL,
+    )  # fmt: skip
+    return stage_loss(out, batch, stage, icl_weight)
+
+
 def after_optimizer_step(run: TrainRun, stage: int) -> bool:
     """Progress, logs and requested checkpoints after a step; False to stop the run here."""
     cfg, state = run.cfg, run.state
@@ -409,11 +440,12 @@ def after_optimizer_step(run: TrainRun, stage: int) -> bool:
     stop = cfg.train.stop_at_step is not None and state.global_step >= cfg.train.stop_at_step
     every = cfg.train.save_every_steps
     requested = agree(run.accelerator, run.save_request.pending)
-    if stop or requested or (every and state.global_step % every == 0):
-        run.save_request.pending = False
+    periodic = bool(every) and state.global_step % every == 0
+    epoch_save_follows = state.step_in_epoch == run.steps_per_epoch  # end_of_epoch saves
+    if stop or ((requested or periodic) and not epoch_save_follows):
         save_checkpoint(run)
     if stop:
-        logger.info("stopped at step %d (train.stop_at_step); continue with --resume", state.global_step)
+        logger.info("stopped at step %d (train.stop_at_step); go on with --resume", state.global_step)
     return not stop
 
 
@@ -448,7 +480,8 @@ def log_train(run: TrainRun, stage: int) -> None:
         throughput,
     )  # fmt: skip
     run.progress.set_postfix(stage=stage, loss=f"{record.get('loss/total', math.nan):.4f}")
-    accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.global_step)
+    scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
+    accelerator.log(scalars, step=state.global_step)
     append_metrics(run, record)
 
 
@@ -458,6 +491,7 @@ def append_metrics(run: TrainRun, record: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: TrainRun) -> Path:
+    run.save_request.pending = False  # this save serves any SIGUSR1 received so far
     return checkpointing.save_training_state(
         run.accelerator, run.output_dir, run.state, keep=run.cfg.train.keep_checkpoints
     )
@@ -475,9 +509,10 @@ def end_of_epoch(run: TrainRun) -> None:
     if every > 0 and ((epoch + 1) % every == 0 or ends_stage):
         validate(run, stage)
     if stage == STAGE_COARSE and epoch + 1 == cfg.train.stage1_epochs:
-        export(run, "stage1", stage)
+        export(run, "stage1", stage, epoch + 1)
     state.epoch, state.step_in_epoch = epoch + 1, 0
     save_checkpoint(run)
+    run.meter.start = time.perf_counter()  # throughput counts training time only
 
 
 def validate(run: TrainRun, stage: int) -> dict[str, float]:
@@ -513,16 +548,18 @@ def validate(run: TrainRun, stage: int) -> dict[str, float]:
     state.history.append({"epoch": state.epoch + 1, "stage": stage, "score": score})
     if improved:
         state.best_score, state.best_stage = score, stage
-        export(run, "best", stage, values)
+        export(run, "best", stage, state.epoch + 1, values)
     log_overlays(run, stage)
     return values
 
 
-def export(run: TrainRun, name: str, stage: int, metrics: dict[str, float] | None = None) -> None:
+def export(
+    run: TrainRun, name: str, stage: int, epochs_done: int, metrics: dict[str, float] | None = None
+) -> None:
     """Export the learned weights to ``<output_dir>/<name>`` (main process; others wait)."""
     if run.accelerator.is_main_process:
         training = {
-            "stage": stage, "epoch": run.state.epoch + 1, "global_step": run.state.global_step,
+            "stage": stage, "epochs_done": epochs_done, "global_step": run.state.global_step,
             "metrics": metrics or {},
         }  # fmt: skip
         checkpointing.export_pretrained(run.unwrapped, run.cfg, run.output_dir / name, training)
@@ -536,7 +573,9 @@ OVERLAY_ALPHA = 0.5
 OVERLAY_COLOURS = {"gt": (0.1, 0.9, 0.1), "coarse": (0.9, 0.6, 0.1), "final": (0.9, 0.1, 0.1)}
 
 
-def _tint(image: torch.Tensor, mask: torch.Tensor, colour: tuple[float, float, float]) -> torch.Tensor:
+def _tint(
+    image: torch.Tensor, mask: torch.Tensor, colour: tuple[float, float, float]
+) -> torch.Tensor:
     """Blend ``colour`` into ``image`` (3, h, w) in [0, 1] where ``mask`` (h, w) is on."""
     tint = torch.tensor(colour, dtype=image.dtype, device=image.device)[:, None, None]
     weight = OVERLAY_ALPHA * mask.to(image.dtype)[None]  # (1, h, w)
@@ -569,8 +608,10 @@ def overlay_panels(
         image = images[batch["image_index"][k]]  # (3, h, w)
         row = [image, _tint(image, batch["gt_masks"][k, 0] > 0.5, OVERLAY_COLOURS["gt"])]
         row.append(_tint(image, coarse[k, 0] > 0, OVERLAY_COLOURS["coarse"]))
-        final = out.mask_logits[k, 0] > 0 if out.mask_logits is not None else None
-        row.append(_tint(image, final, OVERLAY_COLOURS["final"]) if final is not None else image * 0)
+        if out.mask_logits is not None:
+            row.append(_tint(image, out.mask_logits[k, 0] > 0, OVERLAY_COLOURS["final"]))
+        else:  # stage 1: no final mask yet
+            row.append(torch.zeros_like(image))
         panels.append(torch.cat(row, dim=-1))  # (3, h, 4w)
     return torch.stack(panels).cpu(), list(batch["texts"][: len(panels)])
 

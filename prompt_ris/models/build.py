@@ -107,7 +107,8 @@ def _clip_from_fields(cfg: ClipConfig) -> CLIP:
             )
     if cfg.image_size % cfg.patch_size:
         raise ValueError(
-            f"model.clip.image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}"
+            f"model.clip.image_size={cfg.image_size} is not a multiple of "
+            f"patch_size={cfg.patch_size}"
         )
     vision_cfg = CLIPVisionCfg(
         layers=cfg.vision_layers,

@@ -76,13 +76,19 @@ class PromptedCLIP(nn.Module):
         num_layers = len(vision_blocks) if num_prompts > 0 else 0
         self.v2l = nn.ModuleList(
             V2LPrompter(
-                num_prompts=num_prompts, vision_dim=vision_dim, text_dim=text_dim, num_heads=num_heads
+                num_prompts=num_prompts,
+                vision_dim=vision_dim,
+                text_dim=text_dim,
+                num_heads=num_heads,
             )
             for _ in range(num_layers)
         )
         self.l2v = nn.ModuleList(
             L2VPrompter(
-                num_prompts=num_prompts, text_dim=text_dim, vision_dim=vision_dim, num_heads=num_heads
+                num_prompts=num_prompts,
+                text_dim=text_dim,
+                vision_dim=vision_dim,
+                num_heads=num_heads,
             )
             for _ in range(num_layers)
         )
@@ -101,7 +107,7 @@ class PromptedCLIP(nn.Module):
         return self.clip.transformer.width
 
     def embed_text(self, text_tokens: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings F^0_T, as open_clip's ``encode_text`` (B, L) -> (B, L, D_t)."""
+        """F^0_T, token + position embeddings as ``encode_text``: (B, L) -> (B, L, D_t)."""
         length = text_tokens.shape[1]
         if length > self.clip.positional_embedding.shape[0]:
             raise ValueError(

@@ -45,7 +45,7 @@ class _CrossBlock(nn.Module):
 
 
 class CoarseDecoder(nn.Module):
-    """Eq. (1): F'_IC = CrossAttn(F_IC, F_T), F'_T = CrossAttn(F_T, F_IC); eq. (2): S'_C = F'_IC t_g.
+    """Eqs. (1)-(2): F'_IC = CrossAttn(F_IC, F_T), F'_T = CrossAttn(F_T, F_IC), S'_C = F'_IC t_g.
 
     Both modalities are projected to D_C; each attends to the other's projected tokens (the two
     cross-attentions read the same inputs); t_g is F'_T at [EOS]. The response map is scaled by

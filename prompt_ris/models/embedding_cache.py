@@ -59,7 +59,9 @@ def encoder_fingerprint(image_encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sam_cache_prefix(image_encoder: nn.Module, image_size: int, preprocess: str = "letterbox") -> str:
+def sam_cache_prefix(
+    image_encoder: nn.Module, image_size: int, preprocess: str = "letterbox"
+) -> str:
     """Key prefix naming everything besides the image that F_IS depends on.
 
     Args:
@@ -87,7 +89,7 @@ def batch_image_keys(batch: dict[str, Any], namespace: str = "") -> list[str]:
     image_index = batch["image_index"].tolist()
     image_ids = batch["image_ids"].tolist()
     keys: dict[int, str] = {}
-    for row, image_id in zip(image_index, image_ids):
+    for row, image_id in zip(image_index, image_ids, strict=True):
         keys.setdefault(row, f"{namespace}{image_id}")
     if sorted(keys) != list(range(len(keys))):
         raise ValueError(f"image_index must cover rows 0..I-1 without gaps, got {sorted(keys)}")
@@ -203,7 +205,7 @@ class SamEmbeddingCache:
             )
         metadata = {"key": "", "key_prefix": self.key_prefix, "format": CACHE_FORMAT}
         written = []
-        for key, tensor in zip(keys, stored):
+        for key, tensor in zip(keys, stored, strict=True):
             tensor = tensor.contiguous()  # (C, h_s, w_s), its own storage
             path = self.path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,7 @@ class SamEmbeddingCache:
             with torch.no_grad():
                 fresh = encode_fn(sam_images.index_select(0, index))  # (m, C, h_s, w_s)
             # Return the stored (rounded) values, so a result never depends on the cache's state.
-            for i, tensor in zip(missing, self._write([keys[i] for i in missing], fresh)):
+            fresh_rows = self._write([keys[i] for i in missing], fresh)
+            for i, tensor in zip(missing, fresh_rows, strict=True):
                 rows[i] = tensor
         return torch.stack([row.to(device=device, dtype=dtype) for row in rows])  # (I, C, h_s, w_s)

@@ -70,7 +70,7 @@ class SDPAAttention(Attention):
         return rel_pos[_relative_index(q_size, k_size, rel_pos.device)]  # (q, k, hd)
 
     def rel_pos_bias(self, q: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Additive decomposed relative-position bias ``B_rel`` (MViTv2, ``add_decomposed_rel_pos``).
+        """Decomposed relative-position bias ``B_rel`` (MViTv2), as ``add_decomposed_rel_pos``.
 
         Args:
             q: (B, nh, h*w, hd) unscaled queries, as upstream multiplies them with ``R``.

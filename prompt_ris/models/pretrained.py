@@ -2,9 +2,12 @@
 
 A checkpoint is a directory holding
 
-- ``model.safetensors``: by default only what was learned (the parameters with ``requires_grad``,
-  from ``PromptRIS.learnable_state_dict()``); with ``self_contained=True`` every parameter and
-  persistent buffer, base CLIP and SAM weights included;
+- ``model.safetensors``: by default only what the base-weight files cannot give back: the learned
+  parameters (``requires_grad``, from ``PromptRIS.learnable_state_dict()``) plus any tensor of a
+  tower whose config names no base weights (``model.clip.pretrained`` or ``model.sam.checkpoint``
+  null: those weights, and buffers such as SAM's random positional-encoding matrix, exist only in
+  this model). For the paper's config that is exactly the learned parameters. With
+  ``self_contained=True``: every parameter and persistent buffer, base CLIP and SAM included;
 - ``config.json``: ``{"format": "prompt-ris", "format_version": 1, "config": <resolved Config>,
   "base_weights": {...}, "self_contained": bool, "learned_keys": [...], "training": {...}}``, the
   layout ``engine.checkpointing.export_pretrained`` writes too. ``config.model.clip.pretrained``
@@ -25,8 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from open_clip.model import CLIP, CustomTextCLIP
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder
+from torch import nn
 
 from prompt_ris.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 
@@ -41,7 +47,7 @@ FORMAT_NAME = "prompt-ris"  # config.json "format"
 FORMAT_VERSION = 1  # config.json "format_version"; loading refuses newer versions
 HEADER_CONFIG_KEY = "prompt_ris_config"  # safetensors metadata: config.json as a string
 HEADER_KIND_KEY = "prompt_ris_weights"  # safetensors metadata: KIND_LEARNED or KIND_FULL
-KIND_LEARNED = "learned"  # learned parameters only; base weights come from their own files
+KIND_LEARNED = "learned"  # learned parameters (+ random-base towers); base weights from files
 KIND_FULL = "full"  # every parameter and persistent buffer (self-contained)
 MAX_LISTED_KEYS = 20  # keys listed per category in a mismatch message
 
@@ -72,7 +78,8 @@ def save_pretrained(
         config: the resolved config the model was built from (a bare ``ModelConfig`` is wrapped
             into an otherwise default ``Config``).
         self_contained: store every parameter and buffer, base weights included, so that loading
-            needs no base-weight files; otherwise store only the learned parameters.
+            needs no base-weight files; otherwise store what the base-weight files named by the
+            config cannot give back (see the module docstring).
         training: facts stored under ``"training"`` in config.json (stage, epoch, metrics).
 
     Returns:
@@ -80,10 +87,11 @@ def save_pretrained(
     """
     if isinstance(config, ModelConfig):
         config = Config(model=config)
-    if self_contained:
-        state, kind = model.state_dict(), KIND_FULL
-    else:
-        state, kind = model.learnable_state_dict(), KIND_LEARNED
+    state = model.state_dict()
+    kind = KIND_FULL if self_contained else KIND_LEARNED
+    if not self_contained:
+        keys = stored_keys(model, config.model)
+        state = {k: v for k, v in state.items() if k in keys}
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -94,7 +102,7 @@ def save_pretrained(
             "sam_checkpoint": config.model.sam.checkpoint,
         },
         "self_contained": self_contained,
-        "learned_keys": sorted(model.learnable_state_dict()),
+        "learned_keys": sorted(state),
         "training": training or {},
     }
     meta_json = json.dumps(meta, indent=2)
@@ -122,8 +130,9 @@ def load_pretrained(
     """Rebuild a model from its config and load a checkpoint into it strictly.
 
     A learned-only checkpoint is rebuilt on the base weights its config names (or on
-    ``clip_weights`` / ``sam_weights`` when given); a self-contained one is built with random base
-    weights and then overwritten entirely, so it needs no base-weight files.
+    ``clip_weights`` / ``sam_weights`` when given), then gets its stored tensors; a self-contained
+    one is built with random base weights and then overwritten entirely, so it needs no
+    base-weight files.
 
     Args:
         directory_or_file: a checkpoint directory, or a ``.safetensors`` file written by
@@ -160,19 +169,47 @@ def load_pretrained(
         model = build_prompt_ris(model_cfg)
         expected = model.state_dict()
     else:
+        # A tower trained from random weights is stored whole: a base file would be overwritten.
+        for tower, override, base in (
+            ("CLIP", clip_weights, cfg.model.clip.pretrained),
+            ("SAM", sam_weights, cfg.model.sam.checkpoint),
+        ):
+            if override is not None and base is None:
+                logger.warning(
+                    "%s stores all its %s weights (trained from random ones); ignoring %s",
+                    weights_path, tower, override,
+                )
+        clip_weights = clip_weights if cfg.model.clip.pretrained is not None else None
+        sam_weights = sam_weights if cfg.model.sam.checkpoint is not None else None
         model = build_prompt_ris(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
-        expected = model.learnable_state_dict()
+        keys = stored_keys(model, cfg.model)  # by the config it was saved with
+        expected = {k: v for k, v in model.state_dict().items() if k in keys}
 
     _check_keys(weights_path, shapes, {k: tuple(v.shape) for k, v in expected.items()})
     state = _load_tensors(weights_path)
     result = model.load_state_dict(state, strict=kind == KIND_FULL)
-    # Learned-only: everything left out of the file must be a frozen (non-learned) tensor.
+    # Learned-only: what the file leaves out came from the base-weight files.
     assert not result.unexpected_keys, result.unexpected_keys
     assert not set(result.missing_keys) & set(expected), result.missing_keys
     model.config = cfg  # the full resolved config, for save_pretrained
     model.to(device=device, dtype=dtype)
     logger.info("loaded %s checkpoint %s (%d tensors)", kind, weights_path, len(state))
     return model.eval()
+
+
+def stored_keys(model: PromptRIS, model_cfg: ModelConfig) -> set[str]:
+    """State-dict keys a learned-only checkpoint stores: learned parameters, plus every tensor
+    that no base-weight file named by ``model_cfg`` provides."""
+    kinds: list[type[nn.Module]] = []
+    if model_cfg.clip.pretrained is not None:
+        kinds += [CLIP, CustomTextCLIP]
+    if model_cfg.sam.checkpoint is not None:
+        kinds += [ImageEncoderViT, PromptEncoder, MaskDecoder]
+    from_files = tuple(
+        f"{name}." for name, module in model.named_modules() if isinstance(module, tuple(kinds))
+    )
+    learned = set(model.learnable_state_dict())
+    return learned | {k for k in model.state_dict() if not k.startswith(from_files)}
 
 
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,14 +9,13 @@ Glossary (paper symbol -> code name):
     S'_C  coarse mask (B, 1, h, w), CLIP frame    -> ``coarse_logits``
     S_C   S'_C upsampled to the low-res frame     -> ``coarse_lowres`` (``upsample_coarse``)
     F_IS  SAM image embedding (I, C, h_s, w_s)    -> ``sam_img_embed``
-    E, M, e_p  point table, one-hot, point (eq. 3) -> ``point_table``, Gumbel one-hot, ``point_embed``
+    E, e_p  point table, point (eq. 3)            -> ``point_table``, ``point_embed``
     P_mask, P_text                                -> ``dense`` prompt, ``text_prompts``
     S'    SAM mask (B, 1, S_s/4, S_s/4), low-res  -> ``mask_logits``
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,8 +36,6 @@ from prompt_ris.models.sam_prompts import (
 
 if TYPE_CHECKING:
     from prompt_ris.config import Config, ModelConfig
-
-logger = logging.getLogger(__name__)
 
 
 
@@ -160,6 +157,7 @@ class PromptRIS(nn.Module):
 
         if sam_img_embed is None:
             sam_img_embed = self.encode_sam(sam_images)  # F_IS: (I, C, h_s, w_s), once per image
+        sam_img_embed = sam_img_embed.to(self.sam.pad_embed.dtype)  # e.g. a cached fp16 F_IS
         coarse_lowres = self.upsample_coarse(coarse.coarse_logits)  # S_C: (B, 1, S_s/4, S_s/4)
         dropout = self.training if prompt_dropout is None else prompt_dropout
         keep = self._prompt_keep(text_tokens.shape[0], switches, dropout, text_tokens.device)

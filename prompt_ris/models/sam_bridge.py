@@ -77,8 +77,9 @@ class FrozenSAM(nn.Module):
         """
         if not self.freeze_prompt_encoder:
             return build_point_table(self.prompt_encoder, self.lowres_size)
-        device = self.prompt_encoder.no_mask_embed.weight.device
-        if self._point_table is None or self._point_table.device != device:
+        weight = self.prompt_encoder.no_mask_embed.weight
+        table = self._point_table
+        if table is None or table.device != weight.device or table.dtype != weight.dtype:
             with torch.no_grad():
                 self._point_table = build_point_table(self.prompt_encoder, self.lowres_size)
         return self._point_table

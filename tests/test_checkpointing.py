@@ -1,0 +1,172 @@
+"""Resume checkpoints (atomic, exact restore) and exports (learned params, safetensors + JSON)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+
+from prompt_ris.config import Config, config_from_dict, config_to_dict, load_config
+from prompt_ris.engine.checkpointing import (
+    TrainerState,
+    export_pretrained,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+)
+from prompt_ris.models import PromptRIS, build_prompt_ris
+
+
+def _prepared_linear(seed: int = 0) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).square().sum().backward()
+    optimizer.step()  # non-empty optimizer state (exp_avg, exp_avg_sq)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def test_resume_state_restores_model_optimizer_rng_and_position(tmp_path: Path) -> None:
+    accelerator, model, optimizer = _prepared_linear()
+    state = TrainerState(epoch=3, step_in_epoch=5, global_step=41, best_score=12.5, best_stage=1)
+    saved = save_training_state(accelerator, tmp_path, state)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    expected_draw = torch.rand(3)  # the draw that follows the saved RNG state
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    optimizer.step()  # changes the moments
+    torch.rand(7)
+
+    restored = load_training_state(accelerator, resolve_resume(tmp_path, "latest"))
+    assert saved == tmp_path / "checkpoints" / "step_00000041"
+    assert restored == state
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moments)
+    assert torch.equal(torch.rand(3), expected_draw)
+
+
+def test_latest_moves_last_and_old_checkpoints_are_pruned(tmp_path: Path) -> None:
+    accelerator, _, _ = _prepared_linear()
+    for step in (1, 2, 3):
+        save_training_state(accelerator, tmp_path, TrainerState(global_step=step), keep=2)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    # A run folder or a checkpoint folder may be passed to --resume as well.
+    assert resolve_resume(tmp_path, "latest") == root / "step_00000003"
+    assert resolve_resume("unused", str(tmp_path)) == root / "step_00000003"
+    assert resolve_resume("unused", str(root / "step_00000002")) == root / "step_00000002"
+
+
+def test_interrupted_save_leaves_latest_on_the_complete_checkpoint(tmp_path: Path) -> None:
+    accelerator, model, _ = _prepared_linear()
+    save_training_state(accelerator, tmp_path, TrainerState(global_step=1))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    # What a process killed in the middle of writing step 2 leaves behind: a half-written
+    # temporary folder (truncated weights, no trainer_state.json) and the old pointer.
+    root = tmp_path / "checkpoints"
+    partial = root / ".tmp-step_00000002"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x10\x00\x00")
+    assert resolve_resume(tmp_path, "latest") == root / "step_00000001"
+    with torch.no_grad():
+        model.weight.zero_()
+    assert load_training_state(accelerator, root / "step_00000001").global_step == 1
+    assert torch.equal(model.weight, weights["weight"])
+    # The next save replaces the leftover and publishes a complete checkpoint.
+    save_training_state(accelerator, tmp_path, TrainerState(global_step=2))
+    assert not partial.exists()
+    assert resolve_resume(tmp_path, "latest") == root / "step_00000002"
+    assert (root / "step_00000002" / "model.safetensors").stat().st_size > 100
+
+
+def test_resume_without_checkpoint_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="Start without --resume"):
+        resolve_resume(tmp_path, "latest")
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Parse the safetensors layout by hand: 8-byte little-endian length, then a JSON header."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length])
+
+
+def _tiny_with_base_files(tmp_path: Path) -> tuple[Config, PromptRIS]:
+    """The tiny model with frozen CLIP and SAM whose base weights come from real weight files
+    (an open_clip state dict and a segment_anything state dict), as for the paper's model."""
+    torch.manual_seed(0)
+    base = build_prompt_ris(load_config({"model": {"preset": "tiny"}}).model)
+    clip_file, sam_file = tmp_path / "clip_tiny.pt", tmp_path / "sam_tiny.pth"
+    torch.save(base.clip.clip.state_dict(), clip_file)
+    sam = base.sam
+    sam_state = {
+        f"{part}.{key}": value
+        for part in ("image_encoder", "prompt_encoder", "mask_decoder")
+        for key, value in getattr(sam, part).state_dict().items()
+    }
+    torch.save(sam_state, sam_file)
+    overrides = {
+        "preset": "tiny",
+        "clip": {"pretrained": str(clip_file), "freeze": True},
+        "sam": {
+            "checkpoint": str(sam_file),
+            "freeze_image_encoder": True,
+            "freeze_prompt_encoder": True,
+            "freeze_mask_decoder": True,
+        },
+    }
+    cfg = load_config({"model": overrides})
+    torch.manual_seed(1)
+    return cfg, build_prompt_ris(cfg.model)
+
+
+def test_export_holds_exactly_the_learned_params_without_pickle(tmp_path: Path) -> None:
+    cfg, model = _tiny_with_base_files(tmp_path)
+    learned = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert learned and any(n.startswith("clip.clip.") for n in frozen)
+    assert any(n.startswith("sam.mask_decoder.") for n in frozen)
+
+    runs = tmp_path / "run"
+    export_pretrained(model, cfg, runs / "best", training={"epochs_done": 3})
+    out = export_pretrained(model, cfg, runs / "best", training={"epochs_done": 4})
+    assert sorted(p.name for p in runs.iterdir()) == ["best"]  # replaced, no leftovers
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # Nothing pickled: the weights file is the plain safetensors layout, the config is JSON.
+    header = _safetensors_header(out / "model.safetensors")
+    assert set(header) - {"__metadata__"} == set(learned)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        for name, param in learned.items():
+            assert torch.equal(handle.get_tensor(name), param.detach()), name
+    meta = json.loads((out / "config.json").read_text())
+    assert config_to_dict(config_from_dict(meta["config"])) == config_to_dict(cfg)
+    assert meta["training"] == {"epochs_done": 4}
+    assert meta["base_weights"]["sam_checkpoint"] == cfg.model.sam.checkpoint
+
+
+def test_export_loads_for_inference_with_identical_outputs(
+    tmp_path: Path, synthetic_batch: dict
+) -> None:
+    cfg = load_config({"model": {"preset": "tiny"}})
+    torch.manual_seed(0)
+    model = build_prompt_ris(cfg.model).eval()
+    export_pretrained(model, cfg, tmp_path / "final")
+    torch.manual_seed(123)  # different random base weights: only unused ones are not exported
+    loaded = PromptRIS.from_pretrained(tmp_path / "final")
+    b = synthetic_batch
+    args = (b["clip_images"], b["sam_images"], b["text_tokens"], b["image_index"])
+    with torch.no_grad():
+        expected, got = model(*args), loaded(*args)
+    assert torch.equal(got.coarse_logits, expected.coarse_logits)
+    assert torch.equal(got.mask_logits, expected.mask_logits)

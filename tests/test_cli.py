@@ -1,0 +1,203 @@
+"""``prompt-ris predict``: files written, batch modes, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prompt_ris.cli import main
+from prompt_ris.config import load_config
+from prompt_ris.models import PromptSwitches, build_prompt_ris
+from prompt_ris.models.pretrained import load_pretrained, save_pretrained
+from prompt_ris.predictor import Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint and a few images of odd sizes."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = load_config({"model": {"preset": "tiny"}})
+    torch.manual_seed(0)
+    save_pretrained(build_prompt_ris(cfg.model), root / "ckpt", config=cfg)
+    rng = np.random.default_rng(0)
+    photos = root / "photos"
+    photos.mkdir()
+    for name, (h, w) in {"a.png": (31, 47), "b.jpg": (40, 22)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
+    return root
+
+
+def expected_mask(
+    workdir: Path, image: Path, expression: str, switches: PromptSwitches | None = None
+) -> np.ndarray:
+    """The mask the Python API gives for the same checkpoint, image and expression."""
+    predictor = Predictor(load_pretrained(workdir / "ckpt"), device="cpu")
+    predictor.set_image(image)
+    return predictor.predict(expression, switches=switches).masks[0]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    mask = np.asarray(Image.open(path))
+    assert mask.ndim == 2 and set(np.unique(mask)) <= {0, 255}
+    return mask == 255
+
+
+def assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prompt-ris: error: "), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_single_image_writes_mask_and_overlay(workdir: Path, tmp_path: Path) -> None:
+    image = workdir / "photos" / "a.png"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(image)]
+    argv += ["--text", "the man on the left", "--out", str(tmp_path / "overlay.png")]
+    assert main(argv + ["--device", "cpu"]) == 0
+
+    mask = read_mask(tmp_path / "overlay_mask.png")
+    np.testing.assert_array_equal(mask, expected_mask(workdir, image, "the man on the left"))
+    overlay = Image.open(tmp_path / "overlay.png")
+    assert overlay.mode == "RGB" and overlay.size == (47, 31)
+
+
+def test_switches_and_several_texts(workdir: Path, tmp_path: Path) -> None:
+    image = workdir / "photos" / "b.jpg"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(image)]
+    argv += ["--text", "the dog", "--text", "a cat", "--out", str(tmp_path / "o.png")]
+    assert main(argv + ["--no-text", "--no-point", "--dtype", "fp32", "--device", "cpu"]) == 0
+    switches = PromptSwitches(mask=True, point=False, text=False)
+    for k, text in enumerate(["the dog", "a cat"]):
+        want = expected_mask(workdir, image, text, switches)
+        np.testing.assert_array_equal(read_mask(tmp_path / f"o_{k}_mask.png"), want)
+        assert (tmp_path / f"o_{k}.png").is_file()
+
+
+def test_folder_mode_goes_on_past_a_corrupt_image(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (photos / name).write_bytes((workdir / "photos" / name).read_bytes())
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    (photos / "notes.txt").write_text("ignored")
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(photos)]
+    assert main(argv + ["--text", "the dog", "--out-dir", str(out), "--device", "cpu"]) == 1
+
+    np.testing.assert_array_equal(
+        read_mask(out / "a_mask.png"), expected_mask(workdir, photos / "a.png", "the dog")
+    )
+    assert (out / "b_overlay.png").is_file() and read_mask(out / "b_mask.png").shape == (40, 22)
+    assert not (out / "broken_mask.png").exists()
+    records = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["image"]).name for r in records] == ["a.png", "b.jpg", "broken.jpg"]
+    assert "error" in records[2] and "mask" in records[0]
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 2 and "broken.jpg" in errors[0] and "1 of 3" in errors[1]
+
+
+def test_json_batch_mode(workdir: Path, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs" / "batch.json"
+    jobs.parent.mkdir()
+    (jobs.parent / "img.png").write_bytes((workdir / "photos" / "a.png").read_bytes())
+    entries = [
+        {"image": "img.png", "text": "the dog"},
+        {"image": str(workdir / "photos" / "b.jpg"), "text": ["a cat", "the bench"]},
+        {"image": "img.png", "text": "the man"},
+    ]
+    jobs.write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--batch", str(jobs)]
+    assert main(argv + ["--out-dir", str(out), "--device", "cpu"]) == 0
+
+    image = jobs.parent / "img.png"  # relative to the JSON file's folder
+    for name, text in (("0000_0_img", "the dog"), ("0002_0_img", "the man")):
+        np.testing.assert_array_equal(
+            read_mask(out / f"{name}_mask.png"), expected_mask(workdir, image, text)
+        )
+    for name in ("0001_0_b", "0001_1_b"):
+        assert read_mask(out / f"{name}_mask.png").shape == (40, 22)
+    records = json.loads((out / "predictions.json").read_text())
+    assert sorted(r["text"] for r in records) == ["a cat", "the bench", "the dog", "the man"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--text", "   "], ["expression 0 is empty"]),
+        (["--text", "x", "--image", "missing.png"], ["missing.png", "does not exist"]),
+        (["--text", "x", "--image", "CORRUPT"], ["corrupt.jpg", "cannot read image"]),
+        (["--text", "x", "--checkpoint", "nowhere"], ["nowhere", "not found", "train.py"]),
+        (["--text", "x", "--out-dir", "d"], ["either --out FILE or --out-dir DIR"]),
+    ],
+)
+def test_bad_input_exits_with_one_line(
+    workdir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    fragments: list[str],
+) -> None:
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8garbage")
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image"]
+    argv += [str(workdir / "photos" / "a.png"), "--out", str(tmp_path / "o.png")]
+    argv += [a.replace("CORRUPT", str(corrupt)) for a in extra]  # later options win
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_long_expression_warns_on_one_line(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--device", "cpu", "--image"]
+    argv += [str(workdir / "photos" / "a.png"), "--out", str(tmp_path / "o.png")]
+    assert main(argv + ["--text", "very " * 40 + "tall man"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prompt-ris: warning: ") and "was cut" in err[0]
+    assert (tmp_path / "o_mask.png").is_file()
+
+
+def test_missing_base_weights_then_override(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A checkpoint whose config names a SAM file that is not there: the tensors SAM's file
+    # provides (e.g. its positional-encoding buffer) are not stored in the checkpoint.
+    cfg = load_config({"model": {"preset": "tiny"}})
+    model = build_prompt_ris(cfg.model)
+    sam_state = {k[4:]: v for k, v in model.state_dict().items() if k.startswith("sam.")}
+    torch.save(sam_state, tmp_path / "real_sam.pth")  # segment_anything's state-dict format
+    cfg.model.sam.checkpoint = str(tmp_path / "sam_b.pth")
+    save_pretrained(model, tmp_path / "ckpt", config=cfg)
+    argv = ["predict", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--text", "x"]
+    argv += ["--image", str(workdir / "photos" / "a.png"), "--out", str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, "sam_b.pth", "not found")
+    assert main(argv + ["--sam-weights", str(tmp_path / "real_sam.pth")]) == 0
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    argv = ["predict", "--checkpoint", str(tmp_path / "none"), "--image", "x.png", "--text", "x"]
+    argv += ["--out", str(tmp_path / "o.png")]
+    done = subprocess.run(
+        [sys.executable, "-m", "prompt_ris", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert_one_line_error(done.stderr, "x.png", "does not exist")

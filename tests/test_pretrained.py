@@ -1,0 +1,265 @@
+"""Checkpoint save/load: learned-only and self-contained round trips, strict key checks, errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prompt_ris.config import Config, load_config
+from prompt_ris.engine.checkpointing import export_pretrained
+from prompt_ris.models import PromptRIS, build_prompt_ris
+from prompt_ris.models.build import build_clip, build_sam
+from prompt_ris.models.pretrained import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    load_pretrained,
+    save_pretrained,
+)
+
+
+def write_base_weights(cfg: Config, folder: Path, seed: int) -> tuple[Path, Path]:
+    """Random tiny CLIP and SAM saved as their real state-dict files (open_clip / SAM format)."""
+    torch.manual_seed(seed)
+    clip_path, sam_path = folder / f"clip_{seed}.pt", folder / f"sam_{seed}.pth"
+    torch.save(build_clip(cfg.model.clip, None).state_dict(), clip_path)
+    torch.save(build_sam(cfg.model.sam, None).state_dict(), sam_path)
+    return clip_path, sam_path
+
+
+def frozen_tiny_cfg(clip_path: Path | None, sam_path: Path | None) -> Config:
+    """Tiny preset with CLIP and SAM frozen (as in the paper) on the given base weight files."""
+    return load_config(
+        {
+            "model": {
+                "preset": "tiny",
+                "clip": {"pretrained": clip_path and str(clip_path), "freeze": True},
+                "sam": {
+                    "checkpoint": sam_path and str(sam_path),
+                    "freeze_image_encoder": True,
+                    "freeze_prompt_encoder": True,
+                    "freeze_mask_decoder": True,
+                },
+            }
+        }
+    )
+
+
+def perturb_learned(model: PromptRIS, seed: int = 1) -> None:
+    """Move every learned parameter away from its initial value (as training would)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.learnable_state_dict().values():
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+
+
+@torch.no_grad()
+def assert_same_outputs(got: PromptRIS, want: PromptRIS, batch: dict) -> None:
+    """Bit-identical eval-mode coarse and final logits on a tiny-preset batch."""
+    args = batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"]
+    out_got, out_want = got.eval()(*args), want.eval()(*args)
+    assert torch.equal(out_got.coarse_logits, out_want.coarse_logits)
+    assert torch.equal(out_got.mask_logits, out_want.mask_logits)
+
+
+@pytest.fixture(scope="module")
+def base_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    cfg = frozen_tiny_cfg(None, None)
+    return write_base_weights(cfg, tmp_path_factory.mktemp("base"), seed=7)
+
+
+@pytest.fixture
+def frozen_model(base_files: tuple[Path, Path]) -> tuple[PromptRIS, Config]:
+    cfg = frozen_tiny_cfg(*base_files)
+    torch.manual_seed(3)
+    model = build_prompt_ris(cfg.model)
+    perturb_learned(model)
+    return model, cfg
+
+
+def test_export_roundtrip_learned_params_only(
+    frozen_model: tuple[PromptRIS, Config], synthetic_batch: dict, tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    save_pretrained(model, tmp_path, config=cfg)
+
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
+        saved = set(handle.keys())
+    learned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert saved == learned  # both base towers come from files
+    assert "sam.image_encoder.patch_embed.proj.weight" not in saved  # frozen base weight
+    assert len(saved) < len(model.state_dict())
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["config"]["model"]["sam"]["checkpoint"] == cfg.model.sam.checkpoint
+    assert meta["config"]["model"]["clip"]["pretrained"] == cfg.model.clip.pretrained
+
+    loaded = PromptRIS.from_pretrained(tmp_path)  # the model's classmethod delegates here
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert_same_outputs(loaded, model, synthetic_batch)
+
+
+def test_base_weights_come_from_files_and_overrides(
+    frozen_model: tuple[PromptRIS, Config], tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    save_pretrained(model, tmp_path / "ckpt", config=cfg)
+    other_clip, other_sam = write_base_weights(cfg, tmp_path, seed=8)
+
+    loaded = load_pretrained(tmp_path / "ckpt", sam_weights=str(other_sam))
+    key = "image_encoder.patch_embed.proj.weight"
+    other = torch.load(other_sam, weights_only=True)[key]
+    assert torch.equal(loaded.state_dict()["sam." + key], other)
+    assert not torch.equal(model.state_dict()["sam." + key], other)
+    # the learned parameters are still the checkpoint's
+    name, value = next(iter(model.learnable_state_dict().items()))
+    assert torch.equal(loaded.state_dict()[name], value)
+
+
+def test_self_contained_roundtrip_needs_no_base_weights(
+    synthetic_batch: dict, tmp_path: Path
+) -> None:
+    # Base weights in files that are deleted before loading.
+    cfg0 = frozen_tiny_cfg(None, None)
+    clip_path, sam_path = write_base_weights(cfg0, tmp_path, seed=9)
+    cfg = frozen_tiny_cfg(clip_path, sam_path)
+    torch.manual_seed(4)
+    model = build_prompt_ris(cfg.model)
+    perturb_learned(model)
+    save_pretrained(model, tmp_path / "full", config=cfg, self_contained=True)
+    clip_path.unlink()
+    sam_path.unlink()
+
+    with safe_open(str(tmp_path / "full" / WEIGHTS_NAME), framework="pt") as handle:
+        assert set(handle.keys()) == set(model.state_dict())
+    loaded = load_pretrained(tmp_path / "full")
+    assert loaded.config.model.sam.checkpoint == str(sam_path)  # the config is kept as saved
+    assert_same_outputs(loaded, model, synthetic_batch)
+
+    # The .safetensors file alone carries its config in its header.
+    alone = tmp_path / "alone.safetensors"
+    (tmp_path / "full" / WEIGHTS_NAME).rename(alone)
+    assert_same_outputs(load_pretrained(alone), model, synthetic_batch)
+
+
+def test_random_base_towers_are_stored(
+    base_files: tuple[Path, Path], synthetic_batch: dict, tmp_path: Path
+) -> None:
+    # CLIP frozen on a file; SAM random (no checkpoint) and trainable except a few upstream heads.
+    cfg = frozen_tiny_cfg(base_files[0], None)
+    cfg.model.sam.freeze_mask_decoder = False
+    torch.manual_seed(5)
+    model = build_prompt_ris(cfg.model)
+    perturb_learned(model)
+    save_pretrained(model, tmp_path, config=cfg)
+
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
+        saved = set(handle.keys())
+    sam_keys = {k for k in model.state_dict() if k.startswith("sam.")}
+    frozen_clip = {k for k, p in model.named_parameters() if k.startswith("clip.clip.")}
+    assert sam_keys <= saved  # random SAM: frozen heads and buffers too
+    assert "sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix" in saved
+    assert "sam.image_encoder.patch_embed.proj.weight" in saved  # frozen, random
+    assert not frozen_clip & saved  # CLIP comes from its file
+    torch.manual_seed(6)  # the rebuild draws other random SAM weights; the file must win
+    assert_same_outputs(load_pretrained(tmp_path), model, synthetic_batch)
+    # SAM base weights given anyway cannot replace the stored ones.
+    loaded = load_pretrained(tmp_path, sam_weights=str(base_files[1]))
+    assert_same_outputs(loaded, model, synthetic_batch)
+
+
+def test_reads_trainer_export(
+    frozen_model: tuple[PromptRIS, Config], synthetic_batch: dict, tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    export_pretrained(model, cfg, tmp_path / "final")
+    assert_same_outputs(load_pretrained(tmp_path / "final"), model, synthetic_batch)
+
+
+@pytest.mark.parametrize(
+    ("change", "kinds"),
+    [
+        ({"cmp": {"num_prompts": 2}}, ["shape mismatch"]),
+        ({"prompts": {"text_blocks": 3}}, ["missing from the checkpoint"]),
+        ({"prompts": {"text_blocks": 1}}, ["unexpected in the checkpoint"]),
+    ],
+)
+def test_mismatched_config_lists_keys(
+    tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path, change: dict, kinds: list[str]
+) -> None:
+    save_pretrained(tiny_model, tmp_path, config=tiny_cfg)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for section, values in change.items():
+        meta["config"]["model"][section].update(values)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+
+    # What differs, worked out from the two models themselves.
+    other_cfg = copy.deepcopy(tiny_cfg)
+    for section, values in change.items():
+        for key, value in values.items():
+            setattr(getattr(other_cfg.model, section), key, value)
+    ours = {k: tuple(v.shape) for k, v in tiny_model.learnable_state_dict().items()}
+    other = build_prompt_ris(other_cfg.model)
+    theirs = {k: tuple(v.shape) for k, v in other.learnable_state_dict().items()}
+    differing = sorted(set(ours) ^ set(theirs)) + sorted(
+        k for k in set(ours) & set(theirs) if ours[k] != theirs[k]
+    )
+    assert differing
+
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(tmp_path)
+    message = str(info.value)
+    for kind in kinds:
+        assert kind in message
+    assert differing[0] in message
+    if "shape mismatch" in kinds:
+        key = differing[0]
+        assert f"{key}: checkpoint {list(ours[key])} vs model {list(theirs[key])}" in message
+
+
+def test_missing_checkpoint_raises_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found.*scripts/train.py"):
+        load_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
+        load_pretrained(tmp_path)  # a folder without the weights
+    save_file({"x": torch.zeros(1)}, str(tmp_path / WEIGHTS_NAME))  # no config anywhere
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        load_pretrained(tmp_path)
+
+
+def test_corrupt_checkpoint_raises_checkpoint_error(
+    tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path
+) -> None:
+    path = save_pretrained(tiny_model, tmp_path, config=tiny_cfg)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_pretrained(tmp_path)
+
+
+def test_missing_base_weights_raise_builder_error(
+    frozen_model: tuple[PromptRIS, Config],
+    base_files: tuple[Path, Path],
+    synthetic_batch: dict,
+    tmp_path: Path,
+) -> None:
+    model, cfg = frozen_model
+    cfg = copy.deepcopy(cfg)
+    cfg.model.sam.checkpoint = str(tmp_path / "sam_vit_b_01ec64.pth")  # does not exist
+    save_pretrained(model, tmp_path / "ckpt", config=cfg)
+    with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth"):
+        load_pretrained(tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt", sam_weights=str(base_files[1]))
+    assert_same_outputs(loaded, model, synthetic_batch)
+
+
+def test_load_to_dtype(tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path) -> None:
+    save_pretrained(tiny_model, tmp_path, config=tiny_cfg)
+    loaded = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not loaded.training

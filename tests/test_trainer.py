@@ -1,0 +1,295 @@
+"""Training loop: schedule, stages, exact resume, frozen weights, and a 2-process DDP run on CPU.
+
+Everything runs the tiny preset at reduced image sizes on a 20-image synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from prompt_ris.config import Config, ConfigError, load_config
+from prompt_ris.data.loader import build_train_loader
+from prompt_ris.data.prepare import prepare_refer
+from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+from prompt_ris.engine.trainer import (
+    STAGE_COARSE,
+    STAGE_FULL,
+    SaveRequest,
+    check_val_split,
+    forward_loss,
+    poly_decay,
+    resolve_mixed_precision,
+    stage_of_epoch,
+    train,
+)
+from prompt_ris.models import build_prompt_ris
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
+SMALL = [  # the tiny preset at half its image sizes, 2 images x 2 expressions, 2 steps per epoch
+    "model.clip.image_size=64",
+    "model.sam.image_size=128",
+    "data.images_per_batch=2",
+    "data.expressions_per_image=2",
+    "data.num_workers=0",
+    "eval.batch_images=2",
+    "train.stage1_epochs=1",
+    "train.stage2_epochs=1",
+    "train.max_steps_per_epoch=2",
+    "train.log_every=1",
+    "train.num_overlays=1",
+]
+SAM_SIDE = ("sam.", "mask_prompt.", "point_prompt.", "text_prompter.")  # unused when with_sam=False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads competing with another
+    busy process make these small steps up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 synthetic images (14 train, 2 val), prepared as the loaders read them."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_synthetic(root, num_images=20, seed=0)
+    prepare_refer(
+        root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
+    )
+    return root / "prepared"
+
+
+def small_cfg(prepared: Path, output_dir: Path, *overrides: str) -> Config:
+    return load_config(
+        CONFIG,
+        [f"data.prepared={prepared}", f"train.output_dir={output_dir}", *SMALL, *overrides],
+    )
+
+
+def initial_model(cfg: Config) -> torch.nn.Module:
+    """The weights ``train`` starts from (it builds the model right after ``set_seed``)."""
+    set_seed(cfg.train.seed)
+    return build_prompt_ris(cfg.model)
+
+
+def read_losses(output_dir: Path) -> dict[int, dict[str, float]]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r for r in records if "loss/total" in r}
+    assert len(losses) == sum("loss/total" in r for r in records), "a step was logged twice"
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule and settings
+# --------------------------------------------------------------------------------------------
+def test_poly_decay_matches_the_formula_by_hand() -> None:
+    factor = poly_decay(total_steps=10, power=0.9)
+    assert factor(0) == 1.0
+    assert factor(5) == pytest.approx(0.5**0.9)  # 0.535887
+    assert factor(9) == pytest.approx(0.1**0.9)  # 0.125893
+    assert factor(10) == 0.0 and factor(12) == 0.0
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.535887, rel=1e-5)
+
+
+def test_stage_schedule_and_settings() -> None:
+    cfg = load_config(overrides=["train.stage1_epochs=20", "train.stage2_epochs=30"])
+    assert [stage_of_epoch(e, cfg) for e in (0, 19, 20, 49)] == [1, 1, 2, 2]
+    if not torch.cuda.is_available():
+        assert resolve_mixed_precision("auto") == "no"
+    assert resolve_mixed_precision("bf16") == "bf16"
+    with pytest.raises(ConfigError, match="choose one of"):
+        resolve_mixed_precision("fp32")
+
+
+@pytest.mark.parametrize("name", ["refcoco:testA", "refcoco+:test_unseen", "synthetic:testB"])
+def test_validation_refuses_test_splits(name: str) -> None:
+    with pytest.raises(ConfigError, match="must not see test data"):
+        check_val_split(name)
+    check_val_split("refcocog:val_seen")
+
+
+def test_sigusr1_requests_a_checkpoint_and_handler_is_restored() -> None:
+    previous = signal.getsignal(signal.SIGUSR1)
+    request = SaveRequest()
+    request.install()
+    try:
+        assert not request.pending
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.pending
+    finally:
+        request.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
+# --------------------------------------------------------------------------------------------
+# Learning
+# --------------------------------------------------------------------------------------------
+def test_losses_decrease_on_a_fixed_batch(prepared: Path, tmp_path: Path) -> None:
+    cfg = small_cfg(prepared, tmp_path)
+    batch = next(iter(build_train_loader(cfg)))
+    model = initial_model(cfg).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    history: dict[int, list[dict[str, float]]] = {STAGE_COARSE: [], STAGE_FULL: []}
+    for stage, steps in ((STAGE_COARSE, 8), (STAGE_FULL, 12)):
+        for step in range(steps):
+            torch.manual_seed(step)
+            loss, terms = forward_loss(model, batch, stage, icl_weight=1.0)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history[stage].append(terms)
+    coarse, full = history[STAGE_COARSE], history[STAGE_FULL]
+    assert "samseg" not in coarse[0] and "samseg" in full[0]  # stage 1 has no SAM loss
+    assert sum(t["total"] for t in coarse[-3:]) / 3 < 0.6 * coarse[0]["total"], coarse
+    assert sum(t["total"] for t in full[-3:]) / 3 < 0.85 * full[0]["total"], full
+    assert full[-1]["samseg"] < 0.9 * full[0]["samseg"], full  # the SAM path learns in stage 2
+
+
+def test_stage1_leaves_sam_alone_stage2_trains_it_and_frozen_weights_stay(
+    prepared: Path, tmp_path: Path
+) -> None:
+    frozen = [
+        "model.clip.freeze=true",
+        "model.sam.freeze_image_encoder=true",
+        "model.sam.freeze_prompt_encoder=true",
+        "model.sam.freeze_mask_decoder=true",
+    ]
+    cfg = small_cfg(prepared, tmp_path, "train.max_steps_per_epoch=1", "train.val_every=0", *frozen)
+    init = dict(initial_model(cfg).named_parameters())
+    result = train(cfg)
+
+    trained = dict(result.model.named_parameters())
+    for name, param in trained.items():
+        if not param.requires_grad:  # frozen CLIP and SAM: bit-identical after both stages
+            assert torch.equal(param, init[name]), name
+    stage1 = load_file(str(tmp_path / "stage1" / "model.safetensors"))
+    final = load_file(str(tmp_path / "final" / "model.safetensors"))
+    learned = [n for n, p in trained.items() if p.requires_grad]
+    sam_side = [n for n in learned if n.startswith(SAM_SIDE)]
+    clip_side = [n for n in learned if not n.startswith(SAM_SIDE)]
+    assert sam_side and clip_side
+    for name in sam_side:  # stage 1 did not touch the SAM side ...
+        assert torch.equal(stage1[name], init[name].detach()), name
+    assert any(not torch.equal(stage1[n], init[n].detach()) for n in clip_side)  # ... but CLIP's
+    changed = [n for n in sam_side if not torch.equal(final[n], stage1[n])]
+    assert any(n.startswith("text_prompter.") for n in changed)  # stage 2 trains it
+    for name in learned:
+        assert torch.equal(final[name], trained[name].detach()), name
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------
+def test_resume_after_interruption_reproduces_losses_and_weights(
+    prepared: Path, tmp_path: Path
+) -> None:
+    straight = tmp_path / "straight"
+    train(small_cfg(prepared, straight))
+
+    cut = tmp_path / "interrupted"
+    cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
+    args = ["--config", str(CONFIG), f"data.prepared={prepared}", f"train.output_dir={cut}", *SMALL]
+    # Stop in the middle of stage 1 (the resume skips the batches already done) ...
+    first = cli([*args, "train.stop_at_step=1"])
+    assert not first.finished and first.global_step == 1
+    # ... resume, and stop one step into stage 2 after having saved every step.
+    cli([*args, "train.stop_at_step=3", "--save-every-steps", "1", "--resume"])
+    # A process killed right after step 3 leaves step 3 logged but the latest checkpoint at an
+    # earlier step: resume from the end of stage 1, which logs step 3 again.
+    checkpoint = cut / "checkpoints" / "step_00000002"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step_in_epoch"] == 0
+    last = cli([*args, "--resume", str(checkpoint)])
+    assert last.finished and last.global_step == 4
+
+    expected, got = read_losses(straight), read_losses(cut)
+    assert sorted(got) == [1, 2, 3, 4] and expected.keys() == got.keys()
+    for step in expected:
+        for key in ("loss/total", "loss/clipseg", "loss/icl_coarse", "lr"):
+            assert got[step][key] == expected[step][key], (step, key)
+    assert got[4]["loss/samseg"] == expected[4]["loss/samseg"]
+    for export in ("stage1", "best", "final"):
+        a = load_file(str(straight / export / "model.safetensors"))
+        b = load_file(str(cut / export / "model.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), export
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes
+# --------------------------------------------------------------------------------------------
+DRIVER = """
+import hashlib, runpy, sys
+from pathlib import Path
+from accelerate import PartialState
+
+main = runpy.run_path(sys.argv[1])["main"]
+result = main(sys.argv[3:])
+digest = hashlib.sha256()
+for name, tensor in sorted(result.model.state_dict().items()):
+    digest.update(name.encode() + tensor.detach().float().cpu().contiguous().numpy().tobytes())
+rank = PartialState().process_index
+Path(sys.argv[2], f"rank{rank}.txt").write_text(f"{result.global_step} {digest.hexdigest()}")
+"""
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode() + tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_two_process_ddp_run_on_cpu_keeps_processes_identical(
+    prepared: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    overrides = [*SMALL, "train.max_steps_per_epoch=1", "train.gradient_accumulation_steps=2"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(driver), str(ROOT / "scripts" / "train.py"), str(tmp_path),
+        "--config", str(CONFIG), f"data.prepared={prepared}", f"train.output_dir={out}", *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0][0] == "2"  # same step count and the same weights
+    assert "2 process(es)" in proc.stderr
+    # Stage 1 under DDP did not move the SAM side (no gradient on any process, so no update).
+    cfg = small_cfg(prepared, out, *overrides)
+    init = initial_model(cfg).state_dict()
+    stage1 = load_file(str(out / "stage1" / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    sam_side = [n for n in stage1 if n.startswith(SAM_SIDE)]
+    assert sam_side and all(torch.equal(stage1[n], init[n]) for n in sam_side)
+    assert any(not torch.equal(final[n], stage1[n]) for n in sam_side)
+    # The export is rank 0's model, which equals rank 1's.
+    exported = {**init, **final}
+    assert _digest(exported) == ranks[0][1]
