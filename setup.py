@@ -23,7 +23,7 @@ setup(
         "einops>=0.7",
         "safetensors>=0.4",
         "numpy>=1.24",
-        "pillow>=10.0",
+        "pillow>=10.1",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tensorboard>=2.14",
