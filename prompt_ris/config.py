@@ -141,7 +141,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     icl_weight: float = 1.0
     num_overlays: int = 4  # mask overlays written to TensorBoard per validation
-    compile: bool = False  # torch.compile the model (falls back to eager with a warning)
+    compile: bool = False  # torch.compile the model through accelerate (inductor backend)
     sam_embed_cache: str | None = None  # folder caching frozen SAM image embeddings (stage 2)
     save_every_steps: int | None = None  # extra resumable checkpoint every N optimizer steps
     keep_checkpoints: int = 2  # newest resumable checkpoints kept in <output_dir>/checkpoints

@@ -200,6 +200,35 @@ def test_stage1_leaves_sam_alone_stage2_trains_it_and_frozen_weights_stay(
         assert torch.equal(final[name], trained[name].detach()), name
 
 
+def test_stage2_with_sam_embedding_cache_fills_it_and_matches_uncached_losses(
+    prepared: Path, tmp_path: Path
+) -> None:
+    frozen_encoder = ["model.sam.freeze_image_encoder=true", "train.val_every=0"]
+    steps = ["train.max_steps_per_epoch=2", "train.stage1_epochs=0", "train.stage2_epochs=2"]
+    plain = small_cfg(prepared, tmp_path / "plain", *frozen_encoder, *steps)
+    train(plain)
+    cache_dir = tmp_path / "cache"
+    cached = small_cfg(
+        prepared, tmp_path / "cached", *frozen_encoder, *steps, f"train.sam_embed_cache={cache_dir}"
+    )
+    train(cached)
+    files = list(cache_dir.rglob("*.safetensors"))
+    assert files, "stage 2 wrote no cached SAM embedding"
+    want, got = read_losses(tmp_path / "plain"), read_losses(tmp_path / "cached")
+    assert want.keys() == got.keys()
+    for step in want:  # the cache stores fp16 embeddings: equal up to that rounding
+        assert got[step]["loss/total"] == pytest.approx(want[step]["loss/total"], rel=2e-2)
+
+
+def test_sam_embedding_cache_refuses_a_trainable_encoder(prepared: Path, tmp_path: Path) -> None:
+    cfg = small_cfg(
+        prepared, tmp_path, "model.sam.freeze_image_encoder=false",
+        f"train.sam_embed_cache={tmp_path / 'cache'}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="freeze_image_encoder"):
+        train(cfg)
+
+
 # --------------------------------------------------------------------------------------------
 # Checkpoints and resume
 # --------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from prompt_ris.engine.checkpointing import TrainerState
 from prompt_ris.engine.evaluator import evaluate
 from prompt_ris.losses import stage_loss
 from prompt_ris.models import PromptSwitches, build_prompt_ris
+from prompt_ris.models.embedding_cache import SamEmbeddingCache, batch_image_keys, sam_cache_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
         log_with=TRACKER_NAME,
         project_dir=cfg.train.output_dir,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        dynamo_backend="inductor" if cfg.train.compile else "no",
     )
 
 
@@ -194,6 +196,7 @@ class TrainRun:
     total_steps: int
     output_dir: Path
     save_request: SaveRequest = field(default_factory=SaveRequest)
+    sam_cache: SamEmbeddingCache | None = None  # frozen SAM image embeddings (train.sam_embed_cache)
     meter: LossMeter = field(default_factory=LossMeter)
     progress: Any = None
 
@@ -272,7 +275,9 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
     with accelerator.main_process_first():
         train_loader, val_loader = build_loaders(cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available()
+    )
     steps_per_epoch = count_steps_per_epoch(cfg, accelerator, train_loader)
     total_steps = steps_per_epoch * (cfg.train.stage1_epochs + cfg.train.stage2_epochs)
     scheduler = LambdaLR(optimizer, poly_decay(max(total_steps, 1), cfg.train.poly_power))
@@ -284,6 +289,7 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
         cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         train_loader=train_loader, val_loader=val_loader, state=state,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, output_dir=output_dir,
+        sam_cache=build_sam_cache(cfg, accelerator.unwrap_model(model)),
     )  # fmt: skip
     start_outputs(run, resumed=checkpoint is not None)
     return run
@@ -404,7 +410,10 @@ def train_one_epoch(run: TrainRun) -> bool:
         seed_micro_step(cfg.train.seed, accelerator.process_index, epoch, micro_step)
         batch = send_to_device(batch, accelerator.device)
         with accelerator.accumulate(run.model):
-            loss, terms = forward_loss(run.model, batch, stage, cfg.train.icl_weight)
+            sam_img_embed = cached_sam_embeddings(run, batch) if stage == STAGE_FULL else None
+            loss, terms = forward_loss(
+                run.model, batch, stage, cfg.train.icl_weight, sam_img_embed=sam_img_embed
+            )
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
@@ -420,13 +429,44 @@ def train_one_epoch(run: TrainRun) -> bool:
     return True
 
 
+def build_sam_cache(cfg: Config, model: nn.Module) -> SamEmbeddingCache | None:
+    """The on-disk cache of SAM image embeddings, when configured and the encoder is frozen."""
+    if not cfg.train.sam_embed_cache:
+        return None
+    if not cfg.model.sam.freeze_image_encoder:
+        raise ConfigError(
+            "train.sam_embed_cache needs a frozen SAM image encoder "
+            "(set model.sam.freeze_image_encoder=true or train.sam_embed_cache=null)"
+        )
+    prefix = sam_cache_prefix(model.sam.image_encoder, cfg.model.sam.image_size)
+    return SamEmbeddingCache(cfg.train.sam_embed_cache, prefix)
+
+
+def cached_sam_embeddings(run: TrainRun, batch: dict[str, Any]) -> torch.Tensor | None:
+    """SAM image embeddings of the batch's images from the cache (encoding only the misses)."""
+    if run.sam_cache is None:
+        return None
+    keys = batch_image_keys(batch, f"{run.cfg.data.train}:")
+    with run.accelerator.autocast():
+        encode = run.accelerator.unwrap_model(run.model).encode_sam
+        return run.sam_cache.encode(keys, batch["sam_images"], encode)
+
+
 def forward_loss(
-    model: nn.Module, batch: dict[str, Any], stage: int, icl_weight: float
+    model: nn.Module,
+    batch: dict[str, Any],
+    stage: int,
+    icl_weight: float,
+    sam_img_embed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts."""
+    """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts.
+
+    ``sam_img_embed`` (I, C, h_s, w_s), when given, replaces the SAM image encoder's pass.
+    """
     out = model(
         batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
         with_sam=stage == STAGE_FULL, prompt_dropout=stage == STAGE_FULL,
+        sam_img_embed=sam_img_embed,
     )  # fmt: skip
     return stage_loss(out, batch, stage, icl_weight)
 

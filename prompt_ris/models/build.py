@@ -26,6 +26,7 @@ from torch import nn
 from prompt_ris.config import ClipConfig, ModelConfig, SAMConfig
 from prompt_ris.models.clip_prompted import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
+from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
 from prompt_ris.models.prompt_ris import PromptRIS, PromptSwitches
 from prompt_ris.models.sam_bridge import FrozenSAM
 from prompt_ris.models.sam_prompts import GumbelPointPrompt, MaskPrompt, TextPrompter
@@ -240,6 +241,8 @@ def build_prompt_ris(
     clip_cfg, sam_cfg, prompt_cfg = model_cfg.clip, model_cfg.sam, model_cfg.prompts
     clip = build_clip(clip_cfg, clip_weights if clip_weights is not None else clip_cfg.pretrained)
     sam = build_sam(sam_cfg, sam_weights if sam_weights is not None else sam_cfg.checkpoint)
+    if sam_cfg.fast_attention:  # same math and weights, PyTorch's fused attention kernel
+        use_sdpa_in_sam_encoder(sam.image_encoder)
 
     clip.requires_grad_(not clip_cfg.freeze)
     sam.image_encoder.requires_grad_(not sam_cfg.freeze_image_encoder)
