@@ -33,12 +33,14 @@ from PIL import Image
 
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.loader import build_eval_loader
+from prompt_ris.data.splits import load_split, parse_split
 from prompt_ris.data.transforms import load_image
 from prompt_ris.engine.evaluator import (
     dataset_expressions,
     decode_rle,
     evaluate,
     random_object_baseline,
+    referred_objects,
 )
 from prompt_ris.metrics import P_THRESHOLDS
 from prompt_ris.models import PromptRIS, PromptSwitches
@@ -105,8 +107,13 @@ def evaluate_split(
     )
     if ev.random_baseline:
         # Cheap (no model, no images): every process computes it and gets the same result.
+        spec = parse_split(split)
+        candidates: Any = ()
+        if spec.categories is not None:  # test_unseen: the image's other objects count too
+            whole = dataclasses.replace(spec, categories=None).name
+            candidates = referred_objects(load_split(cfg.data.prepared, whole))
         base, base_records = random_object_baseline(
-            dataset_expressions(loader.dataset), split, ev.baseline_seed
+            dataset_expressions(loader.dataset), split, ev.baseline_seed, candidates
         )
         metrics["random"] = base
         by_key = {(r["ref_id"], r["sent_id"]): r for r in base_records}
@@ -154,11 +161,7 @@ def save_overlays(
     paths = []
     for rank, record in enumerate(chosen[:count]):
         ref = dataset.table[rows[record["ref_id"]]]
-        # Same image location rule as the eval dataset: image_dir/file_name overrides the path.
-        path = (
-            Path(dataset.image_dir) / ref["file_name"] if dataset.image_dir else ref["image_path"]
-        )
-        image = load_image(path, (int(ref["height"]), int(ref["width"])))
+        image = load_image(dataset.image_path(ref), (int(ref["height"]), int(ref["width"])))
         gt = decode_rle({"size": ref["mask_size"], "counts": ref["mask_counts"]})
         text = f"{record['text']} (IoU {record['final_iou']:.2f})"
         pred = draw_overlay(image, decode_rle(record["final_rle"]), text)
@@ -202,9 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # cpu=True on a machine without CUDA: there, `accelerate launch --multi_gpu` gives gloo DDP.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = PromptRIS.from_pretrained(args.checkpoint, args.clip_weights, args.sam_weights)
-    # The data frames (480 / 1024, text length) follow the model. A loaded model carries the
-    # training run's whole Config; a freshly built one its ModelConfig.
-    cfg.model = model.config.model if isinstance(model.config, Config) else model.config
+    # The data frames (480 / 1024, text length) follow the model's own config.
+    cfg.model = model.config.model
     model.to(accelerator.device).eval()
     out_dir, ev = Path(cfg.eval.output_dir), cfg.eval
     results: dict[str, Any] = {

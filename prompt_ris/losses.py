@@ -136,30 +136,32 @@ def _icl(
     target = _match_size(target, tuple(logits.shape[-2:]))  # (B, 1, h, w)
     weights = hard_iou(logits, target)  # (B,)
     probs = logits.sigmoid().flatten(1)  # (B, h*w)
-    losses = []
-    for image in torch.unique(image_index):
-        rows = (image_index == image).nonzero(as_tuple=True)[0]
-        s = probs[rows]  # (b, h*w)
-        squares = s.square().sum(-1)  # (b,)
-        denom = (squares[:, None] + squares[None, :]).clamp_min(torch.finfo(s.dtype).tiny)
-        overlap = 2.0 * (s @ s.T) / denom  # O, eq. (7), (b, b)
-        # 1 - O = sum (S_i - S_j)^2 / denom, computed directly: near O = 1 (the case ICL pushes
-        # down for different objects) the subtraction 1 - O would lose all float32 precision.
-        gap = (s[:, None] - s[None, :]).square().sum(-1) / denom  # (b, b)
-        ids = object_ids[rows]
-        same = (ids[:, None] == ids[None, :]).float()  # Y, (b, b)
-        log_likelihood = (
-            same * overlap.clamp(eps, 1.0 - eps).log()
-            + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
-        )
-        b = rows.numel()
-        losses.append(-(weights[rows, None] * log_likelihood).sum() / b**2)  # eq. (8)
-    return torch.stack(losses).mean()
+    # All pairs of the batch at once, pairs across images masked out: no loop over images and
+    # no host-device synchronisation; every pairwise quantity is (B, B).
+    same_image = image_index[:, None] == image_index[None, :]  # (B, B)
+    b = same_image.sum(-1).float()  # (B,) expressions of each row's image
+    squares = probs.square().sum(-1)  # (B,)
+    denom = (squares[:, None] + squares[None, :]).clamp_min(torch.finfo(probs.dtype).tiny)
+    overlap = 2.0 * (probs @ probs.T) / denom  # O, eq. (7), (B, B)
+    # 1 - O = sum (S_i - S_j)^2 / denom, from the differences themselves (cdist without the
+    # matmul shortcut): near O = 1, the case ICL pushes down for different objects, the
+    # subtraction 1 - O would lose all float32 precision.
+    distance = torch.cdist(probs, probs, compute_mode="donot_use_mm_for_euclid_dist")  # (B, B)
+    gap = distance.square() / denom  # (B, B)
+    same = (object_ids[:, None] == object_ids[None, :]).float()  # Y, (B, B)
+    log_likelihood = (
+        same * overlap.clamp(eps, 1.0 - eps).log()
+        + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
+    )  # (B, B)
+    per_row = (weights[:, None] * log_likelihood * same_image).sum(-1) / b.square()  # (B,)
+    # Eq. (8) per image is the sum of its rows; the mean over images divides by their number,
+    # sum_rows 1 / b_row.
+    return -per_row.sum() / b.reciprocal().sum()
 
 
 def stage_loss(
     out: PromptRISOutput, batch: dict[str, Any], stage: int, icl_weight: float = 1.0
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total training loss of a stage (eq. 9) and its terms for logging.
 
     Stage 1 (CLIP + CMP + ICL): ``L_clipseg + icl_weight * L_icl(coarse)``.
@@ -175,7 +177,9 @@ def stage_loss(
         icl_weight: weight of the ICL terms (1.0 in the paper).
 
     Returns:
-        The total loss (scalar tensor) and a dict of float terms: ``clipseg``, ``icl_coarse``
+        The total loss (scalar tensor) and a dict of detached scalar tensors (read them with
+        ``float()`` when logging; keeping them on the device avoids a host sync per step):
+        ``clipseg``, ``icl_coarse``
         and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms already multiplied by
         ``icl_weight``, so the terms sum to the total), plus ``total``.
     """
@@ -187,10 +191,13 @@ def stage_loss(
         coarse = F.interpolate(
             out.coarse_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False
         )  # (B, 1, S_s/4, S_s/4)
-    terms = {
-        "clipseg": bce_dice_loss(coarse, gt),
-        "icl_coarse": icl_weight * instance_contrastive_loss(coarse, object_ids, image_index, gt),
-    }
+
+    def icl(logits: torch.Tensor) -> torch.Tensor:
+        if icl_weight == 0:  # switched off: skip the pairwise work, keep the logged term
+            return logits.new_zeros((), dtype=torch.float32)
+        return icl_weight * instance_contrastive_loss(logits, object_ids, image_index, gt)
+
+    terms = {"clipseg": bce_dice_loss(coarse, gt), "icl_coarse": icl(coarse)}
     if stage == 2:
         if out.mask_logits is None:
             raise ValueError(
@@ -199,10 +206,8 @@ def stage_loss(
             )
         final = out.mask_logits.float()  # (B, 1, S_s/4, S_s/4)
         terms["samseg"] = bce_dice_loss(final, gt)
-        terms["icl_final"] = icl_weight * instance_contrastive_loss(
-            final, object_ids, image_index, gt
-        )
+        terms["icl_final"] = icl(final)
     total = torch.stack(list(terms.values())).sum()
-    logged = {name: value.detach().item() for name, value in terms.items()}
-    logged["total"] = total.detach().item()
+    logged = {name: value.detach() for name, value in terms.items()}
+    logged["total"] = total.detach()
     return total, logged

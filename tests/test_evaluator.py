@@ -75,7 +75,7 @@ def _batch(model: torch.nn.Module, image_ids: list[int]) -> dict:
 
     Image ``i`` has size SIZES[i % 4] and two objects; object 0 has two sentences, object 1 one.
     """
-    cfg = model.config
+    cfg = model.config.model
     keys = ("clip_images", "sam_images", "input_sizes", "orig_sizes")
     batch: dict = {k: [] for k in keys}
     per_expr: dict = {
@@ -139,9 +139,9 @@ def test_oracle_prediction_scores_iou_near_one(eval_model: torch.nn.Module) -> N
     batch = _batch(model, [0, 1, 2, 3])
     # Logits p - 0.5: a linear map, so bilinear resampling then "> 0" equals resampling p, "> .5".
     final = batch["gt_masks"] - 0.5  # (B, 1, S_s/4, S_s/4)
-    grid = model.config.clip.image_size // model.config.clip.patch_size
+    grid = model.config.model.clip.image_size // model.config.model.clip.patch_size
     clip_frame = torch.stack(
-        [letterbox_mask(m, model.config.clip.image_size) for m in batch["gt_masks_orig"]]
+        [letterbox_mask(m, model.config.model.clip.image_size) for m in batch["gt_masks_orig"]]
     )[:, None]
     coarse = F.adaptive_avg_pool2d(clip_frame, grid) - 0.5  # (B, 1, h_c, w_c)
     frame = (batch["input_sizes"], batch["orig_sizes"], batch["image_index"])
@@ -268,6 +268,27 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model.save_pretrained(root / "ckpt")
     return {"prepared": root / "prepared", "checkpoint": root / "ckpt", "out": root / "eval"}
 
+
+
+def test_random_baseline_draws_from_the_unfiltered_split() -> None:
+    """For test_unseen the image's seen objects are still there to be picked by chance."""
+    target, other = _objects(20, 30)
+    expr = {
+        "split": "", "ref_id": 1, "sent_id": 0, "image_id": 5, "object_id": 9, "category_id": 1,
+        "text": "t", "gt_mask": target,
+    }  # fmt: skip
+    alone, _ = random_object_baseline([expr], "s_unseen")
+    assert alone["mIoU"] == 100.0  # only the filtered split's object: chance looks perfect
+    pool = [
+        {"image_id": 5, "object_id": 9, "gt_rle": encode_rle(target)},
+        {"image_id": 5, "object_id": 10, "gt_rle": encode_rle(other)},
+        {"image_id": 6, "object_id": 11, "gt_rle": encode_rle(other)},  # another image: unused
+    ]
+    drawn = set()
+    for seed in range(20):
+        _, records = random_object_baseline([expr], "s_unseen", seed, candidates=pool)
+        drawn.add(records[0]["random_object_id"])
+    assert drawn == {9, 10}
 
 def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, Path]) -> None:
     evaluate_cli = _load_cli("evaluate")

@@ -183,8 +183,8 @@ def test_stage1_loss_by_hand() -> None:
     # Both coarse masks are uniform .75: O = 1 -> 1 - eps everywhere; w = IoU(all, half) = .5.
     icl = -(2 * 0.5 * LOG_DIAG + 2 * 0.5 * math.log(ICL_EPS)) / 4
     assert set(terms) == {"clipseg", "icl_coarse", "total"}
-    assert terms["clipseg"] == pytest.approx(clipseg, abs=1e-6)
-    assert terms["icl_coarse"] == pytest.approx(0.5 * icl, rel=1e-5)
+    assert float(terms["clipseg"]) == pytest.approx(clipseg, abs=1e-6)
+    assert float(terms["icl_coarse"]) == pytest.approx(0.5 * icl, rel=1e-5)
     assert total.item() == pytest.approx(clipseg + 0.5 * icl, rel=1e-5)
 
 
@@ -192,12 +192,13 @@ def test_stage2_loss_adds_sam_terms() -> None:
     out, batch = _stage_inputs(with_sam=True)
     total, terms = stage_loss(out, batch, stage=2)
     assert set(terms) == {"clipseg", "icl_coarse", "samseg", "icl_final", "total"}
-    assert terms["samseg"] == pytest.approx(0.0, abs=1e-6)  # perfect final masks
+    assert float(terms["samseg"]) == pytest.approx(0.0, abs=1e-6)  # perfect final masks
     # Final masks identical and exact, ids differ: O12 = 1 -> 1 - eps with Y = 0; w = 1.
     icl_final = -(2 * LOG_DIAG + 2 * math.log(ICL_EPS)) / 4
-    assert terms["icl_final"] == pytest.approx(icl_final, rel=1e-5)
+    assert float(terms["icl_final"]) == pytest.approx(icl_final, rel=1e-5)
     assert total.item() == pytest.approx(
-        terms["clipseg"] + terms["icl_coarse"] + terms["samseg"] + terms["icl_final"], rel=1e-6
+        float(terms["clipseg"] + terms["icl_coarse"] + terms["samseg"] + terms["icl_final"]),
+        rel=1e-6,
     )
 
 

@@ -157,7 +157,8 @@ class ReferImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def _image_path(self, record: dict[str, Any]) -> Path:
+    def image_path(self, record: dict[str, Any]) -> Path:
+        """Where a record's image is read: ``image_dir/file_name`` if set, else the prepared path."""
         if self.image_dir is not None:
             return self.image_dir / record["file_name"]
         return Path(record["image_path"])
@@ -170,7 +171,7 @@ class ReferImageDataset(Dataset):
         records = {row: self.table[row] for row in dict.fromkeys(rows)}
         first = next(iter(records.values()))
         hw = (int(first["height"]), int(first["width"]))
-        image = load_image(self._image_path(first), hw)
+        image = load_image(self.image_path(first), hw)
         frames = letterbox_image(image, self.clip_size, self.sam_size)
         orig_masks = {  # (H, W) bool per ref
             row: decode_rle({"size": r["mask_size"], "counts": r["mask_counts"]})

@@ -9,7 +9,9 @@ them twice and the metrics are the same on 1 and N processes.
 
 The random-object baseline scores, for each expression, the ground-truth mask of an object drawn
 uniformly from the referred objects of the same image (the true one included), with a generator
-seeded by (seed, image_id): a chance level for "which object of this image is meant".
+seeded by (seed, image_id): a chance level for "which object of this image is meant". For a
+category-filtered split (``test_unseen``) the objects to draw from are those of the unfiltered
+split (``test``): the image still shows its other objects.
 """
 
 from __future__ import annotations
@@ -213,15 +215,30 @@ def dataset_expressions(dataset: Any) -> Iterator[dict[str, Any]]:
             }
 
 
+def referred_objects(table: Any) -> Iterator[dict[str, Any]]:
+    """``image_id``, ``object_id`` and ``gt_rle`` of every reference of a prepared split table
+    (the candidates of :func:`random_object_baseline`)."""
+    for r in table.select_columns(["image_id", "ann_id", "mask_size", "mask_counts"]):
+        yield {
+            "image_id": int(r["image_id"]),
+            "object_id": int(r["ann_id"]),
+            "gt_rle": {"size": list(r["mask_size"]), "counts": r["mask_counts"]},
+        }
+
+
 def random_object_baseline(
-    expressions: Iterable[dict[str, Any]], split: str, seed: int = 0
+    expressions: Iterable[dict[str, Any]],
+    split: str,
+    seed: int = 0,
+    candidates: Iterable[dict[str, Any]] = (),
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Chance level: predict the ground truth of a random referred object of the same image.
 
     For each expression, an object is drawn uniformly from the distinct referred objects of its
-    image in this split (the true one included); its ground-truth mask is scored as the
-    prediction. Draws come from a generator seeded by (seed, image_id), over the image's
-    expressions sorted by (ref_id, sent_id), so they do not depend on batching or processes.
+    image (those of ``expressions`` and of ``candidates``; the true one included); its
+    ground-truth mask is scored as the prediction. Draws come from a generator seeded by
+    (seed, image_id), over the image's expressions sorted by (ref_id, sent_id), so they do not
+    depend on batching or processes.
 
     Args:
         expressions: per-expression dicts with identities and the ground truth, as ``gt_rle``
@@ -229,6 +246,9 @@ def random_object_baseline(
             :func:`iter_expressions`).
         split: split name stored in the records.
         seed: base seed.
+        candidates: more objects to draw from, dicts with ``image_id``, ``object_id`` and
+            ``gt_rle`` (:func:`referred_objects`); for a category-filtered split, the objects
+            of the unfiltered one.
 
     Returns:
         ``(metrics, records)``; the records score the output ``random``.
@@ -242,6 +262,9 @@ def random_object_baseline(
         by_image[expr["image_id"]].append(
             {k: v for k, v in expr.items() if k not in ("gt_mask", "gt_rle")}
         )
+    for obj in candidates:
+        if obj["image_id"] in by_image:
+            objects[obj["image_id"]].setdefault(obj["object_id"], obj["gt_rle"])
     records = []
     for image_id in sorted(by_image):
         masks = {obj: decode_rle(rle) for obj, rle in objects[image_id].items()}

@@ -168,14 +168,14 @@ class SaveRequest:
 class LossMeter:
     """Sums of loss terms and expressions since the last log line (this process)."""
 
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device: no sync per step
     steps: int = 0
     expressions: int = 0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, terms: dict[str, float], expressions: int) -> None:
+    def add(self, terms: dict[str, torch.Tensor], expressions: int) -> None:
         for name, value in terms.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.steps += 1
         self.expressions += expressions
 
@@ -458,7 +458,7 @@ def forward_loss(
     stage: int,
     icl_weight: float,
     sam_img_embed: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts.
 
     ``sam_img_embed`` (I, C, h_s, w_s), when given, replaces the SAM image encoder's pass.
@@ -501,8 +501,8 @@ def log_train(run: TrainRun, stage: int) -> None:
     """One log line, TensorBoard scalars and a metrics.jsonl record; averages over processes."""
     accelerator, meter, state = run.accelerator, run.meter, run.state
     names = sorted(meter.sums)
-    means = torch.tensor([meter.sums[n] / meter.steps for n in names], device=accelerator.device)
-    means = accelerator.reduce(means, reduction="mean").tolist()
+    means = torch.stack([meter.sums[n].float() / meter.steps for n in names])  # (terms,)
+    means = accelerator.reduce(means.to(accelerator.device), reduction="mean").tolist()
     elapsed = time.perf_counter() - meter.start
     throughput = meter.expressions * accelerator.num_processes / max(elapsed, 1e-9)
     lr = run.scheduler.get_last_lr()[0]

@@ -23,7 +23,7 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
-from prompt_ris.config import ClipConfig, ModelConfig, SAMConfig
+from prompt_ris.config import ClipConfig, Config, ModelConfig, SAMConfig
 from prompt_ris.models.clip_prompted import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
@@ -288,5 +288,5 @@ def build_prompt_ris(
         default_switches=PromptSwitches(
             mask=prompt_cfg.use_mask, point=prompt_cfg.use_point, text=prompt_cfg.use_text
         ),
-        config=model_cfg,
+        config=Config(model=model_cfg),
     )

@@ -102,7 +102,7 @@ class PromptRIS(nn.Module):
         text_length: int,
         drop_probs: tuple[float, float, float] = (0.0, 0.0, 0.0),
         default_switches: PromptSwitches = PromptSwitches(),
-        config: Config | ModelConfig | None = None,
+        config: Config | None = None,
     ) -> None:
         super().__init__()
         self.clip = clip
@@ -242,17 +242,19 @@ class PromptRIS(nn.Module):
         from prompt_ris.models.build import build_prompt_ris
 
         if isinstance(path_or_config, (str, Path)):
-            model_cfg = load_config(path_or_config).model
+            cfg = load_config(path_or_config)
         elif isinstance(path_or_config, Config):
-            model_cfg = path_or_config.model
+            cfg = path_or_config
         elif isinstance(path_or_config, ModelConfig):
-            model_cfg = path_or_config
+            cfg = Config(model=path_or_config)
         else:
             raise TypeError(
                 f"from_config takes a YAML path, a Config or a ModelConfig, got "
                 f"{type(path_or_config).__name__}"
             )
-        return build_prompt_ris(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
+        model = build_prompt_ris(cfg.model, clip_weights=clip_weights, sam_weights=sam_weights)
+        model.config = cfg  # the whole config (data frames, training), not only its model part
+        return model
 
     def save_pretrained(self, directory: str | Path, self_contained: bool = False) -> Path:
         """Write ``model.safetensors`` (learned parameters, or everything with
