@@ -50,7 +50,7 @@ logger = logging.getLogger("evaluate")
 
 OUTPUT_NAMES = {"coarse": "coarse (CLIP)", "final": "final (SAM)", "random": "random object"}
 DETAIL_METRICS = (*(f"P@{x}" for x in P_THRESHOLDS), "oIoU", "mIoU", "ImgAcc", "InstAcc")
-GT_COLOR = (50, 205, 50)  # ground-truth tint in overlays (the prediction uses the predictor's)
+GT_COLOR = (255, 40, 220)  # ground-truth tint in overlays: magenta, apart from the prediction's blue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
