@@ -166,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     print("[5/5] predicting on a new image from Python", flush=True)
     example = predict_on_new_image(checkpoint, out)
 
+    from prompt_ris.config import load_config
+
+    train_split = load_config(CONFIG, args.overrides).data.train
     final, random_miou = test["final"]["mIoU"], test["random"]["mIoU"]
     passed = final >= MIN_MIOU and final >= MIN_RATIO_TO_RANDOM * random_miou
     report = "\n".join([
         "## Results on the synthetic test split (percent)",
         "",
-        "Trained on the seen shapes only (synthetic:train_seen); star and hexagon are unseen.",
+        f"Trained on {train_split}; star and hexagon are the held-out (unseen) shapes.",
         "",
         results_table(main_results),
         "",
