@@ -146,3 +146,17 @@ def test_unequal_tower_depths_rejected(tiny_cfg: Config) -> None:
     cfg.model.clip.text_layers = 2
     with pytest.raises(ValueError, match="vision_layers == model.clip.text_layers"):
         build_prompt_ris(cfg.model)
+
+
+def test_images_embedded_once_match_rows_per_expression(tiny_cfg: Config) -> None:
+    """``image_index`` embeds each image once; the result equals one image row per expression."""
+    clip = _prompted(tiny_cfg)
+    size, length = tiny_cfg.model.clip.image_size, tiny_cfg.model.clip.text_length
+    images = torch.randn(2, 3, size, size)  # (I, 3, S, S)
+    image_index = torch.tensor([0, 0, 1])
+    tokens = tokenize(TEXTS, length)  # (B, L)
+    with torch.no_grad():
+        once = clip(images, tokens, image_index)
+        per_row = clip(images[image_index], tokens)
+    torch.testing.assert_close(once.img_tokens, per_row.img_tokens)
+    torch.testing.assert_close(once.text_tokens, per_row.text_tokens)

@@ -118,12 +118,18 @@ class PromptedCLIP(nn.Module):
         x = self.clip.token_embedding(text_tokens).to(cast_dtype)  # (B, L, D_t)
         return x + self.clip.positional_embedding[:length].to(cast_dtype)
 
-    def forward(self, images: torch.Tensor, text_tokens: torch.Tensor) -> CLIPFeatures:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_tokens: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> CLIPFeatures:
         """Encode B image-expression pairs jointly (eqs. 5-6).
 
         Args:
-            images: (B, 3, S_c, S_c) CLIP-normalised letterboxed images, one row per expression.
+            images: (I, 3, S_c, S_c) CLIP-normalised letterboxed images.
             text_tokens: (B, L) CLIP BPE ids, [EOS] = highest id, zero padding after it.
+            image_index: (B,) image row of each expression; None when I = B, one row each.
 
         Returns:
             CLIPFeatures with F_IC (B, h*w, D_v) and F_T (B, L, D_t).
@@ -134,7 +140,9 @@ class PromptedCLIP(nn.Module):
         text_pad_mask = positions.unsqueeze(0) > eos_index.unsqueeze(1)  # (B, L)
         attn_mask = causal_mask(n + length, text_tokens.device)  # (n+L, n+L)
 
-        x_img = self.clip.visual._embeds(images)  # (B, 1+h*w, D_v), ln_pre applied
+        x_img = self.clip.visual._embeds(images)  # (I, 1+h*w, D_v), ln_pre applied
+        if image_index is not None:
+            x_img = x_img[image_index]  # embedded once per image: (B, 1+h*w, D_v)
         x_txt = self.embed_text(text_tokens)  # (B, L, D_t)
         vision_blocks = self.clip.visual.transformer.resblocks
         text_blocks = self.clip.transformer.resblocks

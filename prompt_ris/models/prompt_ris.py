@@ -147,7 +147,7 @@ class PromptRIS(nn.Module):
             PromptRISOutput.
         """
         switches = switches or self.default_switches
-        feats = self.clip(clip_images[image_index], text_tokens)  # eqs. 5-6: F_IC, F_T (B, ., .)
+        feats = self.clip(clip_images, text_tokens, image_index)  # eqs. 5-6: F_IC, F_T (B, ., .)
         coarse = self.decoder(  # eqs. 1-2: S'_C (B, 1, h_c, w_c), t_g (B, D_C)
             feats.img_tokens, feats.text_tokens, feats.text_pad_mask, feats.eos_index,
             feats.grid_size,
