@@ -5,6 +5,7 @@ Usage (one CPU, one GPU or many processes, as ``accelerate config`` describes):
     accelerate launch evaluation/evaluate.py --checkpoint checkpoints/run1 \
         --splits refcoco:val,refcoco:testA,refcoco:testB [--config configs/x.yaml] [key=value ...]
     accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --no-mask
+    accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --prompt-ablation
     accelerate launch evaluation/evaluate.py --checkpoint ... --save-masks --overlays 8 \
         --overlay-order worst --output results/run1
 
@@ -15,11 +16,14 @@ of each split is scored for the coarse (CLIP) and the final (SAM) mask, beside t
 baseline; metric conventions: evaluation/README.md. Writes ``results.json`` (the schema of
 ``paper_results.json``; compare with ``evaluation/compare.py``), ``results.md`` (also printed),
 ``records.jsonl``, and optionally ``masks.jsonl`` (COCO RLE) and ``overlays/``.
+``--prompt-ablation`` scores every split again with each prompt type switched off in turn (the
+paper's Table 5) in the same process, under ``"ablation"`` in ``results.json`` and as a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -50,6 +54,12 @@ logger = logging.getLogger("evaluate")
 
 OUTPUT_NAMES = {"coarse": "coarse (CLIP)", "final": "final (SAM)", "random": "random object"}
 DETAIL_METRICS = (*(f"P@{x}" for x in P_THRESHOLDS), "oIoU", "mIoU", "ImgAcc", "InstAcc")
+PROMPT_ABLATION = {  # Table 5: the prompts reaching SAM's decoder -> the switch turned off
+    "point + text": "mask",
+    "mask + text": "point",
+    "mask + point": "text",
+}
+ALL_PROMPTS = "mask + point + text"
 GT_COLOR = (255, 40, 220)  # ground-truth tint in overlays: magenta, apart from the prediction's blue
 
 
@@ -62,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sam-weights", help="SAM base weights (default: as the checkpoint)")
     for prompt in ("mask", "point", "text"):
         parser.add_argument(f"--no-{prompt}", action="store_true", help=f"no {prompt} prompt")
+    parser.add_argument(
+        "--prompt-ablation",
+        action="store_true",
+        help="also score each split with each prompt type switched off in turn (Table 5)",
+    )
     parser.add_argument("--save-masks", action="store_true", help="write masks.jsonl (RLE)")
     parser.add_argument("--overlays", type=int, help="overlay images per split (eval.num_overlays)")
     parser.add_argument("--overlay-order", choices=("first", "worst"), help="which expressions")
@@ -85,6 +100,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if ev.overlay_order not in ("first", "worst"):
         raise ValueError(f"eval.overlay_order must be 'first' or 'worst', got '{ev.overlay_order}'")
     ev.output_dir = args.output or ev.output_dir or str(Path(args.checkpoint) / "eval")
+    if args.prompt_ablation and not (ev.use_mask and ev.use_point and ev.use_text):
+        raise ValueError(
+            "--prompt-ablation switches each prompt off in turn, starting from all three; "
+            "drop --no-mask / --no-point / --no-text (or eval.use_*=false)"
+        )
     return cfg
 
 
@@ -121,6 +141,35 @@ def evaluate_split(
             drawn = by_key[record["ref_id"], record["sent_id"]]
             record.update({k: v for k, v in drawn.items() if k.startswith("random_")})
     return metrics, records, loader.dataset
+
+
+def prompt_ablation(
+    model: PromptRIS, cfg: Config, accelerator: Accelerator, full: dict[str, dict[str, dict]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Final-mask metrics per prompt set and split: ``full`` (all prompts), then each split
+    evaluated again with one prompt type off (no baseline, overlays or saved masks)."""
+    ablation = {ALL_PROMPTS: {split: metrics["final"] for split, metrics in full.items()}}
+    for name, off in PROMPT_ABLATION.items():
+        sub = copy.deepcopy(cfg)
+        setattr(sub.eval, f"use_{off}", False)
+        sub.eval.random_baseline, sub.eval.save_masks, sub.eval.num_overlays = False, False, 0
+        ablation[name] = {
+            split: evaluate_split(model, sub, split, accelerator)[0]["final"] for split in full
+        }
+    return ablation
+
+
+def format_ablation(ablation: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown in the layout of the paper's Table 5 (final mask)."""
+    lines = [
+        "| prompts to SAM | split | oIoU | mIoU | P@0.5 | P@0.7 | P@0.9 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, splits in ablation.items():
+        for split, m in splits.items():
+            cells = " | ".join(f"{m[k]:.2f}" for k in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"))
+            lines.append(f"| {name} | {split} | {cells} |")
+    return "\n".join(lines)
 
 
 def format_tables(splits: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -181,7 +230,10 @@ def write_outputs(
     """results.json, results.md, records.jsonl and (optionally) masks.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(format_tables(results["splits"]) + "\n")
+    tables = format_tables(results["splits"])
+    if "ablation" in results:
+        tables += "\n\n" + format_ablation(results["ablation"])
+    (out_dir / "results.md").write_text(tables + "\n")
     ids = ("split", "ref_id", "sent_id", "image_id")
     with open(out_dir / "records.jsonl", "w") as f:
         for r in records:
@@ -223,9 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if accelerator.is_main_process and ev.num_overlays > 0:
             folder = out_dir / "overlays" / _safe(split)
             save_overlays(records, dataset, folder, ev.num_overlays, ev.overlay_order)
+    if args.prompt_ablation:
+        results["ablation"] = prompt_ablation(model, cfg, accelerator, results["splits"])
     if accelerator.is_main_process:
         write_outputs(out_dir, results, all_records, ev.save_masks)
-        accelerator.print(format_tables(results["splits"]))
+        accelerator.print((out_dir / "results.md").read_text().rstrip())
         accelerator.print(f"\nresults written to {out_dir}")
     accelerator.wait_for_everyone()
     return results

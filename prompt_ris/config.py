@@ -30,6 +30,8 @@ class ClipConfig:
     model_name: str = "ViT-B-16"  # open_clip architecture the pretrained weights belong to
     image_size: int = 480  # CLIP input side, letterboxed (H_C = W_C = image_size / patch_size)
     patch_size: int = 16
+    stem: str = "patch"  # "patch" (CLIP's) or "conv" (models/conv_stem.py; from scratch only)
+    stem_channels: int = 64  # width of the convolutional stem (stem: conv)
     vision_width: int = 768  # D_IC
     vision_layers: int = 12
     vision_heads: int = 12

@@ -2,7 +2,8 @@
 
 Usage:
 
-    python scripts/make_synthetic.py --out data/synthetic [--num-images 300] [--seed 0]
+    python scripts/make_synthetic.py --out data/synthetic [--num-images 300] [--seed 0] \
+        [--kinds attribute,position,relation]
 
 Writes ``<out>/synthetic/refs(unc).p``, ``<out>/synthetic/instances.json`` and the images under
 ``<out>/images/mscoco/images/train2014/``, then (unless ``--no-prepare``) the prepared Arrow
@@ -19,6 +20,7 @@ from pathlib import Path
 from prompt_ris.data.prepare import format_counts_table, prepare_refer
 from prompt_ris.data.synthetic import (
     SYNTHETIC_DATASET,
+    EXPRESSION_KINDS,
     SYNTHETIC_SPLIT_BY,
     SyntheticSummary,
     generate_synthetic,
@@ -30,6 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="data/synthetic", help="data root to write")
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kinds",
+        default=",".join(EXPRESSION_KINDS),
+        help="comma-separated expression kinds to write (default: all)",
+    )
     parser.add_argument("--no-prepare", action="store_true", help="skip the Arrow preparation")
     return parser.parse_args(argv)
 
@@ -37,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> SyntheticSummary:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed, kinds=kinds)
     print(
         f"synthetic data: {summary.num_images} images, {summary.num_refs} refs, "
         f"{summary.num_sentences} sentences in {args.out}"

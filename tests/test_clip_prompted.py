@@ -13,6 +13,7 @@ from prompt_ris.config import Config
 from prompt_ris.data.text import tokenize
 from prompt_ris.models.build import build_clip, build_prompt_ris
 from prompt_ris.models.clip_prompted import PromptedCLIP, causal_mask
+from prompt_ris.models.conv_stem import ConvStem
 
 TEXTS = ["the red car", "a man on the left holding a cup", "dog"]
 
@@ -160,3 +161,38 @@ def test_images_embedded_once_match_rows_per_expression(tiny_cfg: Config) -> Non
         per_row = clip(images[image_index], tokens)
     torch.testing.assert_close(once.img_tokens, per_row.img_tokens)
     torch.testing.assert_close(once.text_tokens, per_row.text_tokens)
+
+
+def test_conv_stem_starts_as_the_patch_embedding_on_the_patch_grid(tiny_cfg: Config) -> None:
+    clip_cfg = copy.deepcopy(tiny_cfg.model.clip)
+    clip_cfg.stem = "conv"
+    torch.manual_seed(0)
+    visual = build_clip(clip_cfg, None).visual
+    assert isinstance(visual.conv1, ConvStem)
+    size, patch = clip_cfg.image_size, clip_cfg.patch_size
+    images = torch.randn(2, 3, size, size)
+    out = visual.conv1(images)
+    assert out.shape == (2, clip_cfg.vision_width, size // patch, size // patch)
+    # The CNN branch's output projection starts at zero: the tower starts as the plain ViT.
+    torch.testing.assert_close(out, visual.conv1.patch(images))
+    convs = [m for m in visual.conv1.branch.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1, 1, 1]  # log2(8) halvings, then 1x1
+    # ... and the zero projection still gets a gradient, so the branch learns.
+    loss = visual.conv1(images).square().mean()
+    loss.backward()
+    assert convs[-1].weight.grad.abs().sum() > 0
+
+
+def test_conv_stem_refuses_pretrained_clip_and_odd_patches(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    clip_cfg = copy.deepcopy(tiny_cfg.model.clip)
+    clip_cfg.stem = "conv"
+    with pytest.raises(ValueError, match="model.clip.stem=patch"):
+        build_clip(clip_cfg, str(tmp_path / "clip.pt"))
+    clip_cfg.patch_size, clip_cfg.image_size = 6, 96
+    with pytest.raises(ValueError, match="power-of-two patch_size"):
+        build_clip(clip_cfg, None)
+    clip_cfg.stem = "resnet"
+    with pytest.raises(ValueError, match="model.clip.stem='resnet' is unknown"):
+        build_clip(clip_cfg, None)

@@ -177,3 +177,18 @@ def test_make_synthetic_script_writes_prepared_data(tmp_path: Path) -> None:
     assert sum(len(s) for s in table["sentences"][:]) == summary.num_sentences
     refer = Refer(tmp_path, "synthetic", "unc")
     assert table["ref_id"][:] == [r["ref_id"] for r in refer.refs]
+
+
+def test_kinds_restrict_the_expressions(tmp_path: Path) -> None:
+    generate_synthetic(tmp_path, num_images=12, seed=3, kinds=["attribute"])
+    scenes = _scene_objects(tmp_path)
+    refer = Refer(tmp_path, "synthetic", "unc")
+    texts = [(ref, t) for ref in refer.refs for _, t in refer.sentences(ref)]
+    assert texts
+    for ref, text in texts:
+        assert PATTERNS["attribute"].match(text), text
+        assert _denotes(text, scenes[ref["image_id"]]) == [ref["ann_id"]], text
+    # Unreferred objects stay in the scene: every image still has 3+ objects.
+    assert all(len(objects) >= 3 for objects in scenes.values())
+    with pytest.raises(ValueError, match="choose from attribute, position, relation"):
+        generate_synthetic(tmp_path / "x", num_images=1, kinds=["colour"])

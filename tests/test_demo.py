@@ -34,15 +34,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     report = (out / "demo_results.md").read_text()
     for needle in ("random object", "Prompt-RIS final mask", "Prompt-RIS coarse mask",
                    "(seen shapes)", "(unseen shapes)", "point + text", "mask + text",
-                   "mask + point"):  # fmt: skip
+                   "mask + point", "By expression form", "| colour + shape |"):  # fmt: skip
         assert needle in report, report
     results = json.loads((out / "eval" / "results.json").read_text())["splits"]
     test = results["synthetic:test"]
     assert {"coarse", "final", "random"} <= set(test)
     assert 0.0 <= test["final"]["mIoU"] <= 100.0
     assert 0.0 < test["random"]["mIoU"] < 100.0  # a random object overlaps its target at times
-    for name in ("no_mask", "no_point", "no_text"):
-        assert (out / f"eval_{name}" / "results.json").is_file()
+    ablation = json.loads((out / "eval" / "results.json").read_text())["ablation"]
+    assert list(ablation) == ["mask + point + text", "point + text", "mask + text", "mask + point"]
+    assert ablation["mask + point + text"]["synthetic:test"] == test["final"]
     assert len(list((out / "eval" / "overlays").rglob("*.png"))) >= 2
     assert (out / "new_scene_prediction.png").is_file()
     assert "PromptRIS.from_pretrained(" in proc.stdout  # the three-line example is printed

@@ -396,3 +396,25 @@ def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -
     assert (two / "records.jsonl").read_text() == (one / "records.jsonl").read_text()
     splits = [json.loads((d / "results.json").read_text())["splits"] for d in (one, two)]
     assert splits[0] == splits[1]
+
+
+def test_prompt_ablation_scores_each_prompt_off_in_one_run(
+    synthetic_run: dict[str, Path], tmp_path: Path
+) -> None:
+    evaluate_cli = _load_cli("evaluate")
+    common = [
+        "--checkpoint", str(synthetic_run["checkpoint"]), "--splits", "synthetic:val",
+        "--output", str(tmp_path), f"data.prepared={synthetic_run['prepared']}",
+        "eval.max_expressions=6", "data.num_workers=0",
+    ]  # fmt: skip
+    results = evaluate_cli.main([*common, "--prompt-ablation"])
+    ablation = results["ablation"]
+    assert list(ablation) == ["mask + point + text", "point + text", "mask + text", "mask + point"]
+    final = results["splits"]["synthetic:val"]["final"]
+    assert ablation["mask + point + text"]["synthetic:val"] == final
+    # Each row is what a separate run with that prompt switched off reports.
+    alone = evaluate_cli.main([*common, "--no-mask", "--output", str(tmp_path / "no_mask")])
+    assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
+    assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="drop --no-mask"):
+        evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])

@@ -3,11 +3,14 @@
 Each image shows 3-5 flat shapes (7 shape categories x 4 colours, 22-38% of the short image
 side) on a noisy grey background, with at most slight overlap. Every image has two objects that
 share a colour or a shape, so an expression has to be understood to find its object. Each
-referred object gets up to three short expressions of three kinds:
+referred object gets up to three short expressions of the chosen kinds (``kinds``, default all):
 
 - attribute: "the red circle", "the red shape", "the circle";
 - position: "the leftmost shape", "the blue shape on the right", "the top square";
 - relation: "the square above the blue star", "the shape left of the green cross".
+
+The CPU demo uses attribute expressions only (like RefCOCO+, which bans location words): its tiny
+model trained from scratch does not learn positions and relations in a CPU budget (README).
 
 An expression is kept only if its meaning, evaluated on the scene (``denotation``), is exactly
 its object. Positions use the centroid of the visible mask; a superlative or relation needs a
@@ -20,7 +23,7 @@ The output is exactly the refer layout, so the real loaders read it:
 as polygons, objects partly hidden by a later one as uncompressed RLE of their visible pixels
 (COCO's two formats). Splits are per image: train / val / testA / testB (70/10/10/10). Shape
 categories ``SYNTHETIC_UNSEEN`` play the role of COCO's unseen classes (splits.py). The output is
-a function of the seed only.
+a function of the seed and the kinds only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import logging
 import math
 import pickle
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,7 @@ SPLIT_SHARES = (("train", 0.7), ("val", 0.1), ("testA", 0.1), ("testB", 0.1))
 _MIN_GAP = 0.85  # centres at least this x (r1 + r2) apart: shapes overlap slightly at most
 _MARGIN = 0.08  # position margin as a share of the long image side
 _MAX_EXPRESSIONS = 3  # per object
+EXPRESSION_KINDS = ("attribute", "position", "relation")
 _DIRECTIONS = {  # superlative -> (axis, sign): the named object has the largest sign * coordinate
     "left": (0, -1),
     "right": (0, 1),
@@ -134,6 +139,28 @@ class Expression:
         return f"the {noun} {self.relation} the {landmark}"
 
 
+EXPRESSION_FORMS = ("colour + shape", "colour", "shape", "position", "relation")
+
+
+def expression_form(text: str) -> str:
+    """Which of ``EXPRESSION_FORMS`` a generated expression has, from its words alone.
+
+    An attribute expression names a colour and a shape ("the red circle"), only a colour ("the
+    red shape") or only a shape ("the circle"); the other kinds are told by their words.
+    """
+    if any(f" {relation} the " in text for relation in _RELATIONS):
+        return "relation"
+    words = text.split()
+    if any(w in words for w in (*_DIRECTIONS, *_SUPERLATIVES.values())):
+        return "position"
+    colour, shape = any(w in COLOURS for w in words), any(w in SHAPES for w in words)
+    if colour and shape:
+        return "colour + shape"
+    if colour or shape:
+        return "colour" if colour else "shape"
+    raise ValueError(f"not an expression of the synthetic grammar: {text!r}")
+
+
 def _matches(obj: SceneObject, colour: str | None, shape: str | None) -> bool:
     return (colour is None or obj.colour == colour) and (shape is None or obj.shape == shape)
 
@@ -173,20 +200,22 @@ def _noun_phrases(obj: SceneObject) -> list[tuple[str | None, str | None]]:
     return [(obj.colour, obj.shape), (obj.colour, None), (None, obj.shape), (None, None)]
 
 
-def describe(objects: list[SceneObject], long_side: int) -> list[list[Expression]]:
-    """Every unambiguous expression for each object, grouped by kind order."""
+def describe(
+    objects: list[SceneObject], long_side: int, kinds: Sequence[str] = EXPRESSION_KINDS
+) -> list[list[Expression]]:
+    """Every unambiguous expression of the given kinds for each object, grouped by kind order."""
     out: list[list[Expression]] = []
     for idx, obj in enumerate(objects):
         candidates: list[Expression] = []
         for colour, shape in _noun_phrases(obj):
-            if colour or shape:
+            if (colour or shape) and "attribute" in kinds:
                 candidates.append(Expression("attribute", colour=colour, shape=shape))
-            for direction in _DIRECTIONS:
+            for direction in _DIRECTIONS if "position" in kinds else ():
                 for form in (0, 1):
                     candidates.append(
                         Expression("position", colour, shape, direction=direction, form=form)
                     )
-            for relation in _RELATIONS:
+            for relation in _RELATIONS if "relation" in kinds else ():
                 for j, other in enumerate(objects):
                     if j == idx:
                         continue
@@ -331,6 +360,7 @@ def generate_synthetic(
     out_dir: str | Path,
     num_images: int = 300,
     seed: int = 0,
+    kinds: Sequence[str] = EXPRESSION_KINDS,
 ) -> SyntheticSummary:
     """Write a synthetic referring dataset in the refer format under ``out_dir``.
 
@@ -338,11 +368,19 @@ def generate_synthetic(
         out_dir: data root; gets ``synthetic/refs(unc).p``, ``synthetic/instances.json`` and
             ``images/mscoco/images/train2014/*.png``.
         num_images: images to draw (split 70/10/10/10 into train/val/testA/testB in order).
-        seed: the output is a function of the seed.
+        seed: the output is a function of the seed (and of ``kinds``).
+        kinds: the expression kinds to write, a subset of ``EXPRESSION_KINDS``; an object with
+            no unambiguous expression of these kinds stays in its image unreferred.
 
     Returns:
         A summary with the counts written.
     """
+    unknown = sorted(set(kinds) - set(EXPRESSION_KINDS))
+    if unknown or not kinds:
+        raise ValueError(
+            f"unknown or no expression kinds {unknown or list(kinds)}; choose from "
+            f"{', '.join(EXPRESSION_KINDS)}"
+        )
     out_dir = Path(out_dir)
     ann_dir, image_dir = out_dir / SYNTHETIC_DATASET, out_dir / REFER_IMAGE_DIR
     ann_dir.mkdir(parents=True, exist_ok=True)
@@ -357,7 +395,7 @@ def generate_synthetic(
         Image.fromarray(pixels).save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
         split = _split_of(image_id - 1, num_images)
-        expressions = describe(objects, max(width, height))
+        expressions = describe(objects, max(width, height), kinds)
         for obj, exprs in zip(objects, expressions):
             ann_id += 1
             segmentation: Any = uncompressed_rle(obj.mask) if obj.occluded else [obj.polygon]

@@ -26,12 +26,15 @@ from torch import nn
 from prompt_ris.config import ClipConfig, Config, ModelConfig, SAMConfig
 from prompt_ris.models.clip_prompted import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
+from prompt_ris.models.conv_stem import ConvStem
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
 from prompt_ris.models.prompt_ris import PromptRIS, PromptSwitches
 from prompt_ris.models.sam_bridge import FrozenSAM
 from prompt_ris.models.sam_prompts import GumbelPointPrompt, MaskPrompt, TextPrompter
 
 logger = logging.getLogger(__name__)
+
+CLIP_STEMS = ("patch", "conv")  # model.clip.stem: CLIP's patch embedding, or models/conv_stem.py
 
 # SAM's fixed architecture numbers (segment_anything/build_sam.py).
 SAM_PATCH_SIZE = 16
@@ -60,8 +63,21 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
     Returns:
         An open_clip ``CLIP``.
     """
+    if cfg.stem not in CLIP_STEMS:
+        raise ValueError(f"model.clip.stem='{cfg.stem}' is unknown; choose one of {CLIP_STEMS}")
     if pretrained is None:
-        return _clip_from_fields(cfg)
+        model = _clip_from_fields(cfg)
+        if cfg.stem == "conv":
+            model.visual.conv1 = ConvStem(
+                out_dim=cfg.vision_width, patch_size=cfg.patch_size, channels=cfg.stem_channels
+            )  # open_clip's _embeds calls conv1: (I, 3, S, S) -> (I, D_v, h, w)
+        return model
+    if cfg.stem != "patch":
+        raise ValueError(
+            f"model.clip.stem='{cfg.stem}' replaces CLIP's patch embedding, so pretrained CLIP "
+            f"weights ('{pretrained}') cannot load; set model.clip.stem=patch, or "
+            f"model.clip.pretrained=null to train from scratch"
+        )
     path = Path(pretrained).expanduser()
     if path.is_file():
         model = _clip_from_fields(cfg)
