@@ -10,10 +10,12 @@ the rest of open_clip's ``VisionTransformer`` runs unchanged.
 
 Measured on the synthetic shapes (colour and shape expressions; coarse mIoU on 600 expressions
 of ``synthetic:val`` after 800 stage-1 steps of 8 images x 4 expressions): 48.8 with the patch
-embedding alone (lr 2e-3; shape-only expressions such as "the cross" 17.5), 67.8 with this stem
-(lr 1e-3; shape-only 51.0). Used by the tiny demo model (``configs/tiny_synthetic.yaml``);
-pretrained CLIP weights carry the patch embedding they were trained with, so ``build_clip``
-refuses the combination.
+embedding alone (lr 2e-3; shape-only expressions such as "the cross" 17.5), 58.3 with this stem
+(lr 1e-3; shape-only 49.7). BatchNorm in place of GroupNorm reached 67.8 (shape-only 51.0), but
+its batch statistics differ between DDP processes (and SyncBatchNorm needs a GPU), so the stem
+uses GroupNorm. Used by the tiny demo model (``configs/tiny_synthetic.yaml``); pretrained CLIP
+weights carry the patch embedding they were trained with, so ``build_clip`` refuses the
+combination.
 """
 
 from __future__ import annotations
