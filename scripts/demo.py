@@ -9,7 +9,8 @@
 4. writes overlay pictures (prediction beside ground truth) and predicts on a new image from
    Python, as a user would.
 
-Usage: ``python scripts/demo.py [--out runs/demo] [key=value ...]`` (overrides go to training).
+Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [key=value ...]`` (overrides
+go to training).
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join([
         "## Results on the synthetic test split (percent)",
         "",
-        f"Trained on {train_split}; star and hexagon are the held-out (unseen) shapes.",
+        f"Trained on {train_split}; star and hexagon are the held-out (unseen) shapes. "
+        f"Expression kinds: {args.kinds}.",
         "",
         results_table(main_results),
         "",
