@@ -172,6 +172,14 @@ def format_ablation(ablation: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def format_results(results: dict[str, Any]) -> str:
+    """results.md: the split tables, then the prompt ablation when it was run."""
+    tables = format_tables(results["splits"])
+    if "ablation" in results:
+        tables += "\n\n" + format_ablation(results["ablation"])
+    return tables
+
+
 def format_tables(splits: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown: oIoU / mIoU by split (Tables 1-2 layout), then P@X etc. (Tables 3-5 layout)."""
     names = list(splits)
@@ -230,10 +238,7 @@ def write_outputs(
     """results.json, results.md, records.jsonl and (optionally) masks.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    tables = format_tables(results["splits"])
-    if "ablation" in results:
-        tables += "\n\n" + format_ablation(results["ablation"])
-    (out_dir / "results.md").write_text(tables + "\n")
+    (out_dir / "results.md").write_text(format_results(results) + "\n")
     ids = ("split", "ref_id", "sent_id", "image_id")
     with open(out_dir / "records.jsonl", "w") as f:
         for r in records:
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["ablation"] = prompt_ablation(model, cfg, accelerator, results["splits"])
     if accelerator.is_main_process:
         write_outputs(out_dir, results, all_records, ev.save_masks)
-        accelerator.print((out_dir / "results.md").read_text().rstrip())
+        accelerator.print(format_results(results))
         accelerator.print(f"\nresults written to {out_dir}")
     accelerator.wait_for_everyone()
     return results
