@@ -33,22 +33,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from PIL import Image
 
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.loader import build_eval_loader
+from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split, parse_split
 from prompt_ris.data.transforms import load_image
-from prompt_ris.engine.evaluator import (
-    dataset_expressions,
-    decode_rle,
-    evaluate,
-    random_object_baseline,
-    referred_objects,
-)
+from prompt_ris.engine.baseline import dataset_expressions, random_object_baseline, referred_objects
+from prompt_ris.engine.evaluator import evaluate
 from prompt_ris.metrics import P_THRESHOLDS
 from prompt_ris.models import PromptRIS, PromptSwitches
-from prompt_ris.predictor import draw_overlay
+from prompt_ris.overlays import prediction_and_truth
 
 logger = logging.getLogger("evaluate")
 
@@ -60,7 +55,6 @@ PROMPT_ABLATION = {  # Table 5: the prompts reaching SAM's decoder -> the switch
     "mask + point": "text",
 }
 ALL_PROMPTS = "mask + point + text"
-GT_COLOR = (255, 40, 220)  # ground-truth tint in overlays: magenta, apart from the prediction's blue
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -221,11 +215,7 @@ def save_overlays(
         image = load_image(dataset.image_path(ref), (int(ref["height"]), int(ref["width"])))
         gt = decode_rle({"size": ref["mask_size"], "counts": ref["mask_counts"]})
         text = f"{record['text']} (IoU {record['final_iou']:.2f})"
-        pred = draw_overlay(image, decode_rle(record["final_rle"]), text)
-        truth = draw_overlay(image, gt, "ground truth", color=GT_COLOR)
-        canvas = Image.new("RGB", (2 * image.width, image.height))
-        canvas.paste(pred, (0, 0))
-        canvas.paste(truth, (image.width, 0))
+        canvas = prediction_and_truth(image, decode_rle(record["final_rle"]), gt, text)
         paths.append(out_dir / f"{rank:03d}_ref{record['ref_id']}_sent{record['sent_id']}.png")
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         canvas.save(paths[-1])

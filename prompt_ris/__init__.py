@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from prompt_ris.config import Config, load_config  # noqa: E402
-from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris  # noqa: E402
-from prompt_ris.predictor import Prediction, Predictor  # noqa: E402
+from prompt_ris.models import Prediction, PromptRIS, PromptSwitches, build_prompt_ris  # noqa: E402
+from prompt_ris.predictor import Predictor  # noqa: E402
 
 __all__ = [
     "Config",

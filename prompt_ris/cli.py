@@ -33,9 +33,11 @@ import numpy as np
 from PIL import Image
 
 from prompt_ris.data.text import EmptyExpressionError, tokenize
-from prompt_ris.models.pretrained import load_pretrained
-from prompt_ris.models.prompt_ris import PromptSwitches
-from prompt_ris.predictor import DEFAULT_THRESHOLD, Predictor, as_rgb_image, draw_overlay
+from prompt_ris.data.transforms import as_rgb_image
+from prompt_ris.metrics import DEFAULT_THRESHOLD
+from prompt_ris.models import PromptRIS, PromptSwitches
+from prompt_ris.overlays import draw_overlay
+from prompt_ris.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command: plan the jobs, load the model once, run them."""
     jobs = _plan_jobs(args)
-    model = load_pretrained(
+    model = PromptRIS.from_pretrained(
         args.checkpoint, clip_weights=args.clip_weights, sam_weights=args.sam_weights
     )
     dtype = None if args.dtype == "auto" else args.dtype

@@ -336,6 +336,11 @@ def load_config(
         diffs.append(yaml.safe_load(path.read_text()) or {})
     diffs.extend(_dotted_to_nested(overrides or []))
 
+    for diff in diffs:
+        if not isinstance(diff, dict):
+            raise ConfigError(f"a config holds a mapping of sections, got {diff!r}")
+        if not isinstance(diff.get("model", {}), dict):
+            raise ConfigError(f"model: expected a mapping, got {diff['model']!r}")
     # The preset is chosen first (from any layer), then every layer is applied on top of it.
     preset = "vit_b"
     for diff in diffs:

@@ -1,13 +1,13 @@
 """Training losses: BCE + Dice segmentation, Instance Contrastive Learning (eqs. 7-8), eq. (9).
 
-Conventions (DESIGN.md section 4):
+Conventions (docs/design.md, "Losses"):
 
 - Every loss works in float32 (logits are cast, autocast is switched off for the ICL matmul),
   so bf16 mixed precision neither underflows the logs nor rounds the overlaps O.
 - A target of a different size than the logits is area-resized to the logits' size. The coarse
-  mask, on the CLIP grid (``h_c x w_c``), is first upsampled bilinearly (``align_corners=False``)
-  to the low-res frame of ``gt_masks`` (S_s / 4). Both frames letterbox the same image the same
-  way (longest side resized, padding bottom/right), so this is a pure resampling.
+  terms read S_C, the coarse mask already upsampled by the model (bilinear, in float32) from the
+  CLIP grid to the low-res frame of ``gt_masks`` (S_s / 4): both frames letterbox the same image
+  the same way, so this is a pure resampling.
 - Dice follows V-Net [36] (the paper's Dice reference, and the form of eq. 7): squared sums in the
   denominator, ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)`` per mask with smoothing ``s = 1``
   (so an empty prediction of an empty target costs 0), averaged over the batch.
@@ -17,13 +17,11 @@ Conventions (DESIGN.md section 4):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from prompt_ris.models.prompt_ris import PromptRISOutput
+from prompt_ris.data.batch import Batch
+from prompt_ris.models import PromptRISOutput
 
 DICE_SMOOTH = 1.0  # additive smoothing of the segmentation Dice (numerator and denominator)
 ICL_EPS = 1e-6  # O_ij is clamped to [eps, 1 - eps] before the logs of eq. (8)
@@ -160,37 +158,32 @@ def _icl(
 
 
 def stage_loss(
-    out: PromptRISOutput, batch: dict[str, Any], stage: int, icl_weight: float = 1.0
+    out: PromptRISOutput, batch: Batch, stage: int, icl_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total training loss of a stage (eq. 9) and its terms for logging.
 
     Stage 1 (CLIP + CMP + ICL): ``L_clipseg + icl_weight * L_icl(coarse)``.
     Stage 2 (whole model): ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``.
-    The coarse logits (B, 1, h_c, w_c) on the CLIP grid are upsampled bilinearly to the low-res
-    frame of ``batch['gt_masks']`` (B, 1, S_s/4, S_s/4) before both coarse terms.
+    The coarse terms read S_C (``out.coarse_lowres``, the low-res frame of ``batch.gt_masks``).
 
     Args:
-        out: model output with ``coarse_logits`` (B, 1, h_c, w_c) and ``mask_logits``
+        out: model output with ``coarse_lowres`` (B, 1, S_s/4, S_s/4) and ``mask_logits``
             (B, 1, S_s/4, S_s/4) or None (stage 1).
-        batch: collated batch with ``gt_masks``, ``object_ids`` and ``image_index``.
+        batch: the batch with ``gt_masks``, ``object_ids`` and ``image_index``.
         stage: 1 or 2.
         icl_weight: weight of the ICL terms (1.0 in the paper).
 
     Returns:
         The total loss (scalar tensor) and a dict of detached scalar tensors (read them with
         ``float()`` when logging; keeping them on the device avoids a host sync per step):
-        ``clipseg``, ``icl_coarse``
-        and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms already multiplied by
-        ``icl_weight``, so the terms sum to the total), plus ``total``.
+        ``clipseg``, ``icl_coarse`` and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms
+        already multiplied by ``icl_weight``, so the terms sum to the total), plus ``total``.
     """
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    gt = batch["gt_masks"].float()  # (B, 1, S_s/4, S_s/4)
-    object_ids, image_index = batch["object_ids"], batch["image_index"]
-    with torch.autocast(gt.device.type, enabled=False):  # keep the upsampling in float32
-        coarse = F.interpolate(
-            out.coarse_logits.float(), size=gt.shape[-2:], mode="bilinear", align_corners=False
-        )  # (B, 1, S_s/4, S_s/4)
+    gt = batch.gt_masks.float()  # (B, 1, S_s/4, S_s/4)
+    object_ids, image_index = batch.object_ids, batch.image_index
+    coarse = out.coarse_lowres.float()  # S_C: (B, 1, S_s/4, S_s/4)
 
     def icl(logits: torch.Tensor) -> torch.Tensor:
         if icl_weight == 0:  # switched off: skip the pairwise work, keep the logged term

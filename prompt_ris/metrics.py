@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+DEFAULT_THRESHOLD = 0.5  # probability above which a pixel is foreground (metrics and inference)
 P_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # P@X columns
 IDENTITY_KEYS = ("split", "ref_id", "sent_id", "image_id", "object_id", "category_id")
 
@@ -70,7 +71,7 @@ def mask_intersection_union(
     if pred.shape != gt.shape:
         raise ValueError(
             f"prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} differ in size; "
-            "map the prediction back to the original image size first (postprocess_masks)"
+            "map the prediction back to the original image size first (frames.lowres_to_original)"
         )
     return int((pred & gt).sum()), int((pred | gt).sum())
 

@@ -48,18 +48,16 @@ from typing import Any
 import torch
 
 from prompt_ris.config import Config, load_config
-from prompt_ris.data.text import EOT_TOKEN, SOT_TOKEN
+from prompt_ris.data.batch import Batch, ModelInputs, random_batch
 from prompt_ris.losses import stage_loss
-from prompt_ris.models.build import build_prompt_ris
+from prompt_ris.models import PromptRIS, PromptRISOutput, build_prompt_ris
 from prompt_ris.models.embedding_cache import SamEmbeddingCache
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
-from prompt_ris.models.prompt_ris import PromptRIS, PromptRISOutput
 
 logger = logging.getLogger("benchmark")
 
 GIB = 2**30
 SEED = 0
-ORIG_SIZE = (480, 640)  # (H, W) of the synthetic originals, a typical COCO image
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH_DEFAULTS = {"vit_b": (16, 4), "tiny": (2, 2)}  # (I, b): the paper's batch; a CPU smoke run
 TARGET_NOTE = "targets are for --preset vit_b on an H100 at 16 x 4"
@@ -141,48 +139,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-def synthetic_batch(cfg: Config, images: int, expressions: int, device: torch.device) -> dict:
-    """A random batch following the batch contract (CONTRIBUTING.md), on ``device``."""
-    gen = torch.Generator().manual_seed(SEED)
-    num, length = images * expressions, cfg.model.clip.text_length
-    s_c, s_s = cfg.model.clip.image_size, cfg.model.sam.image_size
-    tokens = torch.zeros(num, length, dtype=torch.long)  # [SOS] words [EOS] 0 ...
-    for row in range(num):
-        words = int(torch.randint(2, length - 1, (1,), generator=gen))
-        tokens[row, 0], tokens[row, words + 1] = SOT_TOKEN, EOT_TOKEN
-        tokens[row, 1 : words + 1] = torch.randint(1, SOT_TOKEN, (words,), generator=gen)
-    image_index = torch.arange(images).repeat_interleave(expressions)  # (B,)
-    lowres = s_s // 4
-    gt = torch.zeros(num, 1, lowres, lowres)  # one random box per expression, low-res frame
-    for row in range(num):
-        y0, x0 = torch.randint(0, lowres // 2, (2,), generator=gen).tolist()
-        gt[row, 0, y0 : y0 + lowres // 3, x0 : x0 + lowres // 2] = 1.0
-    h, w = ORIG_SIZE
-    scale = s_s / max(h, w)
-    batch = {
-        "clip_images": torch.randn(images, 3, s_c, s_c, generator=gen),
-        "sam_images": torch.randn(images, 3, s_s, s_s, generator=gen),
-        "text_tokens": tokens,
-        "image_index": image_index,
-        "object_ids": image_index * 10 + torch.randint(0, 2, (num,), generator=gen),
-        "gt_masks": gt,
-        "input_sizes": torch.tensor([[int(h * scale + 0.5), int(w * scale + 0.5)]] * images),
-        "orig_sizes": torch.tensor([list(ORIG_SIZE)] * images),
-        "image_ids": image_index.clone(),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def slice_images(batch: dict, images: int, expressions: int) -> dict:
+def slice_images(batch: Batch, images: int, expressions: int) -> Batch:
     """The first ``images`` images with their first ``expressions`` expressions each."""
-    per_image = int((batch["image_index"] == 0).sum())
+    per_image = int((batch.image_index == 0).sum())
     rows = torch.cat([torch.arange(expressions) + i * per_image for i in range(images)])
-    rows = rows.to(batch["image_index"].device)
-    out = {k: batch[k][rows] for k in ("text_tokens", "image_index", "object_ids", "gt_masks")}
-    out["image_ids"] = batch["image_ids"][rows]
-    for key in ("clip_images", "sam_images", "input_sizes", "orig_sizes"):
-        out[key] = batch[key][:images]
-    return out
+    rows = rows.to(batch.image_index.device)
+    per_expression = {
+        name: getattr(batch, name)[rows]
+        for name in ("text_tokens", "image_index", "object_ids", "gt_masks", "ref_ids",
+                     "sent_ids", "image_ids", "category_ids", "word_masked")
+    }  # fmt: skip
+    per_image_fields = {
+        name: getattr(batch, name)[:images]
+        for name in ("clip_images", "sam_images", "input_sizes", "orig_sizes")
+    }
+    texts = [batch.texts[k] for k in rows.tolist()]
+    return Batch(**per_expression, **per_image_fields, texts=texts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,33 +176,25 @@ def autocast(variant: Variant, device: torch.device) -> contextlib.AbstractConte
 def run_model(
     model: Callable[..., PromptRISOutput],
     raw: PromptRIS,
-    batch: dict,
+    batch: Batch,
     variant: Variant,
     with_sam: bool,
     sam_img_embed: torch.Tensor | None = None,
 ) -> PromptRISOutput:
     """One forward. The reference encodes the SAM image once per expression, image by image."""
     if not (variant.sam_per_expression and with_sam):
-        return model(
-            batch["clip_images"],
-            batch["sam_images"],
-            batch["text_tokens"],
-            batch["image_index"],
-            with_sam=with_sam,
-            sam_img_embed=sam_img_embed,
-        )
-    index = batch["image_index"]
-    per_expression = torch.cat(  # (B, C, h_s, w_s): upstream attention holds (nh, N, N) maps
-        [raw.encode_sam(batch["sam_images"][i : i + 1]) for i in index.tolist()]
+        return model(batch, with_sam=with_sam, sam_img_embed=sam_img_embed)
+    index = batch.image_index
+    per_expression = torch.cat(  # (B, D_S, h_s, w_s): upstream attention holds (nh, N, N) maps
+        [raw.encode_sam(batch.sam_images[i : i + 1]) for i in index.tolist()]
     )
-    return model(
-        batch["clip_images"][index],
-        None,
-        batch["text_tokens"],
-        torch.arange(index.numel(), device=index.device),
-        with_sam=True,
-        sam_img_embed=per_expression,
+    inputs = ModelInputs(  # every expression with its own copy of its image
+        clip_images=batch.clip_images[index],
+        sam_images=batch.sam_images[index],
+        text_tokens=batch.text_tokens,
+        image_index=torch.arange(index.numel(), device=index.device),
     )
+    return model(inputs, with_sam=True, sam_img_embed=per_expression)
 
 
 class Runner:
@@ -349,7 +313,7 @@ def write_profile(step: Callable[[], Any], steps: int, device: torch.device, out
 # --------------------------------------------------------------------------------------------
 def measure_training(
     runner: Runner,
-    batch: dict,
+    batch: Batch,
     variant: Variant,
     ctx: Context,
     stage: int,
@@ -364,7 +328,7 @@ def measure_training(
         weight_decay=ctx.cfg.train.weight_decay,
         fused=ctx.device.type == "cuda" and variant.name == "fast",
     )
-    keys = [str(i) for i in range(batch["clip_images"].shape[0])]
+    keys = [str(i) for i in range(batch.num_images)]
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -376,37 +340,37 @@ def measure_training(
         optimizer.step()
 
     result = time_steps(step, runner, ctx.args, ctx.device)
-    result["expr_per_s"] = ctx.args.steps * batch["text_tokens"].shape[0] / result["seconds"]
+    result["expr_per_s"] = ctx.args.steps * batch.num_expressions / result["seconds"]
     result["host_syncs_per_step"] = count_host_syncs(step, ctx.device)
     return result | {"_step": step}
 
 
-def inference_step(runner: Runner, batch: dict, variant: Variant, ctx: Context) -> Callable:
+def inference_step(runner: Runner, batch: Batch, variant: Variant, ctx: Context) -> Callable:
     """An eval forward down to thresholded original-size masks, B x (H, W) bool."""
     model = runner.model.eval()
 
     def step() -> list[torch.Tensor]:
         with torch.inference_mode(), autocast(variant, ctx.device):
             out = run_model(runner, model, batch, variant, with_sam=True)
-            logits = model.postprocess_masks(
-                out.mask_logits, batch["input_sizes"], batch["orig_sizes"], batch["image_index"]
-            )  # B x (H, W)
+            logits = model.original_logits(
+                out, batch.input_sizes, batch.orig_sizes, batch.image_index, ("final",)
+            )["final"]  # B x (H, W)
             return [mask > 0 for mask in logits]
 
     return step
 
 
 def measure_inference(
-    runner: Runner, batch: dict, variant: Variant, ctx: Context
+    runner: Runner, batch: Batch, variant: Variant, ctx: Context
 ) -> dict[str, Any]:
     """Expressions/s of batched eval forwards (I images x b expressions per call)."""
     step = inference_step(runner, batch, variant, ctx)
     result = time_steps(step, runner, ctx.args, ctx.device)
-    result["expr_per_s"] = ctx.args.steps * batch["text_tokens"].shape[0] / result["seconds"]
+    result["expr_per_s"] = ctx.args.steps * batch.num_expressions / result["seconds"]
     return result | {"_step": step}
 
 
-def measure_latency(runner: Runner, batch: dict, variant: Variant, ctx: Context) -> dict[str, Any]:
+def measure_latency(runner: Runner, batch: Batch, variant: Variant, ctx: Context) -> dict[str, Any]:
     """Milliseconds for one new image + one expression, each request timed on its own."""
     step = inference_step(runner, slice_images(batch, 1, 1), variant, ctx)
     for i in range(max(ctx.args.warmup, 1 if runner.compiled else 0)):
@@ -432,16 +396,16 @@ def measure_latency(runner: Runner, batch: dict, variant: Variant, ctx: Context)
     }
 
 
-def measure_cached_training(runner: Runner, batch: dict, variant: Variant, ctx: Context) -> dict:
+def measure_cached_training(runner: Runner, batch: Batch, variant: Variant, ctx: Context) -> dict:
     """Stage 2 with F_IS read from a filled SamEmbeddingCache (as from the second epoch on)."""
     model = runner.model
     if not model.sam.freeze_image_encoder:
         return {"skipped": "the SAM image encoder is trainable (model.sam.freeze_image_encoder)"}
-    keys = [str(i) for i in range(batch["sam_images"].shape[0])]
+    keys = [str(i) for i in range(batch.num_images)]
     with tempfile.TemporaryDirectory() as folder:
         cache = SamEmbeddingCache(folder, "benchmark", max_memory_items=len(keys))
         with torch.no_grad(), autocast(variant, ctx.device):
-            cache.encode(keys, batch["sam_images"], model.encode_sam)
+            cache.encode(keys, batch.sam_images, model.encode_sam)
         return measure_training(runner, batch, variant, ctx, 2, cache)
 
 
@@ -467,7 +431,7 @@ MEASURES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def run_variant(variant: Variant, batch: dict, ctx: Context) -> dict[str, dict[str, Any]]:
+def run_variant(variant: Variant, batch: Batch, ctx: Context) -> dict[str, dict[str, Any]]:
     """All measurements of one variant; the model is freed before the next variant is built."""
     runner = Runner(build_model(ctx.cfg, variant, ctx.device), variant.compile)
     results = {}
@@ -484,7 +448,7 @@ def run_guarded(
     name: str,
     measure: Callable[..., dict[str, Any]],
     runner: Runner,
-    batch: dict,
+    batch: Batch,
     variant: Variant,
     ctx: Context,
 ) -> dict[str, Any]:
@@ -624,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "overrides": overrides,
     }
     ctx = Context(cfg=cfg, args=args, device=device, meta=meta)
-    batch = synthetic_batch(cfg, args.images, args.expressions, device)
+    batch = random_batch(cfg, args.images, args.expressions, seed=SEED).to(device)
     fast = Variant("fast", True, DTYPES[args.dtype], False, args.compile)
     reference = Variant("reference", False, torch.float32, True, False)
     fast_results = run_variant(fast, batch, ctx)

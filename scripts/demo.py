@@ -26,7 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny_synthetic.yaml"
 TEST_SPLIT = "synthetic:test"
-OUTPUTS = {"final": "Prompt-RIS final mask", "coarse": "Prompt-RIS coarse mask", "random": "random object"}
+OUTPUTS = {
+    "final": "Prompt-RIS final mask",
+    "coarse": "Prompt-RIS coarse mask",
+    "random": "random object",
+}
 FORM_EXAMPLES = {
     "colour + shape": "the red circle",
     "colour": "the red shape",
@@ -136,7 +140,7 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
 
     from prompt_ris.data.refer import Refer
     from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
-    from prompt_ris.predictor import draw_overlay
+    from prompt_ris.overlays import draw_overlay
 
     scene_root = out / "new_scene"
     generate_synthetic(scene_root, num_images=1, seed=12345)  # a seed the training data never used
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         help="expression kinds of the synthetic data (attribute, position, relation; see README)",
     )
     parser.add_argument("--overlays", type=int, default=8, help="overlay pictures per split")
-    parser.add_argument("overrides", nargs="*", help="training overrides, e.g. train.stage1_epochs=2")
+    parser.add_argument("overrides", nargs="*", help="training overrides (train.stage1_epochs=2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     out = (REPO / args.out).resolve()
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         check=True, cwd=REPO,
     )  # fmt: skip
 
-    print("[2/4] training the tiny model: stage 1 (CLIP + CMP), then stage 2 (with SAM)", flush=True)
+    print("[2/4] training the tiny model: stage 1 (CLIP + CMP), then stage 2 (SAM)", flush=True)
     accelerate_launch(
         "scripts/train.py", "--config", str(CONFIG), f"data.prepared={prepared}",
         f"train.output_dir={run_dir}", *args.overrides,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prompt_ris.config import load_config
+from prompt_ris.data.batch import Batch, random_batch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -91,26 +92,21 @@ def test_benchmark_tiny_cpu_writes_all_fields(
     assert "| train_stage2 (expr/s) |" in printed and "| latency.ms < 25 |" in printed
 
 
-def test_synthetic_batch_follows_the_batch_contract(bench: ModuleType) -> None:
+def test_slice_images_keeps_the_first_expressions_of_the_first_images(bench: ModuleType) -> None:
     cfg = load_config(overrides=["model.preset=tiny"])
-    batch = bench.synthetic_batch(cfg, 3, 2, torch.device("cpu"))
+    batch = random_batch(cfg, 3, 2)
     length = cfg.model.clip.text_length
-    assert batch["clip_images"].shape == (3, 3, 128, 128)
-    assert batch["sam_images"].shape == (3, 3, 256, 256)
-    assert batch["gt_masks"].shape == (6, 1, 64, 64) and batch["gt_masks"].sum() > 0
-    assert batch["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
-    tokens = batch["text_tokens"]
-    assert tokens.shape == (6, length) and (tokens[:, 0] == 49406).all()
-    eos = tokens.argmax(-1)  # CLIP finds [EOS] as the highest id
-    assert (tokens[torch.arange(6), eos] == 49407).all()
-    assert all((row[e + 1 :] == 0).all() for row, e in zip(tokens, eos, strict=True))
-    # 480 x 640 letterboxed into 256: longest side 256, other int(480 * 0.4 + 0.5) = 192.
-    assert batch["input_sizes"].tolist() == [[192, 256]] * 3
-    assert batch["orig_sizes"].tolist() == [[480, 640]] * 3
-
     single = bench.slice_images(batch, 1, 1)
-    assert single["text_tokens"].shape == (1, length) and single["sam_images"].shape[0] == 1
-    assert torch.equal(single["text_tokens"][0], tokens[0])
+    assert isinstance(single, Batch)
+    assert single.text_tokens.shape == (1, length) and single.sam_images.shape[0] == 1
+    assert torch.equal(single.text_tokens[0], batch.text_tokens[0])
+    two = bench.slice_images(batch, 2, 1)  # expressions 0 and 2: the first of images 0 and 1
+    assert (two.num_images, two.num_expressions) == (2, 2)
+    assert two.image_index.tolist() == [0, 1] and two.texts == [batch.texts[0], batch.texts[2]]
+    assert torch.equal(two.gt_masks, batch.gt_masks[[0, 2]])
+    assert torch.equal(two.object_ids, batch.object_ids[[0, 2]])
+    assert torch.equal(two.clip_images, batch.clip_images[:2])
+    assert two.input_sizes.tolist() == [[192, 256]] * 2
 
 
 def _failing_backend(graph: torch.fx.GraphModule, example_inputs: list) -> None:

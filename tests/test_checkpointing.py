@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from accelerate import Accelerator
 from safetensors import safe_open
 
 from prompt_ris.config import Config, config_from_dict, config_to_dict, load_config
+from prompt_ris.data.batch import Batch
 from prompt_ris.engine.checkpointing import (
+    SaveRequest,
     TrainerState,
     export_pretrained,
     load_training_state,
@@ -90,6 +94,19 @@ def test_interrupted_save_leaves_latest_on_the_complete_checkpoint(tmp_path: Pat
     assert (root / "step_00000002" / "model.safetensors").stat().st_size > 100
 
 
+def test_sigusr1_requests_a_checkpoint_and_handler_is_restored() -> None:
+    previous = signal.getsignal(signal.SIGUSR1)
+    request = SaveRequest()
+    request.install()
+    try:
+        assert not request.pending
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.pending
+    finally:
+        request.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is previous
+
+
 def test_resume_without_checkpoint_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="Start without --resume"):
         resolve_resume(tmp_path, "latest")
@@ -156,7 +173,7 @@ def test_export_holds_exactly_the_learned_params_without_pickle(tmp_path: Path) 
 
 
 def test_export_loads_for_inference_with_identical_outputs(
-    tmp_path: Path, synthetic_batch: dict
+    tmp_path: Path, synthetic_batch: Batch
 ) -> None:
     cfg = load_config({"model": {"preset": "tiny"}})
     torch.manual_seed(0)
@@ -164,9 +181,7 @@ def test_export_loads_for_inference_with_identical_outputs(
     export_pretrained(model, cfg, tmp_path / "final")
     torch.manual_seed(123)  # different random base weights: only unused ones are not exported
     loaded = PromptRIS.from_pretrained(tmp_path / "final")
-    b = synthetic_batch
-    args = (b["clip_images"], b["sam_images"], b["text_tokens"], b["image_index"])
     with torch.no_grad():
-        expected, got = model(*args), loaded(*args)
+        expected, got = model(synthetic_batch), loaded(synthetic_batch)
     assert torch.equal(got.coarse_logits, expected.coarse_logits)
     assert torch.equal(got.mask_logits, expected.mask_logits)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from prompt_ris.cli import main
 from prompt_ris.config import load_config
-from prompt_ris.models import PromptSwitches, build_prompt_ris
-from prompt_ris.models.pretrained import load_pretrained, save_pretrained
+from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
+from prompt_ris.models.pretrained import save_pretrained
 from prompt_ris.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def expected_mask(
     workdir: Path, image: Path, expression: str, switches: PromptSwitches | None = None
 ) -> np.ndarray:
     """The mask the Python API gives for the same checkpoint, image and expression."""
-    predictor = Predictor(load_pretrained(workdir / "ckpt"), device="cpu")
+    predictor = Predictor(PromptRIS.from_pretrained(workdir / "ckpt"), device="cpu")
     predictor.set_image(image)
     return predictor.predict(expression, switches=switches).masks[0]
 

@@ -11,6 +11,7 @@ from accelerate import skip_first_batches
 from torch.utils.data import DataLoader
 
 from prompt_ris.config import Config, load_config
+from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import (
     EvalBatchSampler,
     ReferImageDataset,
@@ -21,7 +22,7 @@ from prompt_ris.data.loader import (
     group_by_image,
 )
 from prompt_ris.data.prepare import prepare_refer
-from prompt_ris.data.refer import decode_rle
+from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split
 from prompt_ris.data.synthetic import generate_synthetic
 from prompt_ris.data.text import tokenize
@@ -70,26 +71,27 @@ def test_train_batches_are_images_by_expressions(prepared: Path) -> None:
     batches = list(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate))
     assert len(batches) == len(sampler) == 4  # 12 train images / I = 3
     for batch in batches:
-        assert batch["clip_images"].shape == (3, 3, CLIP, CLIP)
-        assert batch["sam_images"].shape == (3, 3, SAM, SAM)
-        assert batch["text_tokens"].shape == (12, LENGTH)
-        assert batch["text_tokens"].dtype == batch["image_index"].dtype == torch.long
-        assert batch["image_index"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
-        assert batch["gt_masks"].shape == (12, 1, SAM // 4, SAM // 4)
-        assert not batch["word_masked"].any()  # every synthetic image has >= 6 expressions
-        pairs = list(zip(batch["ref_ids"].tolist(), batch["sent_ids"].tolist()))
+        assert isinstance(batch, Batch)
+        assert batch.clip_images.shape == (3, 3, CLIP, CLIP)
+        assert batch.sam_images.shape == (3, 3, SAM, SAM)
+        assert batch.text_tokens.shape == (12, LENGTH)
+        assert batch.text_tokens.dtype == batch.image_index.dtype == torch.long
+        assert batch.image_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        assert batch.gt_masks.shape == (12, 1, SAM // 4, SAM // 4)
+        assert not batch.word_masked.any()  # every synthetic image has >= 6 expressions
+        pairs = list(zip(batch.ref_ids.tolist(), batch.sent_ids.tolist()))
         assert len(set(pairs)) == 12  # b distinct expressions per image
-        torch.testing.assert_close(batch["text_tokens"], tokenize(batch["texts"], LENGTH))
+        torch.testing.assert_close(batch.text_tokens, tokenize(batch.texts, LENGTH))
         for k, (ref_id, sent_id) in enumerate(pairs):
             row = rows[ref_id]
-            image = int(batch["image_index"][k])
-            assert batch["texts"][k] == row["sentences"][row["sent_ids"].index(sent_id)]
-            assert batch["object_ids"][k] == row["ann_id"]
-            assert batch["image_ids"][k] == row["image_id"]
-            assert batch["orig_sizes"][image].tolist() == [row["height"], row["width"]]
+            image = int(batch.image_index[k])
+            assert batch.texts[k] == row["sentences"][row["sent_ids"].index(sent_id)]
+            assert batch.object_ids[k] == row["ann_id"]
+            assert batch.image_ids[k] == row["image_id"]
+            assert batch.orig_sizes[image].tolist() == [row["height"], row["width"]]
             mask = decode_rle({"size": row["mask_size"], "counts": row["mask_counts"]})
-            np.testing.assert_array_equal(batch["gt_masks_orig"][k], mask)
-            torch.testing.assert_close(batch["gt_masks"][k, 0], lowres_mask(mask, SAM))
+            np.testing.assert_array_equal(batch.gt_masks_orig[k], mask)
+            torch.testing.assert_close(batch.gt_masks[k, 0], lowres_mask(mask, SAM))
 
 
 def test_few_expressions_are_filled_with_word_masked_resamples(prepared: Path) -> None:
@@ -98,16 +100,16 @@ def test_few_expressions_are_filled_with_word_masked_resamples(prepared: Path) -
     for request_batch in sampler:
         batch = collate([dataset[r] for r in request_batch])
         for image in range(len(request_batch)):
-            idx = (batch["image_index"] == image).nonzero()[:, 0].tolist()
+            idx = (batch.image_index == image).nonzero()[:, 0].tolist()
             group = dataset.groups[request_batch[image].group]
-            real = [k for k in idx if not batch["word_masked"][k]]
+            real = [k for k in idx if not batch.word_masked[k]]
             assert len(idx) == 16 and len(real) == len(group.expressions)
-            assert len({int(batch["sent_ids"][k]) for k in real}) == len(real)
+            assert len({int(batch.sent_ids[k]) for k in real}) == len(real)
             for k in idx[len(real) :]:  # fillers come after the image's own expressions
-                row = rows[int(batch["ref_ids"][k])]
-                original = row["sentences"][row["sent_ids"].index(int(batch["sent_ids"][k]))]
-                words, kept = original.split(), batch["texts"][k].split()
-                assert batch["word_masked"][k] and batch["object_ids"][k] == row["ann_id"]
+                row = rows[int(batch.ref_ids[k])]
+                original = row["sentences"][row["sent_ids"].index(int(batch.sent_ids[k]))]
+                words, kept = original.split(), batch.texts[k].split()
+                assert batch.word_masked[k] and batch.object_ids[k] == row["ann_id"]
                 assert 1 <= len(kept) < len(words)
                 it = iter(words)
                 assert all(w in it for w in kept)  # a subsequence: words dropped, none added
@@ -164,31 +166,31 @@ def test_eval_shards_cover_every_expression_once(prepared: Path) -> None:
         loader = build_eval_loader(cfg, "synthetic:train", num_replicas=2, rank=rank,
                                    images_per_batch=2, max_expressions=15)  # fmt: skip
         for batch in loader:
-            assert len(batch["texts"]) <= 15 or batch["clip_images"].shape[0] == 1
-            assert len(batch["gt_masks_orig"]) == len(batch["texts"])
-            for k, mask in enumerate(batch["gt_masks_orig"]):
-                image = int(batch["image_index"][k])
-                assert mask.shape == tuple(batch["orig_sizes"][image].tolist())
-            got += list(zip(batch["ref_ids"].tolist(), batch["sent_ids"].tolist()))
+            assert len(batch.texts) <= 15 or batch.clip_images.shape[0] == 1
+            assert len(batch.gt_masks_orig) == len(batch.texts)
+            for k, mask in enumerate(batch.gt_masks_orig):
+                image = int(batch.image_index[k])
+                assert mask.shape == tuple(batch.orig_sizes[image].tolist())
+            got += list(zip(batch.ref_ids.tolist(), batch.sent_ids.tolist()))
     assert sorted(got) == expected
 
 
 def test_eval_limit_keeps_whole_images(prepared: Path) -> None:
     cfg = _cfg(prepared)
-    full = sum(len(b["texts"]) for b in build_eval_loader(cfg, "synthetic:train"))
+    full = sum(len(b.texts) for b in build_eval_loader(cfg, "synthetic:train"))
     limited = list(build_eval_loader(cfg, "synthetic:train", limit=30))
-    count = sum(len(b["texts"]) for b in limited)
+    count = sum(len(b.texts) for b in limited)
     assert 20 < count <= 30 < full  # whole images of 6-15 expressions, up to the limit
-    again = [b["sent_ids"].tolist() for b in build_eval_loader(cfg, "synthetic:train", limit=30)]
-    assert again == [b["sent_ids"].tolist() for b in limited]
+    again = [b.sent_ids.tolist() for b in build_eval_loader(cfg, "synthetic:train", limit=30)]
+    assert again == [b.sent_ids.tolist() for b in limited]
 
 
 def test_train_loader_resumes_with_accelerate_skip_first_batches(prepared: Path) -> None:
     loader = build_train_loader(_cfg(prepared), num_replicas=1, rank=0)
     loader.batch_sampler.set_epoch(3)
-    full = [b["sent_ids"].tolist() for b in loader]
+    full = [b.sent_ids.tolist() for b in loader]
     loader.batch_sampler.set_epoch(3)
-    rest = [b["sent_ids"].tolist() for b in skip_first_batches(loader, 2)]
+    rest = [b.sent_ids.tolist() for b in skip_first_batches(loader, 2)]
     assert len(full) == 4 and rest == full[2:]
 
 

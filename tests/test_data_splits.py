@@ -11,7 +11,8 @@ import pytest
 
 from prompt_ris.data.loader import group_by_image
 from prompt_ris.data.prepare import PREPARED_FEATURES, prepare_refer, source_name
-from prompt_ris.data.refer import decode_rle, load_refs, refs_path
+from prompt_ris.data.refer import load_refs, refs_path
+from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import (
     COCO_SEEN,
     COCO_UNSEEN,
@@ -27,7 +28,8 @@ from prompt_ris.data.splits import (
 from prompt_ris.data.synthetic import SYNTHETIC_SEEN, SYNTHETIC_UNSEEN, generate_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
-# The 80 COCO ids, and CRIS's contiguous 0..79 seen/unseen lists (reference/peers.md §2.2).
+# The 80 COCO ids, and CRIS's contiguous 0..79 seen/unseen lists (docs/design.md, "Data and
+# splits").
 COCO_IDS = sorted(set(range(1, 91)) - {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
 CONTIGUOUS_SEEN = [0, 1, 2, 3, 6, 7, 8, 13, 14, 17, 18, 21, 22, 23, 24, 26, 28, 29, 30, 33, 37, 39,
                    42, 44, 45, 46, 47, 48, 49, 50, 51, 53, 54, 56, 59, 61, 62, 63, 64, 65, 68, 69,

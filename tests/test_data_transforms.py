@@ -1,73 +1,30 @@
-"""Letterboxing, frame maps and image loading (transforms.py)."""
+"""Image loading and coercion, letterboxing into both frames, ground-truth masks (transforms.py).
+
+The frames themselves and the map back to the original frame are tested in test_frames.py.
+"""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
-from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from prompt_ris.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
     ImageLoadError,
     ImageSizeMismatchError,
-    frame_to_original,
+    as_rgb_image,
     letterbox_clip,
     letterbox_image,
-    letterbox_mask,
     letterbox_sam,
     load_image,
     lowres_mask,
-    resized_shape,
+    sam_frame_to_rgb,
 )
-
-
-def _ellipse(height: int, width: int) -> np.ndarray:
-    ys, xs = np.mgrid[:height, :width]
-    cy, cx = height * 0.45, width * 0.55
-    return ((ys - cy) / (height * 0.3)) ** 2 + ((xs - cx) / (width * 0.25)) ** 2 <= 1.0
-
-
-def _near_border(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels within ``radius`` (chessboard distance) of the mask's border."""
-    padded = np.pad(mask, radius, mode="edge")
-    h, w = mask.shape
-    windows = [
-        padded[radius + dy : radius + dy + h, radius + dx : radius + dx + w]
-        for dy in range(-radius, radius + 1)
-        for dx in range(-radius, radius + 1)
-    ]
-    stack = np.stack(windows)
-    return stack.any(0) & ~stack.all(0)
-
-
-def test_constants_match_upstream() -> None:
-    assert CLIP_MEAN == tuple(OPENAI_DATASET_MEAN) and CLIP_STD == tuple(OPENAI_DATASET_STD)
-    params = inspect.signature(Sam.__init__).parameters
-    assert list(SAM_PIXEL_MEAN) == params["pixel_mean"].default
-    assert list(SAM_PIXEL_STD) == params["pixel_std"].default
-
-
-def test_resized_shape_follows_sam_rule() -> None:
-    assert resized_shape(480, 640, 1024) == (768, 1024)
-    assert resized_shape(427, 640, 1024) == (683, 1024)  # 427 * 1.6 = 683.2
-    assert resized_shape(640, 427, 480) == (480, 320)  # 427 * 0.75 = 320.25
-    assert resized_shape(3, 4000, 1024) == (1, 1024)  # 0.768 rounds to 1
-    assert resized_shape(5000, 1, 1024) == (1024, 1)  # SAM would give 0 here
-    rng = np.random.default_rng(0)
-    for h, w in rng.integers(1, 3000, size=(50, 2)):
-        assert resized_shape(int(h), int(w), 1024) == ResizeLongestSide.get_preprocess_shape(
-            int(h), int(w), 1024
-        )
+from prompt_ris.frames import CLIP_MEAN, CLIP_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 
 def test_sam_frame_equals_segment_anything_preprocessing() -> None:
@@ -106,36 +63,6 @@ def test_huge_thin_image_letterboxes_in_both_frames() -> None:
     # Row 0 of the SAM frame is the image; a low-res pixel averages 4 rows: 1/4 where covered.
     torch.testing.assert_close(low[0, :128], torch.full((128,), 0.25))
     assert low[0, 128:].sum() == 0 and low[1:].sum() == 0
-
-
-@pytest.mark.parametrize(
-    ("height", "width", "frame", "radius"),
-    [(50, 80, 256, 2), (120, 45, 128, 3), (300, 200, 1024, 2)],
-)
-def test_lowres_round_trip_differs_only_at_the_border(
-    height: int, width: int, frame: int, radius: int
-) -> None:
-    mask = _ellipse(height, width)
-    low = lowres_mask(mask, frame)
-    assert low.shape == (frame // 4, frame // 4) and 0 <= low.min() and low.max() <= 1
-    # Area is kept: low-res pixel = 16 SAM pixels, a SAM pixel = (H / h')^2 original pixels.
-    h, w = resized_shape(height, width, frame)
-    area = float(low.sum()) * 16 * (height * width) / (h * w)
-    assert area == pytest.approx(mask.sum(), rel=0.02)
-    back = frame_to_original(low[None, None], (h, w), (height, width), frame)[0, 0] > 0.5
-    wrong = back.numpy() != mask
-    assert wrong.sum() < 0.05 * mask.sum()
-    assert not (wrong & ~_near_border(mask, radius)).any()
-
-
-def test_clip_frame_mask_round_trip() -> None:
-    mask = _ellipse(90, 160)
-    boxed = letterbox_mask(mask, 64)
-    size = resized_shape(90, 160, 64)
-    assert size == (36, 64) and boxed[36:].sum() == 0
-    back = frame_to_original(boxed[None, None], size, (90, 160), 64)[0, 0] > 0.5
-    wrong = back.numpy() != mask
-    assert not (wrong & ~_near_border(mask, 3)).any()
 
 
 def _save(img: Image.Image, path: Path, **kwargs: object) -> Path:
@@ -192,3 +119,60 @@ def test_bad_image_files_raise_naming_the_file(tmp_path: Path) -> None:
     for path in (empty, corrupt, truncated, tmp_path / "absent.jpg"):
         with pytest.raises(ImageLoadError, match=path.name):
             load_image(path)
+
+
+def test_as_rgb_image_accepts_paths_pil_and_arrays(tmp_path: Path) -> None:
+    array = np.random.default_rng(2).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    path = _save(Image.fromarray(array), tmp_path / "img.png")
+    for image in (path, str(path), Image.fromarray(array), array):
+        rgb = as_rgb_image(image)
+        assert rgb.mode == "RGB" and rgb.size == (7, 5)
+        np.testing.assert_array_equal(np.asarray(rgb), array)
+    grey = np.full((3, 4), 77, np.uint8)
+    for image in (grey, grey[..., None], np.dstack([grey] * 3 + [np.zeros_like(grey)])):
+        np.testing.assert_array_equal(np.asarray(as_rgb_image(image)), np.full((3, 4, 3), 77))
+
+
+def test_as_rgb_image_refuses_what_it_cannot_read(tmp_path: Path) -> None:
+    with pytest.raises(ImageLoadError, match="missing.png"):
+        as_rgb_image(tmp_path / "missing.png")
+    for array, message in (
+        (np.zeros((0, 5, 3), np.uint8), "zero size"),
+        (np.zeros((5, 5, 3), np.float32), "uint8"),
+        (np.zeros((5, 5, 2), np.uint8), "shape"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            as_rgb_image(array)
+    with pytest.raises(ValueError, match="zero size"):
+        as_rgb_image(Image.new("RGB", (0, 7)))
+    with pytest.raises(ValueError, match="mode 'La'"):
+        as_rgb_image(Image.new("La", (4, 4)))
+    with pytest.raises(TypeError, match="path, a PIL image"):
+        as_rgb_image(torch.zeros(3, 4, 4))  # type: ignore[arg-type]
+
+
+def test_letterboxed_image_to_moves_both_frames() -> None:
+    frames = letterbox_image(Image.new("RGB", (20, 10), (1, 2, 3)), 16, 32)
+    moved = frames.to("meta", torch.float16)
+    assert moved.clip_image.device.type == moved.sam_image.device.type == "meta"
+    assert moved.clip_image.dtype == moved.sam_image.dtype == torch.float16
+    assert moved.clip_image.shape == (3, 16, 16) and moved.sam_image.shape == (3, 32, 32)
+    assert (moved.input_size, moved.orig_size) == ((16, 32), (10, 20))
+    assert (frames.input_size, frames.orig_size) == ((16, 32), (10, 20))
+    assert frames.sam_image.dtype == torch.float32  # a new object; the original is unchanged
+
+
+def test_sam_frame_to_rgb_inverts_the_normalisation() -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    sam_image, (h, w) = letterbox_sam(Image.fromarray(pixels), 32)
+    assert (h, w) == (24, 32)
+    full = sam_frame_to_rgb(sam_image[None], 32)  # (1, 32, 32, 3) uint8
+    assert full.shape == (1, 32, 32, 3) and full.dtype == np.uint8
+    np.testing.assert_array_equal(full[0, :24], pixels)  # same size: the pixels come back
+    # Padding (0 after normalisation) comes back as the mean colour, rounded.
+    np.testing.assert_array_equal(
+        full[0, 24:], np.broadcast_to(np.round(SAM_PIXEL_MEAN), (8, 32, 3))
+    )
+    quarter = sam_frame_to_rgb(sam_image[None], 8)  # area-averaged 4 x 4 blocks
+    block = pixels[:4, :4].reshape(16, 3).astype(np.float64).mean(0)
+    np.testing.assert_allclose(quarter[0, 0, 0], block, atol=0.51)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from prompt_ris.data.batch import Batch
 from prompt_ris.losses import (
     ICL_EPS,
     bce_dice_loss,
@@ -15,6 +15,7 @@ from prompt_ris.losses import (
     instance_contrastive_loss,
     stage_loss,
 )
+from prompt_ris.models import PromptRISOutput
 
 LN3 = math.log(3.0)  # sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
 BIG = 200.0  # sigmoid(+-200) is exactly 1 / 0 in float32
@@ -161,18 +162,31 @@ def test_icl_weight_has_no_gradient() -> None:
     assert not hard_iou(logits, torch.ones(2, 1, 2, 2)).requires_grad
 
 
-def _stage_inputs(with_sam: bool) -> tuple[SimpleNamespace, dict[str, torch.Tensor]]:
+def _stage_inputs(with_sam: bool) -> tuple[PromptRISOutput, Batch]:
     gt = torch.zeros(2, 1, 4, 4)
     gt[:, :, :2] = 1.0  # top half, the same object region for both expressions
-    out = SimpleNamespace(
-        coarse_logits=torch.full((2, 1, 1, 1), LN3),  # p = .75 everywhere after upsampling
+    out = PromptRISOutput(
+        coarse_logits=torch.full((2, 1, 1, 1), LN3),  # S'_C on a 1 x 1 CLIP grid
+        coarse_lowres=torch.full((2, 1, 4, 4), LN3),  # S_C: p = .75 everywhere
         mask_logits=(gt * 2 - 1) * BIG if with_sam else None,  # perfect final masks
+        text_global=torch.zeros(2, 8),
     )
-    batch = {
-        "gt_masks": gt,
-        "object_ids": torch.tensor([1, 2]),
-        "image_index": torch.tensor([0, 0]),
-    }
+    batch = Batch(
+        clip_images=torch.zeros(1, 3, 4, 4),
+        sam_images=torch.zeros(1, 3, 16, 16),
+        text_tokens=torch.zeros(2, 5, dtype=torch.long),
+        image_index=torch.tensor([0, 0]),
+        object_ids=torch.tensor([1, 2]),
+        gt_masks=gt,
+        input_sizes=torch.tensor([[16, 16]]),
+        orig_sizes=torch.tensor([[16, 16]]),
+        texts=["a", "b"],
+        ref_ids=torch.tensor([1, 2]),
+        sent_ids=torch.tensor([1, 2]),
+        image_ids=torch.tensor([0, 0]),
+        category_ids=torch.tensor([1, 1]),
+        word_masked=torch.zeros(2, dtype=torch.bool),
+    )
     return out, batch
 
 
@@ -200,6 +214,19 @@ def test_stage2_loss_adds_sam_terms() -> None:
         float(terms["clipseg"] + terms["icl_coarse"] + terms["samseg"] + terms["icl_final"]),
         rel=1e-6,
     )
+
+
+def test_coarse_terms_read_the_lowres_coarse_mask() -> None:
+    """The coarse terms use S_C (``coarse_lowres``); the CLIP-grid logits are not read."""
+    out, batch = _stage_inputs(with_sam=False)
+    total, terms = stage_loss(out, batch, stage=1)
+    out.coarse_logits = torch.full((2, 1, 1, 1), -BIG)  # changes nothing
+    again, _ = stage_loss(out, batch, stage=1)
+    assert torch.equal(total, again)
+    out.coarse_lowres = (batch.gt_masks * 2 - 1) * BIG  # a perfect S_C: no segmentation loss
+    _, perfect = stage_loss(out, batch, stage=1)
+    assert float(perfect["clipseg"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(terms["clipseg"]) > 0.5
 
 
 def test_stage2_without_sam_output_says_how_to_fix() -> None:

@@ -47,7 +47,7 @@ def test_empty_cases() -> None:
 
 
 def test_size_mismatch_says_what_to_do() -> None:
-    with pytest.raises(ValueError, match="postprocess_masks"):
+    with pytest.raises(ValueError, match=r"frames\.lowres_to_original"):
         intersection_union(torch.zeros(2, 2), np.zeros((3, 2), dtype=bool))
 
 

@@ -11,18 +11,13 @@ from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from prompt_ris.config import Config
+from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import EmptyExpressionError, tokenize
 from prompt_ris.data.transforms import ImageLoadError
-from prompt_ris.models import PromptRIS, PromptSwitches
+from prompt_ris.frames import lowres_to_original
+from prompt_ris.models import Prediction, PromptRIS, PromptSwitches
 from prompt_ris.models.build import build_sam
-from prompt_ris.predictor import (
-    Prediction,
-    Predictor,
-    draw_overlay,
-    predict,
-    resolve_device,
-    resolve_dtype,
-)
+from prompt_ris.predictor import Predictor, resolve_device, resolve_dtype
 
 TEXTS = ["the man on the left", "the small dog next to the bench"]
 
@@ -77,13 +72,17 @@ def test_masks_at_original_size_match_sam_postprocess(
     assert predictor.input_size == input_size and predictor.orig_size == (height, width)
     sam_input = torch.as_tensor(resize.apply_image(array)).permute(2, 0, 1)[None].float()
     sam_image = sam.preprocess(sam_input)  # (1, 3, S_s, S_s)
-    torch.testing.assert_close(predictor._sam_images, sam_image, atol=0.05, rtol=0)
+    frames = tiny_model.letterbox(array)  # what set_image letterboxes
+    torch.testing.assert_close(frames.sam_image[None], sam_image, atol=0.05, rtol=0)
 
-    tokens = tokenize(TEXTS, tiny_cfg.model.clip.text_length)
+    inputs = ModelInputs(
+        clip_images=frames.clip_image[None],
+        sam_images=frames.sam_image[None],
+        text_tokens=tokenize(TEXTS, tiny_cfg.model.clip.text_length),
+        image_index=torch.zeros(2, dtype=torch.long),
+    )
     with torch.no_grad():
-        out = tiny_model(
-            predictor._clip_images, predictor._sam_images, tokens, torch.zeros(2, dtype=torch.long)
-        )
+        out = tiny_model(inputs)
         want = sam.postprocess_masks(out.mask_logits, input_size, (height, width))  # (2, 1, H, W)
         coarse = torch.nn.functional.interpolate(
             out.coarse_logits, (sam_size // 4,) * 2, mode="bilinear", align_corners=False
@@ -126,32 +125,53 @@ def test_switches_reach_the_model(predictor: Predictor, tiny_model: PromptRIS) -
     got = predictor.predict(TEXTS[:1], switches=switches, return_probs=True).probs
     default = predictor.predict(TEXTS[:1], return_probs=True).probs
     assert not np.allclose(got, default)
+    frames = tiny_model.letterbox(image)
+    inputs = ModelInputs(
+        clip_images=frames.clip_image[None],
+        sam_images=frames.sam_image[None],
+        text_tokens=tokenize(TEXTS[:1], tiny_model.text_length),
+        image_index=torch.zeros(1, dtype=torch.long),
+    )
     with torch.no_grad():
-        out = tiny_model(
-            predictor._clip_images,
-            predictor._sam_images,
-            tokenize(TEXTS[:1], tiny_model.text_length),
-            torch.zeros(1, dtype=torch.long),
-            switches=switches,
-        )
-    want = tiny_model.postprocess_masks(
+        out = tiny_model(inputs, switches=switches)
+    want = lowres_to_original(
         out.mask_logits, torch.tensor([predictor.input_size]), torch.tensor([[32, 32]]),
-        torch.zeros(1, dtype=torch.long),
-    )[0]
+        inputs.image_index, tiny_model.sam.image_size,
+    )[0]  # fmt: skip
     np.testing.assert_allclose(got[0], want.sigmoid().numpy(), atol=1e-6)
 
 
-def test_predict_function_and_model_method(predictor: Predictor, tiny_model: PromptRIS) -> None:
-    image = random_image(25, 45)
-    predictor.set_image(image)
-    want = predictor.predict(TEXTS, return_probs=True)
-    for got in (
-        predict(tiny_model, image, TEXTS, return_probs=True, device="cpu"),
-        tiny_model.predict(image, TEXTS, return_probs=True, device="cpu"),
-    ):
-        assert isinstance(got, Prediction) and got.expressions == TEXTS
-        np.testing.assert_array_equal(got.probs, want.probs)
-    assert want.coarse_masks is None and want.coarse_probs is None
+def test_predict_torch_gives_original_frame_logits(predictor: Predictor) -> None:
+    predictor.set_image(random_image(25, 45))
+    want = predictor.predict(TEXTS, return_probs=True, return_coarse=True)
+    logits = predictor.predict_torch(tokenize(TEXTS, predictor.model.text_length))
+    assert list(logits) == ["final"] and logits["final"].shape == (2, 25, 45)
+    both = predictor.predict_torch(tokenize(TEXTS, predictor.model.text_length), with_coarse=True)
+    assert set(both) == {"final", "coarse"} and both["coarse"].shape == (2, 25, 45)
+    assert both["final"].dtype == both["coarse"].dtype == torch.float32
+    np.testing.assert_allclose(torch.sigmoid(both["final"]).numpy(), want.probs, atol=1e-6)
+    np.testing.assert_allclose(torch.sigmoid(both["coarse"]).numpy(), want.coarse_probs, atol=1e-6)
+    assert isinstance(want, Prediction) and want.expressions == TEXTS
+
+
+def test_image_state_and_threshold(tiny_model: PromptRIS) -> None:
+    predictor = Predictor(tiny_model, device="cpu", dtype=torch.float32, threshold=0.3)
+    assert not predictor.is_image_set
+    assert predictor.orig_size is None and predictor.input_size is None
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.predict_torch(tokenize(TEXTS, tiny_model.text_length))
+    predictor.set_image(random_image(30, 20))
+    assert predictor.is_image_set
+    assert (predictor.orig_size, predictor.input_size) == ((30, 20), (256, 171))
+    got = predictor.predict(TEXTS, return_probs=True)
+    np.testing.assert_array_equal(got.masks, got.probs > 0.3)
+    predictor.reset_image()
+    assert not predictor.is_image_set and predictor.orig_size is None
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"probability in \(0, 1\)"):
+            Predictor(tiny_model, device="cpu", threshold=bad)  # refused when built
+    with pytest.raises(ValueError, match="max_batch"):
+        Predictor(tiny_model, device="cpu", max_batch=0)
 
 
 @pytest.mark.parametrize("bad", ["", "   ", ["fine", "\t\n"]])
@@ -238,22 +258,6 @@ def test_bf16_autocast_close_to_fp32(tiny_model: PromptRIS) -> None:
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=0.02)
     assert {p.dtype for p in tiny_model.parameters()} == {torch.float32}  # weights untouched
-
-
-def test_draw_overlay_by_hand() -> None:
-    image = np.full((40, 50, 3), 100, np.uint8)
-    mask = np.zeros((40, 50), bool)
-    mask[20:30, 10:20] = True
-    out = np.asarray(draw_overlay(image, mask, None, color=(0, 200, 250), alpha=0.5))
-    assert out.shape == (40, 50, 3)
-    np.testing.assert_array_equal(out[25, 15], [50, 150, 175])  # inside: 0.5 * 100 + 0.5 * c
-    np.testing.assert_array_equal(out[20, 15], [0, 200, 250])  # outline
-    np.testing.assert_array_equal(out[5, 5], [100, 100, 100])  # outside
-    with_text = np.asarray(draw_overlay(image, mask, "the box"))
-    assert (with_text[:8, :8] != 100).any()  # the text band is drawn top-left
-    np.testing.assert_array_equal(with_text[35:, 30:], out[35:, 30:])
-    with pytest.raises(ValueError, match="does not match"):
-        draw_overlay(image, mask[:-1])
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prompt_ris.config import Config, load_config
+from prompt_ris.data.batch import Batch
 from prompt_ris.engine.checkpointing import export_pretrained
 from prompt_ris.models import PromptRIS, build_prompt_ris
 from prompt_ris.models.build import build_clip, build_sam
@@ -19,8 +20,9 @@ from prompt_ris.models.pretrained import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointError,
-    load_pretrained,
+    read_checkpoint,
     save_pretrained,
+    stored_keys,
 )
 
 
@@ -60,10 +62,9 @@ def perturb_learned(model: PromptRIS, seed: int = 1) -> None:
 
 
 @torch.no_grad()
-def assert_same_outputs(got: PromptRIS, want: PromptRIS, batch: dict) -> None:
+def assert_same_outputs(got: PromptRIS, want: PromptRIS, batch: Batch) -> None:
     """Bit-identical eval-mode coarse and final logits on a tiny-preset batch."""
-    args = batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"]
-    out_got, out_want = got.eval()(*args), want.eval()(*args)
+    out_got, out_want = got.eval()(batch), want.eval()(batch)
     assert torch.equal(out_got.coarse_logits, out_want.coarse_logits)
     assert torch.equal(out_got.mask_logits, out_want.mask_logits)
 
@@ -84,7 +85,7 @@ def frozen_model(base_files: tuple[Path, Path]) -> tuple[PromptRIS, Config]:
 
 
 def test_export_roundtrip_learned_params_only(
-    frozen_model: tuple[PromptRIS, Config], synthetic_batch: dict, tmp_path: Path
+    frozen_model: tuple[PromptRIS, Config], synthetic_batch: Batch, tmp_path: Path
 ) -> None:
     model, cfg = frozen_model
     save_pretrained(model, tmp_path, config=cfg)
@@ -99,7 +100,7 @@ def test_export_roundtrip_learned_params_only(
     assert meta["config"]["model"]["sam"]["checkpoint"] == cfg.model.sam.checkpoint
     assert meta["config"]["model"]["clip"]["pretrained"] == cfg.model.clip.pretrained
 
-    loaded = PromptRIS.from_pretrained(tmp_path)  # the model's classmethod delegates here
+    loaded = PromptRIS.from_pretrained(tmp_path)
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     assert_same_outputs(loaded, model, synthetic_batch)
@@ -112,7 +113,7 @@ def test_base_weights_come_from_files_and_overrides(
     save_pretrained(model, tmp_path / "ckpt", config=cfg)
     other_clip, other_sam = write_base_weights(cfg, tmp_path, seed=8)
 
-    loaded = load_pretrained(tmp_path / "ckpt", sam_weights=str(other_sam))
+    loaded = PromptRIS.from_pretrained(tmp_path / "ckpt", sam_weights=str(other_sam))
     key = "image_encoder.patch_embed.proj.weight"
     other = torch.load(other_sam, weights_only=True)[key]
     assert torch.equal(loaded.state_dict()["sam." + key], other)
@@ -123,7 +124,7 @@ def test_base_weights_come_from_files_and_overrides(
 
 
 def test_self_contained_roundtrip_needs_no_base_weights(
-    synthetic_batch: dict, tmp_path: Path
+    synthetic_batch: Batch, tmp_path: Path
 ) -> None:
     # Base weights in files that are deleted before loading.
     cfg0 = frozen_tiny_cfg(None, None)
@@ -138,18 +139,18 @@ def test_self_contained_roundtrip_needs_no_base_weights(
 
     with safe_open(str(tmp_path / "full" / WEIGHTS_NAME), framework="pt") as handle:
         assert set(handle.keys()) == set(model.state_dict())
-    loaded = load_pretrained(tmp_path / "full")
+    loaded = PromptRIS.from_pretrained(tmp_path / "full")
     assert loaded.config.model.sam.checkpoint == str(sam_path)  # the config is kept as saved
     assert_same_outputs(loaded, model, synthetic_batch)
 
     # The .safetensors file alone carries its config in its header.
     alone = tmp_path / "alone.safetensors"
     (tmp_path / "full" / WEIGHTS_NAME).rename(alone)
-    assert_same_outputs(load_pretrained(alone), model, synthetic_batch)
+    assert_same_outputs(PromptRIS.from_pretrained(alone), model, synthetic_batch)
 
 
 def test_random_base_towers_are_stored(
-    base_files: tuple[Path, Path], synthetic_batch: dict, tmp_path: Path
+    base_files: tuple[Path, Path], synthetic_batch: Batch, tmp_path: Path
 ) -> None:
     # CLIP frozen on a file; SAM random (no checkpoint) and trainable except a few upstream heads.
     cfg = frozen_tiny_cfg(base_files[0], None)
@@ -168,18 +169,18 @@ def test_random_base_towers_are_stored(
     assert "sam.image_encoder.patch_embed.proj.weight" in saved  # frozen, random
     assert not frozen_clip & saved  # CLIP comes from its file
     torch.manual_seed(6)  # the rebuild draws other random SAM weights; the file must win
-    assert_same_outputs(load_pretrained(tmp_path), model, synthetic_batch)
+    assert_same_outputs(PromptRIS.from_pretrained(tmp_path), model, synthetic_batch)
     # SAM base weights given anyway cannot replace the stored ones.
-    loaded = load_pretrained(tmp_path, sam_weights=str(base_files[1]))
+    loaded = PromptRIS.from_pretrained(tmp_path, sam_weights=str(base_files[1]))
     assert_same_outputs(loaded, model, synthetic_batch)
 
 
 def test_reads_trainer_export(
-    frozen_model: tuple[PromptRIS, Config], synthetic_batch: dict, tmp_path: Path
+    frozen_model: tuple[PromptRIS, Config], synthetic_batch: Batch, tmp_path: Path
 ) -> None:
     model, cfg = frozen_model
     export_pretrained(model, cfg, tmp_path / "final")
-    assert_same_outputs(load_pretrained(tmp_path / "final"), model, synthetic_batch)
+    assert_same_outputs(PromptRIS.from_pretrained(tmp_path / "final"), model, synthetic_batch)
 
 
 @pytest.mark.parametrize(
@@ -213,7 +214,7 @@ def test_mismatched_config_lists_keys(
     assert differing
 
     with pytest.raises(CheckpointError) as info:
-        load_pretrained(tmp_path)
+        PromptRIS.from_pretrained(tmp_path)
     message = str(info.value)
     for kind in kinds:
         assert kind in message
@@ -225,12 +226,12 @@ def test_mismatched_config_lists_keys(
 
 def test_missing_checkpoint_raises_file_not_found(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found.*scripts/train.py"):
-        load_pretrained(tmp_path / "nowhere")
+        PromptRIS.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=WEIGHTS_NAME):
-        load_pretrained(tmp_path)  # a folder without the weights
+        PromptRIS.from_pretrained(tmp_path)  # a folder without the weights
     save_file({"x": torch.zeros(1)}, str(tmp_path / WEIGHTS_NAME))  # no config anywhere
     with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
-        load_pretrained(tmp_path)
+        PromptRIS.from_pretrained(tmp_path)
 
 
 def test_corrupt_checkpoint_raises_checkpoint_error(
@@ -239,13 +240,13 @@ def test_corrupt_checkpoint_raises_checkpoint_error(
     path = save_pretrained(tiny_model, tmp_path, config=tiny_cfg)
     path.write_bytes(path.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_pretrained(tmp_path)
+        PromptRIS.from_pretrained(tmp_path)
 
 
 def test_missing_base_weights_raise_builder_error(
     frozen_model: tuple[PromptRIS, Config],
     base_files: tuple[Path, Path],
-    synthetic_batch: dict,
+    synthetic_batch: Batch,
     tmp_path: Path,
 ) -> None:
     model, cfg = frozen_model
@@ -253,19 +254,22 @@ def test_missing_base_weights_raise_builder_error(
     cfg.model.sam.checkpoint = str(tmp_path / "sam_vit_b_01ec64.pth")  # does not exist
     save_pretrained(model, tmp_path / "ckpt", config=cfg)
     with pytest.raises(FileNotFoundError, match="sam_vit_b_01ec64.pth"):
-        load_pretrained(tmp_path / "ckpt")
-    loaded = load_pretrained(tmp_path / "ckpt", sam_weights=str(base_files[1]))
+        PromptRIS.from_pretrained(tmp_path / "ckpt")
+    loaded = PromptRIS.from_pretrained(tmp_path / "ckpt", sam_weights=str(base_files[1]))
     assert_same_outputs(loaded, model, synthetic_batch)
 
 
 def test_load_to_dtype(tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path) -> None:
     save_pretrained(tiny_model, tmp_path, config=tiny_cfg)
-    loaded = load_pretrained(tmp_path, dtype=torch.bfloat16)
+    loaded = PromptRIS.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not loaded.training
+    elsewhere = PromptRIS.from_pretrained(tmp_path, device="meta")
+    assert {p.device.type for p in elsewhere.parameters()} == {"meta"}
+    assert {p.dtype for p in elsewhere.parameters()} == {torch.float32}
 
 
-def test_conv_stem_roundtrip(tiny_cfg: Config, synthetic_batch: dict, tmp_path: Path) -> None:
+def test_conv_stem_roundtrip(tiny_cfg: Config, synthetic_batch: Batch, tmp_path: Path) -> None:
     """The demo's CNN stem (models/conv_stem.py) is saved and loaded with the model."""
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.clip.stem = "conv"
@@ -279,4 +283,68 @@ def test_conv_stem_roundtrip(tiny_cfg: Config, synthetic_batch: dict, tmp_path: 
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
         assert stem <= set(handle.keys())
     torch.manual_seed(9)  # the rebuild draws another random stem; the file must win
-    assert_same_outputs(load_pretrained(tmp_path), model, synthetic_batch)
+    assert_same_outputs(PromptRIS.from_pretrained(tmp_path), model, synthetic_batch)
+
+
+def test_read_checkpoint_reads_header_and_config_only(
+    frozen_model: tuple[PromptRIS, Config], tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    save_pretrained(model, tmp_path / "learned", config=cfg, training={"epochs_done": 2})
+    save_pretrained(model, tmp_path / "full", config=cfg, self_contained=True)
+    learned = read_checkpoint(tmp_path / "learned")
+    assert learned.weights_path == tmp_path / "learned" / WEIGHTS_NAME
+    assert learned.kind == "learned" and learned.config == cfg
+    assert learned.shapes == {
+        n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad
+    }
+    assert set(learned.shapes) == stored_keys(model, cfg.model)
+    full = read_checkpoint(tmp_path / "full" / WEIGHTS_NAME)  # the file itself works too
+    assert full.kind == "full"
+    assert full.shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_build_args_pick_the_base_weights(
+    frozen_model: tuple[PromptRIS, Config], base_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    save_pretrained(model, tmp_path / "learned", config=cfg)
+    save_pretrained(model, tmp_path / "full", config=cfg, self_contained=True)
+    learned, full = read_checkpoint(tmp_path / "learned"), read_checkpoint(tmp_path / "full")
+    model_cfg, clip, sam = learned.build_args()
+    assert (clip, sam) == (None, None) and model_cfg == cfg.model  # the config's own files
+    assert model_cfg is not cfg.model  # a copy
+    assert learned.build_args(sam_weights="other.pth")[1:] == (None, "other.pth")
+    # Self-contained: random base towers, overrides ignored, no file named.
+    model_cfg, clip, sam = full.build_args("c.pt", "s.pth")
+    assert (clip, sam, model_cfg.clip.pretrained, model_cfg.sam.checkpoint) == (None,) * 4
+    assert full.config.model.sam.checkpoint == str(base_files[1])  # the stored config is kept
+    # A tower trained from random weights is stored whole: an override for it is dropped.
+    random_sam = copy.deepcopy(cfg)
+    random_sam.model.sam.checkpoint = None
+    save_pretrained(model, tmp_path / "random_sam", config=random_sam)
+    assert read_checkpoint(tmp_path / "random_sam").build_args("c.pt", "s.pth")[1:] == (
+        "c.pt",
+        None,
+    )
+
+
+def test_load_into_checks_before_loading(
+    frozen_model: tuple[PromptRIS, Config], tmp_path: Path
+) -> None:
+    model, cfg = frozen_model
+    save_pretrained(model, tmp_path, config=cfg)
+    checkpoint = read_checkpoint(tmp_path)
+    torch.manual_seed(11)
+    target = build_prompt_ris(cfg.model)
+    name, value = next(iter(model.learnable_state_dict().items()))
+    assert not torch.equal(target.state_dict()[name], value)
+    checkpoint.load_into(target)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in model.state_dict().items())
+    other = copy.deepcopy(cfg)
+    other.model.cmp.num_prompts = 2
+    wrong = build_prompt_ris(other.model)
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        checkpoint.load_into(wrong)
+    assert all(torch.equal(wrong.state_dict()[k], v) for k, v in before.items())  # untouched

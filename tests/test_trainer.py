@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import runpy
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, gen
 from prompt_ris.engine.trainer import (
     STAGE_COARSE,
     STAGE_FULL,
-    SaveRequest,
     check_val_split,
     forward_loss,
     poly_decay,
@@ -52,7 +50,7 @@ SMALL = [  # the tiny preset at half its image sizes, 2 images x 2 expressions, 
     "train.log_every=1",
     "train.num_overlays=1",
 ]
-SAM_SIDE = ("sam.", "mask_prompt.", "point_prompt.", "text_prompter.")  # unused when with_sam=False
+SAM_SIDE = ("sam.", "text_prompter.")  # unused when with_sam=False
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,19 +127,6 @@ def test_validation_refuses_test_splits(name: str) -> None:
     with pytest.raises(ConfigError, match="must not see test data"):
         check_val_split(name)
     check_val_split("refcocog:val_seen")
-
-
-def test_sigusr1_requests_a_checkpoint_and_handler_is_restored() -> None:
-    previous = signal.getsignal(signal.SIGUSR1)
-    request = SaveRequest()
-    request.install()
-    try:
-        assert not request.pending
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert request.pending
-    finally:
-        request.uninstall()
-    assert signal.getsignal(signal.SIGUSR1) is previous
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 One dataset item is one image with some of its expressions (:class:`ImageRequest`). The
 samplers decide which images and expressions form a batch; the dataset loads and transforms;
-:func:`collate` builds the batch dict of CONTRIBUTING.md.
+:func:`collate` builds the typed :class:`~prompt_ris.data.batch.Batch`.
 
 Training (Sec. 4.2): :class:`TrainBatchSampler` yields batches of I images x b expressions
 (``DataConfig.images_per_batch`` x ``expressions_per_image``). An image with b or more expressions
@@ -51,7 +51,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prompt_ris.config import Config
-from prompt_ris.data.refer import decode_rle
+from prompt_ris.data.batch import Batch
+from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split, parse_split
 from prompt_ris.data.text import mask_words, tokenize
 from prompt_ris.data.transforms import letterbox_image, load_image, lowres_mask
@@ -158,7 +159,8 @@ class ReferImageDataset(Dataset):
         return len(self.groups)
 
     def image_path(self, record: dict[str, Any]) -> Path:
-        """Where a record's image is read: ``image_dir/file_name`` if set, else the prepared path."""
+        """Where a record's image is read: ``image_dir/file_name`` if set, else the prepared
+        path."""
         if self.image_dir is not None:
             return self.image_dir / record["file_name"]
         return Path(record["image_path"])
@@ -218,29 +220,23 @@ def _join(tensors: list[torch.Tensor], stack: bool) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays) if stack else np.concatenate(arrays))
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Image items -> the batch dict of CONTRIBUTING.md (expressions sorted by image row).
-
-    Keys: ``clip_images`` (I, 3, S_c, S_c), ``sam_images`` (I, 3, S_s, S_s), ``text_tokens``
-    (B, L), ``image_index`` (B,), ``object_ids``/``ref_ids``/``sent_ids``/``image_ids``/
-    ``category_ids`` (B,), ``gt_masks`` (B, 1, S_s/4, S_s/4) in [0, 1], ``input_sizes`` and
-    ``orig_sizes`` (I, 2), ``texts`` (B strings), ``word_masked`` (B,) bool (filler
-    expressions), and ``gt_masks_orig`` (B bool (H, W) arrays) when the items have them.
-    """
+def collate(items: list[dict[str, Any]]) -> Batch:
+    """Image items -> one :class:`Batch`, expressions in item order (sorted by image row)."""
     counts = torch.tensor([len(item["texts"]) for item in items])
-    batch: dict[str, Any] = {
-        "clip_images": _join([it["clip_image"] for it in items], True),  # (I, 3, S_c, S_c)
-        "sam_images": _join([it["sam_image"] for it in items], True),  # (I, 3, S_s, S_s)
-        "input_sizes": _join([it["input_size"] for it in items], True),  # (I, 2)
-        "orig_sizes": _join([it["orig_size"] for it in items], True),  # (I, 2)
-        "image_index": torch.repeat_interleave(torch.arange(len(items)), counts),  # (B,)
-        "texts": [text for it in items for text in it["texts"]],
-    }
-    for key in _PER_EXPRESSION:
-        batch[key] = _join([it[key] for it in items], False)  # (B, ...)
+    per_expression = {key: _join([it[key] for it in items], False) for key in _PER_EXPRESSION}
+    orig_masks = None
     if all("gt_masks_orig" in it for it in items):
-        batch["gt_masks_orig"] = [m for it in items for m in it["gt_masks_orig"]]
-    return batch
+        orig_masks = [m for it in items for m in it["gt_masks_orig"]]  # B x (H, W) bool
+    return Batch(
+        clip_images=_join([it["clip_image"] for it in items], True),  # (I, 3, S_c, S_c)
+        sam_images=_join([it["sam_image"] for it in items], True),  # (I, 3, S_s, S_s)
+        image_index=torch.repeat_interleave(torch.arange(len(items)), counts),  # (B,)
+        input_sizes=_join([it["input_size"] for it in items], True),  # (I, 2)
+        orig_sizes=_join([it["orig_size"] for it in items], True),  # (I, 2)
+        texts=[text for it in items for text in it["texts"]],
+        gt_masks_orig=orig_masks,
+        **per_expression,  # (B, ...)
+    )
 
 
 def _check_shard(num_replicas: int, rank: int) -> None:

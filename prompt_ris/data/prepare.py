@@ -28,7 +28,8 @@ from typing import Any
 import datasets
 from PIL import Image, UnidentifiedImageError
 
-from prompt_ris.data.refer import Refer, rle_area
+from prompt_ris.data.refer import Refer
+from prompt_ris.data.rle import rle_area
 from prompt_ris.data.transforms import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from prompt_ris.data.rle import decode_rle
+
 logger = logging.getLogger(__name__)
 
 REFER_IMAGE_DIR = Path("images/mscoco/images/train2014")  # relative to the data root
@@ -126,24 +128,6 @@ def segmentation_to_rle(segmentation: list | dict, height: int, width: int) -> d
         "size": [height, width],
         "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
     }
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """Compressed RLE ``{"size", "counts"}`` -> (H, W) bool mask (any nonzero is foreground)."""
-    return mask_utils.decode(_coco_rle(rle)) > 0
-
-
-def _coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    counts = rle["counts"]
-    return {
-        "size": [int(v) for v in rle["size"]],
-        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-    }
-
-
-def rle_area(rle: dict[str, Any]) -> int:
-    """Foreground pixels of a compressed RLE, without decoding it."""
-    return int(mask_utils.area(_coco_rle(rle)))
 
 
 def sentence_text(sentence: dict[str, Any]) -> str:

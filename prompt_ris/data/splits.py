@@ -39,7 +39,8 @@ from prompt_ris.data.synthetic import (
 
 logger = logging.getLogger(__name__)
 
-# COCO ids of the open-vocabulary detection split (Bansal et al. 2018), reference/peers.md §2.2.
+# COCO ids of the open-vocabulary detection split (Bansal et al. 2018); docs/design.md, "Data and
+# splits".
 COCO_SEEN: dict[int, str] = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 7: "train", 8: "truck", 9: "boat",
     15: "bench", 16: "bird", 19: "horse", 20: "sheep", 23: "bear", 24: "zebra", 25: "giraffe",
@@ -89,8 +90,8 @@ PAPER_HELDOUT_SPLITS: dict[tuple[str, str], tuple[str, ...]] = {  # images remov
     ("refcocog", "google"): ("val",),
 }
 
-# reference/peers.md §1.2: (refs, images, sentences) per split. Refs from CRIS's dataset lengths;
-# images and sentences are the commonly reported numbers.
+# (refs, images, sentences) per split (docs/design.md, "Data and splits"). Refs are the dataset
+# lengths public RIS code uses; images and sentences are the commonly reported numbers.
 PUBLISHED_COUNTS: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
     ("refcoco", "unc"): {
         "train": (42404, 16994, 120624),
@@ -111,7 +112,7 @@ PUBLISHED_COUNTS: dict[tuple[str, str], dict[str, tuple[int, int, int]]] = {
     },
     ("refcocog", "google"): {"train": (44822, 24698, 85474), "val": (5000, 4650, 9536)},
 }
-# reference/peers.md §2.1: refs per seen/unseen split (CGFormer utils/dataset_open.py `info`).
+# Refs per seen/unseen split as CGFormer publishes them (its open-vocabulary dataset lengths).
 PUBLISHED_SEEN_UNSEEN_REFS: dict[tuple[str, str], dict[str, int]] = {
     ("refcoco", "unc"): {
         "train_seen": 35473,

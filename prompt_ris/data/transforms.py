@@ -1,11 +1,8 @@
-"""Image loading, letterboxing into the CLIP and SAM frames, and mapping masks back.
+"""Image loading and coercion, letterboxing into the CLIP and SAM frames, ground-truth masks.
 
-Frames (CONTRIBUTING.md): the **CLIP frame** is a ``model.clip.image_size`` square, the **SAM
-frame** a ``model.sam.image_size`` square, the **low-res frame** the SAM frame / 4, and the
-**original** frame the image as loaded. Both square frames are made the same way, so they describe
-the same pixels (DESIGN.md §3): resize the longest side to S with SAM's rounding rule
-``new = int(old * S / max(h, w) + 0.5)`` and pad bottom/right with zeros *after* normalisation.
-``input_size`` = (h', w'), the resized, unpadded region.
+The frames and their constants are defined in :mod:`prompt_ris.frames`: both square frames resize
+the longest side with SAM's rounding rule and pad bottom/right with zeros *after* normalisation,
+so they describe the same pixels.
 
 The image resampling matches the upstream preprocessing of each encoder: SAM's
 ``ResizeLongestSide`` resizes a PIL image bilinearly (torchvision on PIL), open_clip's transform
@@ -30,19 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prompt_ris.frames import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LOWRES_FACTOR,
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    resized_shape,
+)
 
 logger = logging.getLogger(__name__)
 
-# open_clip OPENAI_DATASET_MEAN / OPENAI_DATASET_STD, on the 0-1 scale.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# segment_anything Sam.pixel_mean / pixel_std, on the 0-255 scale.
-SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
-SAM_PIXEL_STD = (58.395, 57.12, 57.375)
-LOWRES_FACTOR = 4  # SAM's mask decoder works at image_size / 4 (256 for 1024)
-
+ImageInput = str | Path | Image.Image | np.ndarray  # what inference accepts as an image
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # What Pillow raises on unreadable files (SyntaxError: some plugins' "broken file" signal).
 _DECODE_ERRORS = (
@@ -78,17 +76,14 @@ class LetterboxedImage:
     input_size: tuple[int, int]
     orig_size: tuple[int, int]
 
-
-def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h', w') after resizing the longest side to ``size`` with SAM's rounding rule.
-
-    ``new = int(old * size / max(h, w) + 0.5)`` as in ``ResizeLongestSide.get_preprocess_shape``;
-    unlike SAM, a side is never rounded down to 0 (a 5000 x 1 image gives 1024 x 1, not 1024 x 0).
-    """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got (H, W) = ({height}, {width})")
-    scale = size / max(height, width)
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> LetterboxedImage:
+        """The same image with both tensors on ``device`` as ``dtype``."""
+        return LetterboxedImage(
+            self.clip_image.to(device=device, dtype=dtype),
+            self.sam_image.to(device=device, dtype=dtype),
+            self.input_size,
+            self.orig_size,
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -107,8 +102,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")  # resolves palette transparency before the alpha is dropped
     return img.convert("RGB")
 
-
-_to_rgb = to_rgb  # old private name, still imported by predictor.py
 
 
 def load_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> Image.Image:
@@ -147,6 +140,53 @@ def load_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
         return rgb.copy() if rgb is opened else rgb  # detach from the file before closing it
     finally:
         opened.close()
+
+
+def as_rgb_image(image: ImageInput) -> Image.Image:
+    """A path, PIL image or uint8 array as an 8-bit RGB PIL image (modes as ``load_image``).
+
+    Raises:
+        ImageLoadError: a path is missing, empty, corrupt or of zero size.
+        ValueError: an in-memory image is empty, has an unusable dtype or shape, or a mode that
+            cannot be converted to RGB.
+        TypeError: ``image`` is none of the accepted types.
+    """
+    if isinstance(image, (str, Path)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"image must be a path, a PIL image or an (H, W, 3) uint8 array, got "
+            f"{type(image).__name__}"
+        )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"the image has zero size {image.size} (W, H); give a non-empty image")
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"cannot convert a PIL image of mode '{image.mode}' to RGB ({err}); convert it to "
+            "RGB yourself (e.g. image.convert('RGB') from a mode Pillow supports)"
+        ) from err
+
+
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"image arrays must be uint8 (0-255), got {array.dtype}; convert e.g. with "
+            "(x * 255).round().clip(0, 255).astype(np.uint8) for [0, 1] floats"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(
+            f"image arrays must be (H, W, 3) RGB (or (H, W) grey, (H, W, 4) RGBA), got shape "
+            f"{array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"the image array has zero size {array.shape}; give a non-empty image")
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def _orient(img: Image.Image, expected_hw: tuple[int, int] | None, path: Path) -> Image.Image:
@@ -206,6 +246,19 @@ def letterbox_image(img: Image.Image, clip_size: int, sam_size: int) -> Letterbo
     return LetterboxedImage(clip_image, sam_image, input_size, (img.height, img.width))
 
 
+def sam_frame_to_rgb(sam_images: torch.Tensor, size: int) -> np.ndarray:
+    """SAM-normalised images (I, 3, S_s, S_s) -> (I, size, size, 3) uint8 RGB, area-resized.
+
+    The inverse of :func:`letterbox_sam`'s normalisation (padding comes back black-ish), for
+    pictures of what the model saw, e.g. at the low-res frame's size.
+    """
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=sam_images.device)[:, None, None]
+    std = torch.tensor(SAM_PIXEL_STD, device=sam_images.device)[:, None, None]
+    pixels = (sam_images.float() * std + mean).clamp(0, 255)  # (I, 3, S_s, S_s)
+    pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="area")
+    return pixels.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (I, size, size, 3)
+
+
 def _letterbox_mask_np(mask: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
     m = np.asarray(mask, dtype=np.float32)
     new_h, new_w = resized_shape(m.shape[0], m.shape[1], size)
@@ -216,15 +269,6 @@ def _letterbox_mask_np(mask: np.ndarray | torch.Tensor, size: int) -> np.ndarray
     out = np.zeros((size, size), dtype=np.float32)
     out[:new_h, :new_w] = np.clip(resized, 0.0, 1.0)
     return out
-
-
-def letterbox_mask(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Original-frame mask (H, W) -> (size, size) float in [0, 1] in a letterboxed frame.
-
-    Same geometry as the images (resize longest side with SAM's rule, pad bottom/right with 0);
-    the values are area averages, so border pixels are fractional.
-    """
-    return torch.from_numpy(_letterbox_mask_np(mask, size))
 
 
 def lowres_mask(mask: np.ndarray | torch.Tensor, sam_size: int) -> torch.Tensor:
@@ -239,32 +283,3 @@ def lowres_mask(mask: np.ndarray | torch.Tensor, sam_size: int) -> torch.Tensor:
     side = sam_size // LOWRES_FACTOR
     blocks = sam_frame.reshape(side, LOWRES_FACTOR, side, LOWRES_FACTOR)
     return torch.from_numpy(blocks.mean(axis=(1, 3)))  # (S_s/4, S_s/4)
-
-
-def frame_to_original(
-    logits: torch.Tensor,
-    input_size: tuple[int, int],
-    orig_size: tuple[int, int],
-    frame_size: int,
-) -> torch.Tensor:
-    """Map masks of one image from a letterboxed frame back to the original image.
-
-    SAM's ``postprocess_masks``: bilinear to the full frame, crop the unpadded ``input_size``,
-    bilinear to ``orig_size``. Works for logits or probabilities at any square resolution
-    (low-res 256, coarse 30x30, SAM 1024) as long as ``input_size`` is given in the frame of
-    side ``frame_size`` (use ``resized_shape(H, W, frame_size)``).
-
-    Args:
-        logits: (N, 1, s, s) in the letterboxed frame.
-        input_size: (h', w') of the unpadded image in the ``frame_size`` frame.
-        orig_size: (H, W) of the original image.
-        frame_size: side of the letterboxed frame (e.g. ``model.sam.image_size``).
-
-    Returns:
-        (N, 1, H, W) in the original frame.
-    """
-    h, w = int(input_size[0]), int(input_size[1])
-    x = F.interpolate(logits, (frame_size, frame_size), mode="bilinear", align_corners=False)
-    x = x[..., :h, :w]  # (N, 1, h', w')
-    out_hw = (int(orig_size[0]), int(orig_size[1]))
-    return F.interpolate(x, out_hw, mode="bilinear", align_corners=False)  # (N, 1, H, W)

@@ -24,8 +24,11 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from accelerate import Accelerator
@@ -69,6 +72,25 @@ class TrainerState:
     @classmethod
     def from_json(cls, text: str) -> TrainerState:
         return cls(**json.loads(text))
+
+
+class SaveRequest:
+    """SIGUSR1 handler: remembers that a checkpoint was asked for (saved at the next step)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: Any = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.pending = True
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGUSR1, self)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,16 +35,12 @@ line per log step and validation), ``tensorboard/``, ``checkpoints/`` (resume st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -59,10 +55,18 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
+from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.engine import checkpointing
-from prompt_ris.engine.checkpointing import TrainerState
+from prompt_ris.engine.checkpointing import SaveRequest, TrainerState
 from prompt_ris.engine.evaluator import evaluate
+from prompt_ris.engine.tracking import (
+    TRACKER_NAME,
+    LossMeter,
+    append_metrics,
+    log_overlays,
+    trim_metrics,
+)
 from prompt_ris.losses import stage_loss
 from prompt_ris.models import PromptSwitches, build_prompt_ris
 from prompt_ris.models.embedding_cache import SamEmbeddingCache, batch_image_keys, sam_cache_prefix
@@ -72,8 +76,6 @@ logger = logging.getLogger(__name__)
 STAGE_COARSE, STAGE_FULL = 1, 2  # stage 1 (CLIP + CMP + ICL) and stage 2 (end to end)
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 BEST_METRICS = ("oIoU", "mIoU")  # train.best_metric choices (metrics.summarize names)
-METRICS_FILENAME = "metrics.jsonl"
-TRACKER_NAME = "tensorboard"
 RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing the trajectory
     "output_dir", "log_every", "num_overlays", "save_every_steps", "keep_checkpoints",
     "stop_at_step", "num_workers",
@@ -128,7 +130,7 @@ def stage_of_epoch(epoch: int, cfg: Config) -> int:
 
 
 def check_val_split(name: str) -> None:
-    """Refuse model selection on a test split (peers.md section 3: CRIS validates on testB)."""
+    """Refuse model selection on a test split (docs/design.md, "Validation and model selection")."""
     if "test" in name.lower():
         raise ConfigError(
             f"data.val={name!r} is a test split; validation during training picks the best "
@@ -145,41 +147,6 @@ def seed_micro_step(seed: int, process_index: int, epoch: int, micro_step: int) 
 # --------------------------------------------------------------------------------------------
 # Run state shared by the phases
 # --------------------------------------------------------------------------------------------
-class SaveRequest:
-    """SIGUSR1 handler: remembers that a checkpoint was asked for (saved at the next step)."""
-
-    def __init__(self) -> None:
-        self.pending = False
-        self._previous: Any = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self.pending = True
-
-    def install(self) -> None:
-        if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGUSR1, self)
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGUSR1, self._previous)
-
-
-@dataclass
-class LossMeter:
-    """Sums of loss terms and expressions since the last log line (this process)."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # on the device: no sync per step
-    steps: int = 0
-    expressions: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, terms: dict[str, torch.Tensor], expressions: int) -> None:
-        for name, value in terms.items():
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-        self.steps += 1
-        self.expressions += expressions
-
-
 @dataclass
 class TrainRun:
     """Everything the phases of a run share."""
@@ -196,7 +163,7 @@ class TrainRun:
     total_steps: int
     output_dir: Path
     save_request: SaveRequest = field(default_factory=SaveRequest)
-    sam_cache: SamEmbeddingCache | None = None  # frozen SAM image embeddings (train.sam_embed_cache)
+    sam_cache: SamEmbeddingCache | None = None  # frozen F_IS on disk (train.sam_embed_cache)
     meter: LossMeter = field(default_factory=LossMeter)
     progress: Any = None
 
@@ -276,7 +243,10 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
         train_loader, val_loader = build_loaders(cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available()
+        params,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        fused=torch.cuda.is_available(),
     )
     steps_per_epoch = count_steps_per_epoch(cfg, accelerator, train_loader)
     total_steps = steps_per_epoch * (cfg.train.stage1_epochs + cfg.train.stage2_epochs)
@@ -323,11 +293,8 @@ def start_outputs(run: TrainRun, resumed: bool) -> None:
     accelerator = run.accelerator
     if accelerator.is_main_process:
         save_config(run.cfg, run.output_dir / "config.yaml")
-        metrics = run.output_dir / METRICS_FILENAME
-        if resumed and metrics.is_file():  # drop what the interrupted run logged after the save
-            records = [json.loads(line) for line in metrics.read_text().splitlines()]
-            kept = [r for r in records if logged_before_checkpoint(r, run.state)]
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if resumed:  # drop what the interrupted run logged after the checkpoint
+            trim_metrics(run.output_dir, run.state)
     accelerator.init_trackers(TRACKER_NAME)
     accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
     data, train_cfg = run.cfg.data, run.cfg.train
@@ -342,14 +309,6 @@ def start_outputs(run: TrainRun, resumed: bool) -> None:
         images, data.expressions_per_image, data.images_per_batch, accelerator.num_processes,
         accum, sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
     )  # fmt: skip
-
-
-def logged_before_checkpoint(record: dict[str, Any], state: TrainerState) -> bool:
-    """Whether a metrics.jsonl record was written before the checkpoint ``state`` was saved:
-    training logs up to its step; validations up to its step only if it ends an epoch."""
-    if record["step"] != state.global_step:
-        return record["step"] < state.global_step
-    return "loss/total" in record or state.step_in_epoch == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,7 +376,7 @@ def train_one_epoch(run: TrainRun) -> bool:
             accelerator.backward(loss)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        run.meter.add(terms, int(batch["text_tokens"].shape[0]))
+        run.meter.add(terms, batch.num_expressions)
         if accelerator.sync_gradients:
             run.scheduler.step()
             state.global_step += 1
@@ -442,32 +401,29 @@ def build_sam_cache(cfg: Config, model: nn.Module) -> SamEmbeddingCache | None:
     return SamEmbeddingCache(cfg.train.sam_embed_cache, prefix)
 
 
-def cached_sam_embeddings(run: TrainRun, batch: dict[str, Any]) -> torch.Tensor | None:
+def cached_sam_embeddings(run: TrainRun, batch: Batch) -> torch.Tensor | None:
     """SAM image embeddings of the batch's images from the cache (encoding only the misses)."""
     if run.sam_cache is None:
         return None
     keys = batch_image_keys(batch, f"{run.cfg.data.train}:")
     with run.accelerator.autocast():
         encode = run.accelerator.unwrap_model(run.model).encode_sam
-        return run.sam_cache.encode(keys, batch["sam_images"], encode)
+        return run.sam_cache.encode(keys, batch.sam_images, encode)
 
 
 def forward_loss(
     model: nn.Module,
-    batch: dict[str, Any],
+    batch: Batch,
     stage: int,
     icl_weight: float,
     sam_img_embed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts.
 
-    ``sam_img_embed`` (I, C, h_s, w_s), when given, replaces the SAM image encoder's pass.
+    ``sam_img_embed`` (I, D_S, h_s, w_s), when given, replaces the SAM image encoder's pass.
     """
-    out = model(
-        batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
-        with_sam=stage == STAGE_FULL, prompt_dropout=stage == STAGE_FULL,
-        sam_img_embed=sam_img_embed,
-    )  # fmt: skip
+    full = stage == STAGE_FULL
+    out = model(batch, with_sam=full, prompt_dropout=full, sam_img_embed=sam_img_embed)
     return stage_loss(out, batch, stage, icl_weight)
 
 
@@ -477,7 +433,8 @@ def after_optimizer_step(run: TrainRun, stage: int) -> bool:
     run.progress.update(1)
     if state.global_step % cfg.train.log_every == 0:
         log_train(run, stage)
-    stop = cfg.train.stop_at_step is not None and state.global_step >= cfg.train.stop_at_step
+    stop_step = state.global_step
+    stop = cfg.train.stop_at_step is not None and stop_step >= cfg.train.stop_at_step
     every = cfg.train.save_every_steps
     requested = agree(run.accelerator, run.save_request.pending)
     periodic = bool(every) and state.global_step % every == 0
@@ -485,7 +442,7 @@ def after_optimizer_step(run: TrainRun, stage: int) -> bool:
     if stop or ((requested or periodic) and not epoch_save_follows):
         save_checkpoint(run)
     if stop:
-        logger.info("stopped at step %d (train.stop_at_step); go on with --resume", state.global_step)
+        logger.info("stopped at step %d (train.stop_at_step); go on with --resume", stop_step)
     return not stop
 
 
@@ -522,12 +479,7 @@ def log_train(run: TrainRun, stage: int) -> None:
     run.progress.set_postfix(stage=stage, loss=f"{record.get('loss/total', math.nan):.4f}")
     scalars = {f"train/{k}": v for k, v in record.items() if k != "step"}
     accelerator.log(scalars, step=state.global_step)
-    append_metrics(run, record)
-
-
-def append_metrics(run: TrainRun, record: dict[str, Any]) -> None:
-    with open(run.output_dir / METRICS_FILENAME, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    append_metrics(run.output_dir, record)
 
 
 def save_checkpoint(run: TrainRun) -> Path:
@@ -584,12 +536,17 @@ def validate(run: TrainRun, stage: int) -> dict[str, float]:
     )  # fmt: skip
     if accelerator.is_main_process:
         accelerator.log(values, step=state.global_step)
-        append_metrics(run, {"step": state.global_step, "epoch": state.epoch + 1, **values})
+        record = {"step": state.global_step, "epoch": state.epoch + 1, **values}
+        append_metrics(run.output_dir, record)
     state.history.append({"epoch": state.epoch + 1, "stage": stage, "score": score})
     if improved:
         state.best_score, state.best_stage = score, stage
         export(run, "best", stage, state.epoch + 1, values)
-    log_overlays(run, stage)
+    if cfg.train.num_overlays > 0 and accelerator.is_main_process:
+        batch = send_to_device(next(iter(run.val_loader)), accelerator.device)
+        log_overlays(
+            accelerator, run.unwrapped, batch, with_sam, cfg.train.num_overlays, state.global_step
+        )
     return values
 
 
@@ -604,71 +561,3 @@ def export(
         }  # fmt: skip
         checkpointing.export_pretrained(run.unwrapped, run.cfg, run.output_dir / name, training)
     run.accelerator.wait_for_everyone()
-
-
-# --------------------------------------------------------------------------------------------
-# Mask overlays for TensorBoard
-# --------------------------------------------------------------------------------------------
-OVERLAY_ALPHA = 0.5
-OVERLAY_COLOURS = {"gt": (0.1, 0.9, 0.1), "coarse": (0.9, 0.6, 0.1), "final": (0.9, 0.1, 0.1)}
-
-
-def _tint(
-    image: torch.Tensor, mask: torch.Tensor, colour: tuple[float, float, float]
-) -> torch.Tensor:
-    """Blend ``colour`` into ``image`` (3, h, w) in [0, 1] where ``mask`` (h, w) is on."""
-    tint = torch.tensor(colour, dtype=image.dtype, device=image.device)[:, None, None]
-    weight = OVERLAY_ALPHA * mask.to(image.dtype)[None]  # (1, h, w)
-    return image * (1 - weight) + tint * weight
-
-
-@torch.no_grad()
-def overlay_panels(
-    model: nn.Module, batch: dict[str, Any], stage: int, count: int
-) -> tuple[torch.Tensor, list[str]]:
-    """Input | ground truth | coarse | final panels in the low-res frame for ``count`` expressions.
-
-    Returns:
-        (N, 3, S_s/4, 4 * S_s/4) images in [0, 1] and the N expressions.
-    """
-    from prompt_ris.data.transforms import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-
-    out = model(
-        batch["clip_images"], batch["sam_images"], batch["text_tokens"], batch["image_index"],
-        with_sam=stage == STAGE_FULL, prompt_dropout=False,
-    )  # fmt: skip
-    lowres = batch["gt_masks"].shape[-1]
-    mean = torch.tensor(SAM_PIXEL_MEAN, device=batch["sam_images"].device)[:, None, None]
-    std = torch.tensor(SAM_PIXEL_STD, device=batch["sam_images"].device)[:, None, None]
-    images = ((batch["sam_images"].float() * std + mean) / 255.0).clamp(0, 1)  # (I, 3, S_s, S_s)
-    images = torch.nn.functional.interpolate(images, size=(lowres, lowres), mode="area")
-    coarse = model.upsample_coarse(out.coarse_logits.float())  # (B, 1, S_s/4, S_s/4)
-    panels = []
-    for k in range(min(count, coarse.shape[0])):
-        image = images[batch["image_index"][k]]  # (3, h, w)
-        row = [image, _tint(image, batch["gt_masks"][k, 0] > 0.5, OVERLAY_COLOURS["gt"])]
-        row.append(_tint(image, coarse[k, 0] > 0, OVERLAY_COLOURS["coarse"]))
-        if out.mask_logits is not None:
-            row.append(_tint(image, out.mask_logits[k, 0] > 0, OVERLAY_COLOURS["final"]))
-        else:  # stage 1: no final mask yet
-            row.append(torch.zeros_like(image))
-        panels.append(torch.cat(row, dim=-1))  # (3, h, 4w)
-    return torch.stack(panels).cpu(), list(batch["texts"][: len(panels)])
-
-
-def log_overlays(run: TrainRun, stage: int) -> None:
-    """A few mask overlays of the first validation batch to TensorBoard (main process)."""
-    count = run.cfg.train.num_overlays
-    if count <= 0 or not run.accelerator.is_main_process:
-        return
-    model = run.unwrapped
-    was_training = model.training
-    model.eval()
-    batch = send_to_device(next(iter(run.val_loader)), run.accelerator.device)
-    with run.accelerator.autocast():
-        images, texts = overlay_panels(model, batch, stage, count)
-    model.train(was_training)
-    step = run.state.global_step
-    tracker = run.accelerator.get_tracker(TRACKER_NAME)
-    tracker.log_images({"val/overlays": images.float().numpy()}, step=step, dataformats="NCHW")
-    run.accelerator.log({"val/overlay_texts": " | ".join(texts)}, step=step)

@@ -1,4 +1,5 @@
-"""Build Prompt-RIS from a ModelConfig: open_clip CLIP + segment_anything SAM + learned parts.
+"""Build the parts of Prompt-RIS from a ModelConfig: open_clip CLIP, segment_anything SAM, and
+the learned parts; ``PromptRIS.from_config`` assembles them.
 
 Every preset ("vit_b", "tiny") goes through the same code; only the config numbers differ. Base
 weights come from open_clip (a tag such as "openai", or a local file) and from a local SAM
@@ -8,6 +9,7 @@ checkpoint (``sam_vit_b_01ec64.pth``). Modules never read files themselves: this
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -23,14 +25,14 @@ from segment_anything.modeling import (
 )
 from torch import nn
 
-from prompt_ris.config import ClipConfig, Config, ModelConfig, SAMConfig
-from prompt_ris.models.clip_prompted import PromptedCLIP
+from prompt_ris.config import ClipConfig, ModelConfig, SAMConfig
+from prompt_ris.frames import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
 from prompt_ris.models.conv_stem import ConvStem
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
-from prompt_ris.models.prompt_ris import PromptRIS, PromptSwitches
-from prompt_ris.models.sam_bridge import FrozenSAM
-from prompt_ris.models.sam_prompts import GumbelPointPrompt, MaskPrompt, TextPrompter
+from prompt_ris.models.frozen_sam import FrozenSAM, PromptSwitches
+from prompt_ris.models.text_prompter import TextPrompter
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +44,6 @@ SAM_MASK_IN_CHANS = 16
 SAM_NUM_MULTIMASK_OUTPUTS = 3
 SAM_IOU_HEAD_DEPTH = 3
 SAM_IOU_HEAD_HIDDEN_DIM = 256
-SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
-SAM_PIXEL_STD = [58.395, 57.12, 57.375]
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DOWNLOAD_HINT = "run `python scripts/download_weights.py` (see checkpoints/README.md)"
 
@@ -70,7 +70,7 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
         if cfg.stem == "conv":
             model.visual.conv1 = ConvStem(
                 out_dim=cfg.vision_width, patch_size=cfg.patch_size, channels=cfg.stem_channels
-            )  # open_clip's _embeds calls conv1: (I, 3, S, S) -> (I, D_v, h, w)
+            )  # open_clip's _embeds calls conv1: (I, 3, S, S) -> (I, D_IC, h, w)
         return model
     if cfg.stem != "patch":
         raise ValueError(
@@ -207,8 +207,8 @@ def build_sam(cfg: SAMConfig, checkpoint: str | None) -> Sam:
             iou_head_depth=SAM_IOU_HEAD_DEPTH,
             iou_head_hidden_dim=SAM_IOU_HEAD_HIDDEN_DIM,
         ),
-        pixel_mean=SAM_PIXEL_MEAN,
-        pixel_std=SAM_PIXEL_STD,
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
     )
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -241,10 +241,27 @@ def _never_used(clip: CLIP, sam: Sam) -> list[nn.Parameter | nn.Module | None]:
     ]
 
 
-def build_prompt_ris(
+@dataclass
+class PromptRISParts:
+    """The modules and settings ``PromptRIS`` is assembled from (its keyword arguments)."""
+
+    clip: PromptedCLIP
+    decoder: CoarseDecoder
+    sam: FrozenSAM
+    text_prompter: TextPrompter
+    text_length: int
+    drop_probs: tuple[float, float, float]
+    default_switches: PromptSwitches
+
+    def as_kwargs(self) -> dict[str, object]:
+        """The parts by name (the modules themselves, not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def build_parts(
     model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
-) -> PromptRIS:
-    """Build Prompt-RIS (Sec. 3) from a model config.
+) -> PromptRISParts:
+    """Build the parts of Prompt-RIS (Sec. 3) from a model config.
 
     Args:
         model_cfg: ``Config.model`` (a preset already applied, as ``load_config`` does).
@@ -252,7 +269,7 @@ def build_prompt_ris(
         sam_weights: overrides ``model_cfg.sam.checkpoint`` (a file).
 
     Returns:
-        PromptRIS with CLIP and SAM frozen as the config says and the learned parts trainable.
+        The parts, with CLIP and SAM frozen as the config says and the learned parts trainable.
     """
     clip_cfg, sam_cfg, prompt_cfg = model_cfg.clip, model_cfg.sam, model_cfg.prompts
     clip = build_clip(clip_cfg, clip_weights if clip_weights is not None else clip_cfg.pretrained)
@@ -268,6 +285,8 @@ def build_prompt_ris(
         if item is not None:
             item.requires_grad_(False)
 
+    # Built in this order, right after the base towers: the random initial weights of a seeded
+    # run depend on it.
     prompted_clip = PromptedCLIP(
         clip=clip, num_prompts=model_cfg.cmp.num_prompts, num_heads=model_cfg.cmp.num_heads
     )
@@ -285,6 +304,7 @@ def build_prompt_ris(
         mask_decoder=sam.mask_decoder,
         freeze_image_encoder=sam_cfg.freeze_image_encoder,
         freeze_prompt_encoder=sam_cfg.freeze_prompt_encoder,
+        gumbel_tau=prompt_cfg.gumbel_tau,
     )
     text_prompter = TextPrompter(
         text_dim=clip_cfg.text_width,
@@ -292,17 +312,14 @@ def build_prompt_ris(
         num_blocks=prompt_cfg.text_blocks,
         num_heads=prompt_cfg.text_heads,
     )
-    return PromptRIS(
+    return PromptRISParts(
         clip=prompted_clip,
         decoder=decoder,
         sam=frozen_sam,
-        mask_prompt=MaskPrompt(),
-        point_prompt=GumbelPointPrompt(tau=prompt_cfg.gumbel_tau),
         text_prompter=text_prompter,
         text_length=clip_cfg.text_length,
         drop_probs=(prompt_cfg.drop_mask, prompt_cfg.drop_point, prompt_cfg.drop_text),
         default_switches=PromptSwitches(
             mask=prompt_cfg.use_mask, point=prompt_cfg.use_point, text=prompt_cfg.use_text
         ),
-        config=Config(model=model_cfg),
     )

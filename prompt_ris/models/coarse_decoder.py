@@ -19,12 +19,10 @@ class CoarseOutput:
     Attributes:
         coarse_logits: S'_C, (B, 1, h, w) pre-sigmoid logits on the CLIP token grid.
         text_global: t_g, (B, D_C) decoded text feature at [EOS].
-        img_tokens: F'_IC, (B, h*w, D_C) decoded image tokens.
     """
 
     coarse_logits: torch.Tensor
     text_global: torch.Tensor
-    img_tokens: torch.Tensor
 
 
 class _CrossBlock(nn.Module):
@@ -53,8 +51,8 @@ class CoarseDecoder(nn.Module):
     logits are of order one.
 
     Args:
-        vision_dim: D_v of the CLIP image tokens.
-        text_dim: D_t of the CLIP text tokens.
+        vision_dim: D_IC of the CLIP image tokens.
+        text_dim: D_T of the CLIP text tokens.
         dim: D_C, decoder width.
         num_heads: attention heads.
         mlp_ratio: FFN hidden width / dim.
@@ -92,8 +90,8 @@ class CoarseDecoder(nn.Module):
         """Decode the coarse mask.
 
         Args:
-            img_tokens: F_IC, (B, h*w, D_v).
-            text_tokens: F_T, (B, L, D_t).
+            img_tokens: F_IC, (B, h*w, D_IC).
+            text_tokens: F_T, (B, L, D_T).
             text_pad_mask: (B, L) bool, True after [EOS].
             eos_index: (B,) position of [EOS].
             grid_size: (h, w) of the image token grid.
@@ -112,4 +110,4 @@ class CoarseDecoder(nn.Module):
         logits = response * self.logit_scale.exp() + self.logit_bias
         h, w = grid_size
         coarse_logits = rearrange(logits, "b (h w) -> b 1 h w", h=h, w=w)  # (B, 1, h, w)
-        return CoarseOutput(coarse_logits=coarse_logits, text_global=text_global, img_tokens=img)
+        return CoarseOutput(coarse_logits=coarse_logits, text_global=text_global)

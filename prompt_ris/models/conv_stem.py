@@ -46,7 +46,7 @@ class ConvStem(nn.Module):
     and a zero-initialised 1x1 convolution to ``out_dim``.
 
     Args:
-        out_dim: ViT width D_v.
+        out_dim: ViT width D_IC.
         patch_size: total stride; a power of two.
         channels: width of the last blocks.
         extra_layers: stride-1 blocks at the patch grid.
@@ -82,5 +82,5 @@ class ConvStem(nn.Module):
         self.branch = nn.Sequential(*layers, project)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(I, 3, S, S) -> (I, D_v, S / p, S / p)."""
+        """(I, 3, S, S) -> (I, D_IC, S / p, S / p)."""
         return self.patch(images) + self.branch(images)

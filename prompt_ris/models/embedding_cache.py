@@ -1,10 +1,11 @@
 """On-disk cache of the frozen SAM image embeddings F_IS (performance only).
 
-In stage 2 the SAM image encoder is frozen (DESIGN.md section 3), so F_IS (I, C, h_s, w_s) of an
-image depends only on the image, its preprocessing (letterbox to ``model.sam.image_size``, SAM's
-normalisation) and the encoder weights. It is by far the most expensive frozen computation of a
-stage-2 step, and every epoch recomputes the same values. :class:`SamEmbeddingCache` stores
-each image's embedding once, as a half-precision safetensors file, with a small in-memory LRU.
+In stage 2 the SAM image encoder is frozen (docs/design.md, "Frozen weights"), so F_IS
+(I, D_S, h_s, w_s) of an image depends only on the image, its preprocessing (letterbox to
+``model.sam.image_size``, SAM's normalisation) and the encoder weights. It is by far the most
+expensive frozen computation of a stage-2 step, and every epoch recomputes the same values.
+:class:`SamEmbeddingCache` stores each image's embedding once, as a half-precision safetensors
+file, with a small in-memory LRU.
 
 Keys: ``key_prefix`` names the preprocessing and the weights (see :func:`sam_cache_prefix`); a
 key names the image (e.g. ``"coco:581857"`` or its path). A different prefix is a different
@@ -26,12 +27,13 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from prompt_ris.data.batch import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ def sam_cache_prefix(
     return f"sam{image_size}-{preprocess}-{encoder_fingerprint(image_encoder)[:16]}-v{CACHE_FORMAT}"
 
 
-def batch_image_keys(batch: dict[str, Any], namespace: str = "") -> list[str]:
-    """One cache key per image row of a collated batch (see CONTRIBUTING.md, batch contract).
+def batch_image_keys(batch: Batch, namespace: str = "") -> list[str]:
+    """One cache key per image row of a collated batch.
 
     Args:
         batch: with ``image_ids`` (B,) and ``image_index`` (B,) long tensors.
@@ -86,8 +88,8 @@ def batch_image_keys(batch: dict[str, Any], namespace: str = "") -> list[str]:
     Returns:
         ``num_images`` keys, ``f"{namespace}{image_id}"`` for each image row in order.
     """
-    image_index = batch["image_index"].tolist()
-    image_ids = batch["image_ids"].tolist()
+    image_index = batch.image_index.tolist()
+    image_ids = batch.image_ids.tolist()
     keys: dict[int, str] = {}
     for row, image_id in zip(image_index, image_ids, strict=True):
         keys.setdefault(row, f"{namespace}{image_id}")
@@ -134,7 +136,7 @@ class SamEmbeddingCache:
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     def _load(self, key: str) -> torch.Tensor | None:
-        """One (C, h, w) embedding from memory or disk, in the storage dtype, or None."""
+        """One (D_S, h, w) embedding from memory or disk, in the storage dtype, or None."""
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
@@ -169,7 +171,7 @@ class SamEmbeddingCache:
             dtype: result dtype (default the storage dtype).
 
         Returns:
-            (I, C, h_s, w_s) or None.
+            (I, D_S, h_s, w_s) or None.
         """
         found = []
         for key in keys:
@@ -179,25 +181,25 @@ class SamEmbeddingCache:
                 return None
             found.append(tensor)
         self.hits += len(found)
-        return torch.stack(found).to(device=device, dtype=dtype)  # (I, C, h_s, w_s)
+        return torch.stack(found).to(device=device, dtype=dtype)  # (I, D_S, h_s, w_s)
 
     def put(self, keys: Sequence[str], embeds: torch.Tensor) -> None:
         """Store one embedding per key (atomic per file; safe with concurrent processes).
 
         Args:
             keys: I image keys.
-            embeds: (I, C, h_s, w_s) embeddings, any float dtype and device.
+            embeds: (I, D_S, h_s, w_s) embeddings, any float dtype and device.
         """
         self._write(keys, embeds)
 
     def _write(self, keys: Sequence[str], embeds: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`put`, returning the stored (C, h_s, w_s) tensors in the storage dtype."""
+        """:meth:`put`, returning the stored (D_S, h_s, w_s) tensors in the storage dtype."""
         if embeds.dim() != 4 or embeds.shape[0] != len(keys):
             raise ValueError(
-                f"put expects embeds of shape (I, C, h, w) with I = len(keys) = {len(keys)}, "
+                f"put expects embeds of shape (I, D_S, h, w) with I = len(keys) = {len(keys)}, "
                 f"got {tuple(embeds.shape)}"
             )
-        stored = embeds.detach().to("cpu", self.storage_dtype)  # (I, C, h_s, w_s)
+        stored = embeds.detach().to("cpu", self.storage_dtype)  # (I, D_S, h_s, w_s)
         if not torch.isfinite(stored).all():
             raise ValueError(
                 f"SAM embeddings overflow {self.storage_dtype} (or are not finite); "
@@ -206,7 +208,7 @@ class SamEmbeddingCache:
         metadata = {"key": "", "key_prefix": self.key_prefix, "format": CACHE_FORMAT}
         written = []
         for key, tensor in zip(keys, stored, strict=True):
-            tensor = tensor.contiguous()  # (C, h_s, w_s), its own storage
+            tensor = tensor.contiguous()  # (D_S, h_s, w_s), its own storage
             path = self.path(key)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
@@ -231,11 +233,11 @@ class SamEmbeddingCache:
         Args:
             keys: I image keys, one per row of ``sam_images``.
             sam_images: (I, 3, S_s, S_s) SAM-normalised letterboxed images.
-            encode_fn: the frozen encoder, e.g. ``model.encode_sam`` -> (n, C, h_s, w_s).
+            encode_fn: the frozen encoder, e.g. ``model.encode_sam`` -> (n, D_S, h_s, w_s).
             dtype: dtype of the result.
 
         Returns:
-            (I, C, h_s, w_s) on the device of ``sam_images``.
+            (I, D_S, h_s, w_s) on the device of ``sam_images``.
         """
         if len(keys) != sam_images.shape[0]:
             raise ValueError(f"{len(keys)} keys for {sam_images.shape[0]} images")
@@ -247,9 +249,10 @@ class SamEmbeddingCache:
         if missing:
             index = torch.tensor(missing, device=device)
             with torch.no_grad():
-                fresh = encode_fn(sam_images.index_select(0, index))  # (m, C, h_s, w_s)
+                fresh = encode_fn(sam_images.index_select(0, index))  # (m, D_S, h_s, w_s)
             # Return the stored (rounded) values, so a result never depends on the cache's state.
             fresh_rows = self._write([keys[i] for i in missing], fresh)
             for i, tensor in zip(missing, fresh_rows, strict=True):
                 rows[i] = tensor
-        return torch.stack([row.to(device=device, dtype=dtype) for row in rows])  # (I, C, h_s, w_s)
+        rows = [row.to(device=device, dtype=dtype) for row in rows]
+        return torch.stack(rows)  # (I, D_S, h_s, w_s)

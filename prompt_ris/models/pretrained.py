@@ -1,4 +1,7 @@
-"""Trained Prompt-RIS checkpoints: safetensors weights + the resolved config as JSON (DESIGN §7).
+"""The checkpoint format of trained Prompt-RIS models: safetensors weights + the config as JSON.
+
+This module writes and reads the files and checks them against a model; it does not build models
+(``PromptRIS.from_pretrained`` builds one from the config read here, then fills it).
 
 A checkpoint is a directory holding
 
@@ -24,8 +27,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from open_clip.model import CLIP, CustomTextCLIP
@@ -35,9 +39,6 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from prompt_ris.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
-
-if TYPE_CHECKING:
-    from prompt_ris.models.prompt_ris import PromptRIS
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class CheckpointError(ValueError):
 
 
 def save_pretrained(
-    model: PromptRIS,
+    model: nn.Module,
     directory: str | Path,
     *,
     config: Config | ModelConfig,
@@ -119,87 +120,103 @@ def save_pretrained(
     return weights_path
 
 
-def load_pretrained(
-    directory_or_file: str | Path,
-    *,
-    clip_weights: str | None = None,
-    sam_weights: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> PromptRIS:
-    """Rebuild a model from its config and load a checkpoint into it strictly.
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from disk (header and config only; tensors are read on loading).
 
-    A learned-only checkpoint is rebuilt on the base weights its config names (or on
-    ``clip_weights`` / ``sam_weights`` when given), then gets its stored tensors; a self-contained
-    one is built with random base weights and then overwritten entirely, so it needs no
-    base-weight files.
+    Attributes:
+        weights_path: the ``model.safetensors`` file.
+        config: the resolved ``Config`` the model was trained with.
+        kind: ``"learned"`` (base weights come from files) or ``"full"`` (self-contained).
+        shapes: ``{key: shape}`` of the stored tensors.
+    """
+
+    weights_path: Path
+    config: Config
+    kind: str
+    shapes: dict[str, tuple[int, ...]]
+
+    def build_args(
+        self, clip_weights: str | None = None, sam_weights: str | None = None
+    ) -> tuple[ModelConfig, str | None, str | None]:
+        """(model config, CLIP weights, SAM weights) to build the model this checkpoint fills.
+
+        A self-contained checkpoint is built on random base weights (every tensor is
+        overwritten, so no base file is read); a learned-only one on the base weights its
+        config names, or on ``clip_weights`` / ``sam_weights`` when given. A tower trained from
+        random weights is stored whole, so an override for it is ignored with a warning.
+        """
+        model_cfg = copy.deepcopy(self.config.model)
+        if self.kind == KIND_FULL:
+            if clip_weights is not None or sam_weights is not None:
+                logger.info(
+                    "%s is self-contained; ignoring the base-weight overrides", self.weights_path
+                )
+            model_cfg.clip.pretrained = None
+            model_cfg.sam.checkpoint = None
+            return model_cfg, None, None
+        for tower, override, base in (
+            ("CLIP", clip_weights, model_cfg.clip.pretrained),
+            ("SAM", sam_weights, model_cfg.sam.checkpoint),
+        ):
+            if override is not None and base is None:
+                logger.warning(
+                    "%s stores all its %s weights (trained from random ones); ignoring %s",
+                    self.weights_path, tower, override,
+                )  # fmt: skip
+        return (
+            model_cfg,
+            clip_weights if model_cfg.clip.pretrained is not None else None,
+            sam_weights if model_cfg.sam.checkpoint is not None else None,
+        )
+
+    def load_into(self, model: nn.Module) -> None:
+        """Check keys and shapes against ``model`` strictly, then load the stored tensors.
+
+        Raises:
+            CheckpointError: listing missing, unexpected and shape-mismatched keys.
+        """
+        state = model.state_dict()
+        if self.kind == KIND_FULL:
+            expected = state
+        else:
+            keys = stored_keys(model, self.config.model)  # by the config it was saved with
+            expected = {k: v for k, v in state.items() if k in keys}
+        shapes = {key: tuple(value.shape) for key, value in expected.items()}
+        _check_keys(self.weights_path, self.shapes, shapes)
+        tensors = _load_tensors(self.weights_path)
+        result = model.load_state_dict(tensors, strict=self.kind == KIND_FULL)
+        # Learned-only: what the file leaves out came from the base-weight files.
+        assert not result.unexpected_keys, result.unexpected_keys
+        assert not set(result.missing_keys) & set(expected), result.missing_keys
+        logger.info(
+            "loaded %s checkpoint %s (%d tensors)", self.kind, self.weights_path, len(tensors)
+        )
+
+
+def read_checkpoint(directory_or_file: str | Path) -> Checkpoint:
+    """Read a checkpoint's header and config, without its tensors.
 
     Args:
         directory_or_file: a checkpoint directory, or a ``.safetensors`` file written by
             :func:`save_pretrained` (config.json beside it, else the copy in its header).
-        clip_weights: local CLIP weights (or open_clip tag) replacing ``model.clip.pretrained``.
-        sam_weights: local SAM checkpoint replacing ``model.sam.checkpoint``.
-        device: where to put the model (default: stays on CPU).
-        dtype: cast the model's floating tensors to this dtype (default: as built, float32).
-
-    Returns:
-        The model in eval mode, with ``model.config`` set to the checkpoint's ``Config``.
 
     Raises:
         FileNotFoundError: the checkpoint (or its config) does not exist; the message says how
-            to get one. The model builder raises its own error for missing base weights.
-        CheckpointError: the file is unreadable, or its keys or shapes differ from the model
-            built from its config (missing, unexpected and mismatched keys are listed).
+            to get one.
+        CheckpointError: the file is unreadable or its config invalid.
     """
-    from prompt_ris.models.build import build_prompt_ris  # build imports the model: no cycle
-
     weights_path, config_path = _resolve_paths(Path(directory_or_file))
     header, shapes = _read_header(weights_path)
     meta, source = _read_meta(config_path, header.get(HEADER_CONFIG_KEY), weights_path)
     cfg = _config_from_meta(meta, source)
     kind = header.get(HEADER_KIND_KEY, KIND_FULL if meta.get("self_contained") else KIND_LEARNED)
-
-    model_cfg = copy.deepcopy(cfg.model)
-    if kind == KIND_FULL:
-        if clip_weights is not None or sam_weights is not None:
-            logger.info("%s is self-contained; ignoring the base-weight overrides", weights_path)
-        # Every tensor is overwritten below: random base weights avoid reading any base file.
-        model_cfg.clip.pretrained = None
-        model_cfg.sam.checkpoint = None
-        model = build_prompt_ris(model_cfg)
-        expected = model.state_dict()
-    else:
-        # A tower trained from random weights is stored whole: a base file would be overwritten.
-        for tower, override, base in (
-            ("CLIP", clip_weights, cfg.model.clip.pretrained),
-            ("SAM", sam_weights, cfg.model.sam.checkpoint),
-        ):
-            if override is not None and base is None:
-                logger.warning(
-                    "%s stores all its %s weights (trained from random ones); ignoring %s",
-                    weights_path, tower, override,
-                )
-        clip_weights = clip_weights if cfg.model.clip.pretrained is not None else None
-        sam_weights = sam_weights if cfg.model.sam.checkpoint is not None else None
-        model = build_prompt_ris(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
-        keys = stored_keys(model, cfg.model)  # by the config it was saved with
-        expected = {k: v for k, v in model.state_dict().items() if k in keys}
-
-    _check_keys(weights_path, shapes, {k: tuple(v.shape) for k, v in expected.items()})
-    state = _load_tensors(weights_path)
-    result = model.load_state_dict(state, strict=kind == KIND_FULL)
-    # Learned-only: what the file leaves out came from the base-weight files.
-    assert not result.unexpected_keys, result.unexpected_keys
-    assert not set(result.missing_keys) & set(expected), result.missing_keys
-    model.config = cfg  # the full resolved config, for save_pretrained
-    model.to(device=device, dtype=dtype)
-    logger.info("loaded %s checkpoint %s (%d tensors)", kind, weights_path, len(state))
-    return model.eval()
+    return Checkpoint(weights_path=weights_path, config=cfg, kind=kind, shapes=shapes)
 
 
-def stored_keys(model: PromptRIS, model_cfg: ModelConfig) -> set[str]:
-    """State-dict keys a learned-only checkpoint stores: learned parameters, plus every tensor
-    that no base-weight file named by ``model_cfg`` provides."""
+def stored_keys(model: nn.Module, model_cfg: ModelConfig) -> set[str]:
+    """State-dict keys a learned-only checkpoint stores: learned parameters (``requires_grad``),
+    plus every tensor that no base-weight file named by ``model_cfg`` provides."""
     kinds: list[type[nn.Module]] = []
     if model_cfg.clip.pretrained is not None:
         kinds += [CLIP, CustomTextCLIP]
@@ -208,7 +225,7 @@ def stored_keys(model: PromptRIS, model_cfg: ModelConfig) -> set[str]:
     from_files = tuple(
         f"{name}." for name, module in model.named_modules() if isinstance(module, tuple(kinds))
     )
-    learned = set(model.learnable_state_dict())
+    learned = {name for name, param in model.named_parameters() if param.requires_grad}
     return learned | {k for k in model.state_dict() if not k.startswith(from_files)}
 
 

@@ -1,51 +1,47 @@
 """PromptRIS: prompt-tuned CLIP -> coarse mask -> mask/point/text prompts -> frozen SAM.
 
-Glossary (paper symbol -> code name):
+Glossary (paper symbol -> code name; docs/design.md has the full table and the equation index):
 
-    F_IC  CLIP image tokens (B, h*w, D_v)         -> ``clip_img_tokens`` (CLIPFeatures.img_tokens)
-    F_T   CLIP text tokens (B, L, D_t)            -> ``text_tokens`` (CLIPFeatures.text_tokens)
+    F_IC  CLIP image tokens (B, h*w, D_IC)        -> ``CLIPFeatures.img_tokens``
+    F_T   CLIP text tokens (B, L, D_T)            -> ``CLIPFeatures.text_tokens``
     T_V2L / T_L2V  CMP prompts (eqs. 5-6)         -> ``V2LPrompter`` / ``L2VPrompter`` outputs
     t_g   global text feature at [EOS]            -> ``text_global``
-    S'_C  coarse mask (B, 1, h, w), CLIP frame    -> ``coarse_logits``
-    S_C   S'_C upsampled to the low-res frame     -> ``coarse_lowres`` (``upsample_coarse``)
-    F_IS  SAM image embedding (I, C, h_s, w_s)    -> ``sam_img_embed``
-    E, e_p  point table, point (eq. 3)            -> ``point_table``, ``point_embed``
-    P_mask, P_text                                -> ``dense`` prompt, ``text_prompts``
+    S'_C  coarse mask (B, 1, h, w), CLIP grid     -> ``coarse_logits``
+    S_C   S'_C upsampled to the low-res frame     -> ``coarse_lowres``
+    F_IS  SAM image embedding (I, D_S, h_s, w_s)  -> ``sam_img_embed``
+    E, e_p  point table, point (eq. 3)            -> ``FrozenSAM.point_table``, ``embed_point``
+    P_mask, P_text                                -> ``SAMPrompts.dense``, ``TextPrompter`` output
     S'    SAM mask (B, 1, S_s/4, S_s/4), low-res  -> ``mask_logits``
+
+The class is the top of the model package: its parts are built by ``models.build`` and its
+checkpoints written and read by ``models.pretrained``; it imports both, and neither imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prompt_ris.models.clip_prompted import PromptedCLIP
+from prompt_ris.config import Config, ModelConfig, load_config
+from prompt_ris.data.batch import ModelInputs
+from prompt_ris.data.text import tokenize
+from prompt_ris.data.transforms import ImageInput, LetterboxedImage, as_rgb_image, letterbox_image
+from prompt_ris.frames import lowres_to_original
+from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
+from prompt_ris.models.build import build_parts
+from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
-from prompt_ris.models.sam_bridge import FrozenSAM
-from prompt_ris.models.sam_prompts import (
-    GumbelPointPrompt,
-    MaskPrompt,
-    TextPrompter,
-    assemble_sam_prompts,
-)
-
-if TYPE_CHECKING:
-    from prompt_ris.config import Config, ModelConfig
-
-
-
-@dataclass(frozen=True)
-class PromptSwitches:
-    """Which prompts SAM receives (Table 5 ablation). Prompt dropout acts on top of these."""
-
-    mask: bool = True
-    point: bool = True
-    text: bool = True
+from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep, PromptSwitches
+from prompt_ris.models.pretrained import read_checkpoint, save_pretrained
+from prompt_ris.models.text_prompter import TextPrompter
 
 
 @dataclass
@@ -53,36 +49,69 @@ class PromptRISOutput:
     """Model outputs, the same type in training and evaluation.
 
     Attributes:
-        coarse_logits: S'_C, (B, 1, h_c, w_c) on the CLIP frame grid (30 x 30 for ViT-B).
+        coarse_logits: S'_C, (B, 1, h_c, w_c) on the CLIP token grid (30 x 30 for ViT-B).
+        coarse_lowres: S_C, (B, 1, S_s/4, S_s/4) float32, S'_C upsampled to the low-res frame
+            (what the mask and point prompts, the coarse losses and the coarse metrics read).
         mask_logits: S', (B, 1, S_s/4, S_s/4) in the low-res frame; None when ``with_sam=False``.
         text_global: t_g, (B, D_C).
     """
 
     coarse_logits: torch.Tensor
+    coarse_lowres: torch.Tensor
     mask_logits: torch.Tensor | None
     text_global: torch.Tensor
 
 
 @dataclass
-class PromptKeep:
-    """Per-expression (B,) bool flags: which prompt each expression keeps after dropout.
-    None means kept by every expression."""
+class Prediction:
+    """Masks for the N expressions of one image, in the original frame (H, W as loaded).
 
-    mask: torch.Tensor | None
-    point: torch.Tensor | None
-    text: torch.Tensor | None
+    Attributes:
+        expressions: the N expressions, in order.
+        masks: (N, H, W) bool, final (SAM) masks thresholded at the prediction's threshold.
+        probs: (N, H, W) float32 foreground probabilities, when ``return_probs``.
+        coarse_masks: (N, H, W) bool, the CLIP coarse mask S_C mapped to the original frame,
+            when ``return_coarse``.
+        coarse_probs: (N, H, W) float32, when both ``return_coarse`` and ``return_probs``.
+    """
+
+    expressions: list[str]
+    masks: np.ndarray
+    probs: np.ndarray | None = None
+    coarse_masks: np.ndarray | None = None
+    coarse_probs: np.ndarray | None = None
+
+    @classmethod
+    def from_logits(
+        cls,
+        expressions: list[str],
+        logits: dict[str, torch.Tensor],
+        threshold: float = DEFAULT_THRESHOLD,
+        return_probs: bool = False,
+    ) -> Prediction:
+        """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` logits into a Prediction.
+
+        A pixel is foreground when its probability is strictly above ``threshold``.
+        """
+        cut = threshold_logit(threshold)
+        prediction = cls(expressions=expressions, masks=_numpy(logits["final"] > cut))
+        if return_probs:
+            prediction.probs = _numpy(torch.sigmoid(logits["final"]))
+        if "coarse" in logits:
+            prediction.coarse_masks = _numpy(logits["coarse"] > cut)
+            if return_probs:
+                prediction.coarse_probs = _numpy(torch.sigmoid(logits["coarse"]))
+        return prediction
 
 
 class PromptRIS(nn.Module):
-    """Prompt-RIS (Sec. 3): the composition of the parts built by ``build_prompt_ris``.
+    """Prompt-RIS (Sec. 3): the composition of the parts built by ``models.build``.
 
     Args:
-        clip: PromptedCLIP (CLIP towers + Cross-Modal Prompting).
+        clip: PromptedCLIP (CLIP towers + Cross-Modal Prompting, eqs. 5-6).
         decoder: CoarseDecoder (eqs. 1-2).
-        sam: FrozenSAM (SAM encoder, prompt encoder, mask decoder; eq. 4).
-        mask_prompt: MaskPrompt.
-        point_prompt: GumbelPointPrompt (eq. 3).
-        text_prompter: TextPrompter.
+        sam: FrozenSAM (SAM's encoder, its side of the prompts with eq. 3, decoding with eq. 4).
+        text_prompter: TextPrompter (the learned text prompts P_text).
         text_length: L, tokens per expression the model expects (``tokenize(texts, L)``).
         drop_probs: per-sample probabilities of dropping the (mask, point, text) prompt in
             training (Sec. 4.2).
@@ -96,8 +125,6 @@ class PromptRIS(nn.Module):
         clip: PromptedCLIP,
         decoder: CoarseDecoder,
         sam: FrozenSAM,
-        mask_prompt: MaskPrompt,
-        point_prompt: GumbelPointPrompt,
         text_prompter: TextPrompter,
         text_length: int,
         drop_probs: tuple[float, float, float] = (0.0, 0.0, 0.0),
@@ -108,8 +135,6 @@ class PromptRIS(nn.Module):
         self.clip = clip
         self.decoder = decoder
         self.sam = sam
-        self.mask_prompt = mask_prompt
-        self.point_prompt = point_prompt
         self.text_prompter = text_prompter
         self.text_length = text_length
         self.drop_probs = drop_probs
@@ -117,14 +142,12 @@ class PromptRIS(nn.Module):
         self.config = config
 
     # ----------------------------------------------------------------------------------------
-    # Forward: the data flow of DESIGN.md section 2
+    # Forward: the data flow of docs/design.md, "Data flow"
     # ----------------------------------------------------------------------------------------
     def forward(
         self,
-        clip_images: torch.Tensor,
-        sam_images: torch.Tensor | None,
-        text_tokens: torch.Tensor,
-        image_index: torch.Tensor,
+        inputs: ModelInputs,
+        *,
         with_sam: bool = True,
         switches: PromptSwitches | None = None,
         sam_img_embed: torch.Tensor | None = None,
@@ -133,53 +156,44 @@ class PromptRIS(nn.Module):
         """Segment the objects B expressions refer to in I images.
 
         Args:
-            clip_images: (I, 3, S_c, S_c) CLIP-normalised letterboxed images.
-            sam_images: (I, 3, S_s, S_s) SAM-normalised letterboxed images (unused when
-                ``sam_img_embed`` is given or ``with_sam=False``).
-            text_tokens: (B, L) fixed-length CLIP tokens.
-            image_index: (B,) expression -> image row.
+            inputs: CLIP and SAM images (I, 3, S, S), text tokens (B, L), image_index (B,);
+                a :class:`~prompt_ris.data.batch.Batch` is one.
             with_sam: False skips SAM (stage 1): only the coarse mask is computed.
             switches: prompts given to SAM; defaults to the config's ``prompts.use_*``.
-            sam_img_embed: precomputed F_IS (I, C, h_s, w_s), e.g. from ``encode_sam``.
+            sam_img_embed: precomputed F_IS (I, D_S, h_s, w_s), e.g. from ``encode_sam``;
+                ``inputs.sam_images`` is then not read.
             prompt_dropout: drop prompts per sample (Sec. 4.2); None = ``self.training``.
-
-        Returns:
-            PromptRISOutput.
         """
         switches = switches or self.default_switches
-        feats = self.clip(clip_images, text_tokens, image_index)  # eqs. 5-6: F_IC, F_T (B, ., .)
+        image_index = inputs.image_index
+        feats = self.clip(inputs.clip_images, inputs.text_tokens, image_index)  # eqs. 5-6
         coarse = self.decoder(  # eqs. 1-2: S'_C (B, 1, h_c, w_c), t_g (B, D_C)
             feats.img_tokens, feats.text_tokens, feats.text_pad_mask, feats.eos_index,
             feats.grid_size,
-        )
+        )  # fmt: skip
+        coarse_lowres = self.upsample_coarse(coarse.coarse_logits)  # S_C: (B, 1, S_s/4, S_s/4)
         if not with_sam:
-            return PromptRISOutput(coarse.coarse_logits, None, coarse.text_global)
+            return PromptRISOutput(coarse.coarse_logits, coarse_lowres, None, coarse.text_global)
 
         if sam_img_embed is None:
-            sam_img_embed = self.encode_sam(sam_images)  # F_IS: (I, C, h_s, w_s), once per image
-        sam_img_embed = sam_img_embed.to(self.sam.pad_embed.dtype)  # e.g. a cached fp16 F_IS
-        coarse_lowres = self.upsample_coarse(coarse.coarse_logits)  # S_C: (B, 1, S_s/4, S_s/4)
+            sam_img_embed = self.encode_sam(inputs.sam_images)  # F_IS: once per image
+        sam_img_embed = sam_img_embed.to(self.sam.dtype)  # e.g. a cached fp16 F_IS
         dropout = self.training if prompt_dropout is None else prompt_dropout
-        keep = self._prompt_keep(text_tokens.shape[0], switches, dropout, text_tokens.device)
-        encoder = self.sam.prompt_encoder
-        dense = self.mask_prompt(coarse_lowres, keep.mask, encoder)  # P_mask: (B, C, h_s, w_s)
-        point_embed = (  # eq. 3: e_p (B, C)
-            self.point_prompt(coarse_lowres, self.sam.point_table()) if switches.point else None
-        )
-        text_prompts = (  # P_text: (B, L, C)
+        keep = self._prompt_keep(inputs.num_expressions, switches, dropout, image_index.device)
+        text_prompts = (  # P_text: (B, L, D_S)
             self.text_prompter(
                 feats.text_tokens, feats.text_pad_mask, sam_img_embed, image_index,
-                encoder.get_dense_pe(), self.sam.pad_embed,
+                self.sam.dense_pe(),
             )
             if switches.text
             else None
-        )
-        prompts = assemble_sam_prompts(  # sparse (B, k, C), dense (B, C, h_s, w_s)
-            dense=dense, point_embed=point_embed, text_prompts=text_prompts,
-            pad_embed=self.sam.pad_embed, keep_point=keep.point, keep_text=keep.text,
-        )
-        mask_logits = self.sam.decode(sam_img_embed, image_index, prompts)  # eq. 4: (B, 1, ., .)
-        return PromptRISOutput(coarse.coarse_logits, mask_logits, coarse.text_global)
+        )  # fmt: skip
+        prompts = self.sam.embed_prompts(  # P_mask, [P_point (eq. 3); pad; P_text]
+            coarse_lowres, use_point=switches.point, text_prompts=text_prompts,
+            text_pad_mask=feats.text_pad_mask, keep=keep,
+        )  # fmt: skip
+        mask_logits = self.sam.decode(sam_img_embed, image_index, prompts)  # eq. 4: S'
+        return PromptRISOutput(coarse.coarse_logits, coarse_lowres, mask_logits, coarse.text_global)
 
     def _prompt_keep(
         self, batch: int, switches: PromptSwitches, dropout: bool, device: torch.device
@@ -198,37 +212,146 @@ class PromptRIS(nn.Module):
         return PromptKeep(*flags)
 
     # ----------------------------------------------------------------------------------------
-    # Pieces used by the engine and the predictor
+    # Pieces used by the engine and by inference
     # ----------------------------------------------------------------------------------------
+    @property
+    def clip_image_size(self) -> int:
+        """S_c, side of the CLIP frame (480 for ViT-B/16)."""
+        return int(self.clip.clip.visual.image_size[0])
+
     def encode_sam(self, sam_images: torch.Tensor) -> torch.Tensor:
-        """F_IS for I images (I, 3, S_s, S_s) -> (I, C, S_s/16, S_s/16); no grad when frozen."""
+        """F_IS for I images (I, 3, S_s, S_s) -> (I, D_S, S_s/16, S_s/16); no grad when frozen."""
         return self.sam.encode_images(sam_images)
 
     def upsample_coarse(self, coarse_logits: torch.Tensor) -> torch.Tensor:
-        """S'_C on the CLIP grid (B, 1, h_c, w_c) -> S_C in the low-res frame (B, 1, S_s/4, S_s/4).
+        """S'_C on the CLIP grid (B, 1, h_c, w_c) -> S_C (B, 1, S_s/4, S_s/4) float32.
 
         The CLIP and SAM frames are the same letterboxed square, so a plain bilinear resize
         aligns them.
         """
         size = self.sam.lowres_size
-        return F.interpolate(coarse_logits, (size, size), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            coarse_logits.float(), (size, size), mode="bilinear", align_corners=False
+        )
 
-    def postprocess_masks(
+    def original_logits(
         self,
-        mask_logits: torch.Tensor,
+        out: PromptRISOutput,
         input_sizes: torch.Tensor,
         orig_sizes: torch.Tensor,
         image_index: torch.Tensor,
-    ) -> list[torch.Tensor]:
-        """Low-res logits (B, 1, S_s/4, S_s/4) -> B logit maps (H, W) in the original frame."""
-        return self.sam.postprocess_masks(mask_logits, input_sizes, orig_sizes, image_index)
+        outputs: Sequence[str] = ("coarse", "final"),
+    ) -> dict[str, list[torch.Tensor]]:
+        """The coarse (S_C) and final (S') masks in each expression's original frame.
+
+        Args:
+            out: the forward's output.
+            input_sizes: (I, 2) (h', w') of each image in the SAM frame.
+            orig_sizes: (I, 2) (H, W) of each original image.
+            image_index: (B,) expression -> image row.
+            outputs: which of "coarse" and "final" to map ("final" only when SAM ran).
+
+        Returns:
+            ``{output: B float32 logit maps (H_b, W_b)}``.
+        """
+        lowres = {"coarse": out.coarse_lowres, "final": out.mask_logits}
+        return {
+            name: lowres_to_original(
+                lowres[name], input_sizes, orig_sizes, image_index, self.sam.image_size
+            )
+            for name in outputs
+            if lowres[name] is not None
+        }
 
     def learnable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (``requires_grad``), by name, detached."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------------------------------
-    # Construction and export
+    # Inference on one image (the core of ``Predictor``)
+    # ----------------------------------------------------------------------------------------
+    def letterbox(self, image: ImageInput) -> LetterboxedImage:
+        """A path, PIL image or uint8 array in this model's CLIP and SAM frames (CPU tensors)."""
+        return letterbox_image(as_rgb_image(image), self.clip_image_size, self.sam.image_size)
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        image: LetterboxedImage,
+        text_tokens: torch.Tensor,
+        *,
+        sam_img_embed: torch.Tensor | None = None,
+        switches: PromptSwitches | None = None,
+        with_coarse: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Logits of N tokenized expressions about one letterboxed image, in its original frame.
+
+        Runs in eval mode (argmax point, no prompt dropout) and restores the mode afterwards.
+
+        Args:
+            image: the image in both frames (``letterbox``).
+            text_tokens: (N, L) long, ``tokenize(texts, self.text_length)``.
+            sam_img_embed: F_IS (1, D_S, h_s, w_s) of this image, if already computed.
+            switches: which SAM prompts to use; default: the model's config.
+            with_coarse: also map the coarse mask S_C.
+
+        Returns:
+            ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
+        """
+        param = next(self.parameters())
+        weights = {"device": param.device, "dtype": param.dtype}
+        num = text_tokens.shape[0]
+        inputs = ModelInputs(
+            clip_images=image.clip_image[None].to(**weights),  # (1, 3, S_c, S_c)
+            sam_images=image.sam_image[None].to(**weights),  # (1, 3, S_s, S_s)
+            text_tokens=text_tokens.to(param.device),  # (N, L)
+            image_index=torch.zeros(num, dtype=torch.long, device=param.device),  # (N,)
+        )
+        with _eval_mode(self):
+            out = self(inputs, switches=switches, sam_img_embed=sam_img_embed)
+        sizes = (torch.tensor([image.input_size]), torch.tensor([image.orig_size]))
+        outputs = ("coarse", "final") if with_coarse else ("final",)
+        logits = self.original_logits(out, *sizes, inputs.image_index, outputs)
+        return {name: torch.stack(maps) for name, maps in logits.items()}  # (N, H, W)
+
+    def predict(
+        self,
+        image: ImageInput,
+        expressions: str | Sequence[str],
+        *,
+        switches: PromptSwitches | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+        return_probs: bool = False,
+        return_coarse: bool = False,
+    ) -> Prediction:
+        """Masks for one image and one or more expressions, on the model's device and dtype.
+
+        For several questions about one image, device and precision choices and long lists,
+        use ``prompt_ris.Predictor``, which embeds the image once.
+
+        Args:
+            image: a file path (turned upright by its EXIF orientation), a PIL image or an
+                (H, W, 3) uint8 RGB array.
+            expressions: one expression or a list; each must be non-empty.
+            switches: which SAM prompts to use (Table 5); default: the model's config.
+            threshold: probability above which a pixel belongs to the mask.
+            return_probs: also return foreground probabilities.
+            return_coarse: also return the CLIP coarse mask S_C.
+
+        Returns:
+            A :class:`Prediction` with (N, H, W) arrays in the original frame.
+        """
+        texts = [expressions] if isinstance(expressions, str) else list(expressions)
+        if not texts:
+            raise ValueError("no expression given; pass a string or a non-empty list of strings")
+        tokens = tokenize(texts, self.text_length, warn_truncated=True)  # (N, L)
+        logits = self.segment(
+            self.letterbox(image), tokens, switches=switches, with_coarse=return_coarse
+        )
+        return Prediction.from_logits(texts, logits, threshold, return_probs)
+
+    # ----------------------------------------------------------------------------------------
+    # Construction and checkpoints
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_config(
@@ -237,10 +360,18 @@ class PromptRIS(nn.Module):
         clip_weights: str | None = None,
         sam_weights: str | None = None,
     ) -> PromptRIS:
-        """Build from a YAML file, a ``Config`` or a ``ModelConfig`` (see ``build_prompt_ris``)."""
-        from prompt_ris.config import Config, ModelConfig, load_config
-        from prompt_ris.models.build import build_prompt_ris
+        """Build from a YAML file, a ``Config`` or a ``ModelConfig``.
 
+        Args:
+            path_or_config: the config; a bare ``ModelConfig`` is wrapped into a default
+                ``Config``.
+            clip_weights: overrides ``model.clip.pretrained`` (a file or an open_clip tag).
+            sam_weights: overrides ``model.sam.checkpoint`` (a file).
+
+        Returns:
+            PromptRIS with CLIP and SAM frozen as the config says and the learned parts
+            trainable; ``model.config`` is the whole config.
+        """
         if isinstance(path_or_config, (str, Path)):
             cfg = load_config(path_or_config)
         elif isinstance(path_or_config, Config):
@@ -252,33 +383,74 @@ class PromptRIS(nn.Module):
                 f"from_config takes a YAML path, a Config or a ModelConfig, got "
                 f"{type(path_or_config).__name__}"
             )
-        model = build_prompt_ris(cfg.model, clip_weights=clip_weights, sam_weights=sam_weights)
-        model.config = cfg  # the whole config (data frames, training), not only its model part
-        return model
-
-    def save_pretrained(self, directory: str | Path, self_contained: bool = False) -> Path:
-        """Write ``model.safetensors`` (learned parameters, or everything with
-        ``self_contained``) and ``config.json``; see ``prompt_ris.models.pretrained``."""
-        from prompt_ris.models.pretrained import save_pretrained
-
-        if self.config is None:
-            raise ValueError("this PromptRIS has no config; build it with build_prompt_ris")
-        return save_pretrained(self, directory, config=self.config, self_contained=self_contained)
+        parts = build_parts(cfg.model, clip_weights=clip_weights, sam_weights=sam_weights)
+        return cls(**parts.as_kwargs(), config=cfg)
 
     @classmethod
     def from_pretrained(
         cls,
-        directory: str | Path,
+        path: str | Path,
         clip_weights: str | None = None,
         sam_weights: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> PromptRIS:
-        """Rebuild from ``save_pretrained`` output (strict keys); see ``models.pretrained``."""
-        from prompt_ris.models.pretrained import load_pretrained
+        """Rebuild a model written by ``save_pretrained`` (or exported by training).
 
-        return load_pretrained(directory, clip_weights=clip_weights, sam_weights=sam_weights)
+        A learned-only checkpoint is rebuilt on the base weights its config names (or on
+        ``clip_weights`` / ``sam_weights``); a self-contained one needs no base-weight files.
+        Keys and shapes are checked strictly (see ``models.pretrained``).
 
-    def predict(self, image: object, expressions: str | list[str], **kwargs: object) -> object:
-        """One-shot prediction for an image path/array and expressions (``predictor.predict``)."""
-        from prompt_ris.predictor import predict
+        Args:
+            path: a checkpoint folder or its ``model.safetensors``.
+            clip_weights: local CLIP weights (or open_clip tag) replacing the config's.
+            sam_weights: local SAM checkpoint replacing the config's.
+            device: where to put the model (default: CPU).
+            dtype: cast the floating tensors to this dtype (default: float32, as built).
 
-        return predict(self, image, expressions, **kwargs)
+        Returns:
+            The model in eval mode, ``model.config`` set to the checkpoint's ``Config``.
+        """
+        checkpoint = read_checkpoint(path)
+        model_cfg, clip_weights, sam_weights = checkpoint.build_args(clip_weights, sam_weights)
+        model = cls.from_config(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
+        checkpoint.load_into(model)
+        model.config = copy.deepcopy(checkpoint.config)  # the full resolved config
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(
+        self, directory: str | Path, self_contained: bool = False, training: dict | None = None
+    ) -> Path:
+        """Write ``model.safetensors`` (the learned parameters, or everything with
+        ``self_contained``) and ``config.json`` into ``directory``; see ``models.pretrained``.
+
+        Returns:
+            The path of the written ``model.safetensors``.
+        """
+        if self.config is None:
+            raise ValueError("this PromptRIS has no config; build it with PromptRIS.from_config")
+        return save_pretrained(
+            self, directory, config=self.config, self_contained=self_contained, training=training
+        )
+
+
+def build_prompt_ris(
+    model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
+) -> PromptRIS:
+    """Build Prompt-RIS from a model config: ``PromptRIS.from_config(model_cfg, ...)``."""
+    return PromptRIS.from_config(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()

@@ -1,0 +1,91 @@
+"""The learned text prompter: CLIP text tokens -> SAM sparse prompt tokens P_text (Sec. 3.1).
+
+Two blocks of self-attention over the expression's tokens and cross-attention to the SAM image
+embedding F_IS of its image turn F_T (width D_T) into tokens in SAM's prompt space (width D_S). It
+is the only prompt maker with weights of its own: the mask and point prompts are made with SAM's
+frozen prompt encoder (``frozen_sam.FrozenSAM``).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from prompt_ris.models.layers import MLP, CrossAttention
+
+
+class _TextPromptBlock(nn.Module):
+    """Self-attention over the text tokens, cross-attention to the SAM image tokens, MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.self_attn = CrossAttention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        image_pos: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(x, x, pad_mask)
+        x = x + self.cross_attn(x, image_tokens, context_pos=image_pos)
+        return x + self.mlp(self.norm(x))
+
+
+class TextPrompter(nn.Module):
+    """P_text (Sec. 3.1): CLIP text tokens F_T -> SAM sparse tokens conditioned on F_IS.
+
+    F_T is projected to D_S and passed through ``num_blocks`` blocks of self-attention (padding
+    after [EOS] masked), cross-attention to the SAM image embedding of the expression's image
+    (keys carry SAM's dense position encoding) and an MLP. The positions after [EOS] are left as
+    they come out: ``FrozenSAM.embed_prompts`` puts SAM's padding token there.
+
+    Args:
+        text_dim: D_T of the CLIP text tokens.
+        dim: D_S, SAM's prompt width.
+        num_blocks: number of blocks (2 in the paper).
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / dim.
+    """
+
+    def __init__(
+        self, *, text_dim: int, dim: int, num_blocks: int, num_heads: int, mlp_ratio: float = 4.0
+    ) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(text_dim, dim)
+        self.blocks = nn.ModuleList(
+            _TextPromptBlock(dim, num_heads, mlp_ratio) for _ in range(num_blocks)
+        )
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        text_tokens: torch.Tensor,
+        text_pad_mask: torch.Tensor,
+        sam_img_embed: torch.Tensor,
+        image_index: torch.Tensor,
+        image_pe: torch.Tensor,
+    ) -> torch.Tensor:
+        """Make text prompts.
+
+        Args:
+            text_tokens: F_T, (B, L, D_T).
+            text_pad_mask: (B, L) bool, True after [EOS].
+            sam_img_embed: F_IS, (I, D_S, h_s, w_s).
+            image_index: (B,) expression -> image row.
+            image_pe: (1, D_S, h_s, w_s) SAM's dense position encoding.
+
+        Returns:
+            (B, L, D_S) sparse text tokens.
+        """
+        image_tokens = rearrange(sam_img_embed, "i c h w -> i (h w) c")[image_index]  # (B, hw, D_S)
+        image_pos = rearrange(image_pe, "1 c h w -> 1 (h w) c")  # (1, hw, D_S)
+        x = self.in_proj(text_tokens)  # (B, L, D_S)
+        for block in self.blocks:
+            x = block(x, text_pad_mask, image_tokens, image_pos)
+        return self.out_norm(x)  # (B, L, D_S)

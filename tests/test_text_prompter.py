@@ -1,0 +1,86 @@
+"""TextPrompter (P_text, Sec. 3.1): CLIP text tokens -> SAM sparse tokens conditioned on F_IS."""
+
+from __future__ import annotations
+
+import torch
+
+from prompt_ris.config import Config
+from prompt_ris.models import PromptRIS
+from prompt_ris.models.text_prompter import TextPrompter
+
+D_T, C, L, HW = 12, 16, 6, 4  # text width, SAM width, tokens, SAM grid side
+
+
+def _prompter(seed: int = 0) -> TextPrompter:
+    torch.manual_seed(seed)
+    return TextPrompter(text_dim=D_T, dim=C, num_blocks=2, num_heads=2).eval()
+
+
+def _inputs(seed: int = 1) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.randn(3, L, D_T, generator=gen)  # (B, L, D_t)
+    pad = torch.tensor([[False] * 3 + [True] * 3, [False] * 6, [False] * 2 + [True] * 4])
+    embed = torch.randn(2, C, HW, HW, generator=gen)  # (I, C, h_s, w_s)
+    index = torch.tensor([0, 1, 1])
+    pe = torch.randn(1, C, HW, HW, generator=gen)
+    return text, pad, embed, index, pe
+
+
+def test_output_is_raw_sam_width_tokens() -> None:
+    prompter = _prompter()
+    text, pad, embed, index, pe = _inputs()
+    with torch.no_grad():
+        out = prompter(text, pad, embed, index, pe)
+    assert out.shape == (3, L, C) and torch.isfinite(out).all()
+    # No padding token here: positions after [EOS] are left as computed (embed_prompts
+    # replaces them), so they differ from one another.
+    assert not torch.allclose(out[0, 3], out[0, 4])
+
+
+def test_padding_tokens_are_not_attended() -> None:
+    prompter = _prompter()
+    text, pad, embed, index, pe = _inputs()
+    other = text.clone()
+    other[pad] = torch.randn(int(pad.sum()), D_T)  # change only the padded positions
+    with torch.no_grad():
+        base, changed = (
+            prompter(text, pad, embed, index, pe),
+            prompter(other, pad, embed, index, pe),
+        )
+    torch.testing.assert_close(changed[~pad], base[~pad])
+    assert not torch.allclose(changed[pad], base[pad])
+
+
+def test_each_expression_attends_to_its_own_image() -> None:
+    prompter = _prompter()
+    text, pad, embed, index, pe = _inputs()
+    with torch.no_grad():
+        together = prompter(text, pad, embed, index, pe)
+        for b, image in enumerate(index.tolist()):
+            alone = prompter(
+                text[b : b + 1], pad[b : b + 1], embed[image : image + 1],
+                torch.zeros(1, dtype=torch.long), pe,
+            )  # fmt: skip
+            torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-5, atol=1e-6)
+        other_image = embed.clone()
+        other_image[0] = torch.randn(C, HW, HW)  # only expression 0 looks at image 0
+        moved = prompter(text, pad, other_image, index, pe)
+        other_pe = prompter(text, pad, embed, index, torch.randn(1, C, HW, HW))  # keys carry it
+    assert not torch.allclose(moved[0], together[0], atol=1e-4)
+    torch.testing.assert_close(moved[1:], together[1:])
+    assert not torch.allclose(other_pe, together, atol=1e-4)
+
+
+def test_gradients_reach_every_parameter() -> None:
+    prompter = _prompter().train()
+    text, pad, embed, index, pe = _inputs()
+    prompter(text, pad, embed, index, pe).square().sum().backward()
+    for name, param in prompter.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
+
+
+def test_model_builds_it_at_clip_and_sam_widths(tiny_model: PromptRIS, tiny_cfg: Config) -> None:
+    prompter = tiny_model.text_prompter
+    assert prompter.in_proj.in_features == tiny_cfg.model.clip.text_width
+    assert prompter.in_proj.out_features == tiny_cfg.model.sam.prompt_embed_dim
+    assert len(prompter.blocks) == tiny_cfg.model.prompts.text_blocks
