@@ -93,7 +93,7 @@ class Predictor:
                 mode that cannot be converted to RGB.
         """
         self.reset_image()  # a failed call must not leave the previous image in place
-        letterboxed = self.model.letterbox(image).to(self.device, _float_dtype(self.model))
+        letterboxed = self.model.letterbox(image).to(self.device, self.model.dtype)
         with torch.inference_mode(), self._autocast():
             embed = self.model.encode_sam(letterboxed.sam_image[None])  # (1, D_S, h_s, w_s)
         self._image, self._sam_img_embed = letterboxed, embed
@@ -164,7 +164,7 @@ class Predictor:
                         sam_img_embed=self._sam_img_embed,
                         switches=switches,
                         with_coarse=with_coarse,
-                    )  # fmt: skip
+                    )
                 )
         return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
@@ -211,10 +211,3 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
 
-
-def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the model's floating weights (inputs are cast to it)."""
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32

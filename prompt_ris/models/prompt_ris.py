@@ -215,6 +215,16 @@ class PromptRIS(nn.Module):
     # Pieces used by the engine and by inference
     # ----------------------------------------------------------------------------------------
     @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the weights (inputs are cast to it)."""
+        return next(self.parameters()).dtype
+
+    @property
     def clip_image_size(self) -> int:
         """S_c, side of the CLIP frame (480 for ViT-B/16)."""
         return int(self.clip.clip.visual.image_size[0])
@@ -298,14 +308,13 @@ class PromptRIS(nn.Module):
         Returns:
             ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
         """
-        param = next(self.parameters())
-        weights = {"device": param.device, "dtype": param.dtype}
+        image = image.to(self.device, self.dtype)
         num = text_tokens.shape[0]
         inputs = ModelInputs(
-            clip_images=image.clip_image[None].to(**weights),  # (1, 3, S_c, S_c)
-            sam_images=image.sam_image[None].to(**weights),  # (1, 3, S_s, S_s)
-            text_tokens=text_tokens.to(param.device),  # (N, L)
-            image_index=torch.zeros(num, dtype=torch.long, device=param.device),  # (N,)
+            clip_images=image.clip_image[None],  # (1, 3, S_c, S_c)
+            sam_images=image.sam_image[None],  # (1, 3, S_s, S_s)
+            text_tokens=text_tokens.to(self.device),  # (N, L)
+            image_index=torch.zeros(num, dtype=torch.long, device=self.device),  # (N,)
         )
         with _eval_mode(self):
             out = self(inputs, switches=switches, sam_img_embed=sam_img_embed)
