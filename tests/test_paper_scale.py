@@ -14,11 +14,12 @@ point) with the exported checkpoint.
 
 Kept lean for CI: full-size models (CLIP at 480, SAM at 1024: the paper's setting), but 1 image x
 2 expressions per step, one step per stage and one expression per validation/evaluation split.
-Measured on a 2-core CPU machine shared with other jobs, one thread per process: 4.0 to 4.5 minutes
-(242 s on its own, 271 s inside the full suite; the resumed run, with a stage-2 step, two validations
-and the exports, takes half of it), 6.3 GB peak RSS (the training process in stage 2; 4.0 GB in
-stage 1) and about 5 GB of temporary files, removed at the end (a resumable checkpoint of the
-full model is 1.6 GB). Select it with ``-m full_size`` or leave it out with ``-m "not full_size"``.
+Measured on a 2-core CPU machine shared with other jobs, one thread per process: 4.0 to 4.5
+minutes (242 s on its own, 239 and 271 s inside the full suite; the resumed run, with a stage-2
+step, two validations and the exports, takes half of it), 6.3 GB peak RSS (the training process in
+stage 2; 4.0 GB in stage 1) and about 5 GB of temporary files, removed at the end (a resumable
+checkpoint of the full model is 1.6 GB). Select it with ``-m full_size`` or leave it out with
+``-m "not full_size"``.
 """
 
 from __future__ import annotations
