@@ -120,8 +120,9 @@ class DataConfig:
     image_dir: str | None = None  # image folder override; None = the paths stored when prepared
     train: str = "combined"  # "combined" (paper) or "<dataset>:<split>", e.g. "refcoco:train_seen"
     val: str = "refcoco:val"  # validation split during training (never a test split)
-    images_per_batch: int = 16  # I per process and step
-    expressions_per_image: int = 4  # b
+    images_per_step: int = 16  # I: images per optimizer step over all processes (paper: 16)
+    images_per_process: int | None = None  # per process and forward; None = I / processes
+    expressions_per_image: int = 4  # b (paper: 4, so B = 64 expressions per step)
     word_mask_prob: float = 0.15  # share of words masked in resampled (filler) expressions
     num_workers: int = 2
     max_val_expressions: int | None = None  # cap validation size during training (None = all)
@@ -135,7 +136,7 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power
-    gradient_accumulation_steps: int = 1
+    epoch_unit: str = "images"  # "images": each image once; "expressions": every expression once
     mixed_precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16", "no"
     seed: int = 42
     log_every: int = 20  # steps between log lines
@@ -231,6 +232,21 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or a value of the wrong type."""
 
 
+# Keys that no longer exist: what to write instead (one line each). Saved configs (exports,
+# run folders) that still hold them load without them: they never described the model.
+RETIRED_KEYS: dict[str, str] = {
+    "data.images_per_batch": (
+        "data.images_per_batch (images per process) is gone: set data.images_per_step to the "
+        "images of one optimizer step over all processes (paper: 16), and optionally "
+        "data.images_per_process to the micro-batch (accumulation follows)"
+    ),
+    "train.gradient_accumulation_steps": (
+        "train.gradient_accumulation_steps is gone: it follows from data.images_per_step / "
+        "(processes x data.images_per_process); set data.images_per_process instead"
+    ),
+}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -278,6 +294,8 @@ def _merge(obj: Any, diff: dict[str, Any], where: str) -> None:
     types_ = _field_types(type(obj))
     for key, value in diff.items():
         path = f"{where}.{key}" if where else key
+        if key not in types_ and path in RETIRED_KEYS:
+            raise ConfigError(RETIRED_KEYS[path])
         if key not in types_:
             close = difflib.get_close_matches(key, list(types_), n=1)
             hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
@@ -358,10 +376,25 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (as saved beside a checkpoint)."""
+    """Rebuild a Config from ``config_to_dict`` output (as saved beside a checkpoint).
+
+    Keys of ``RETIRED_KEYS`` are dropped, so that configs saved by earlier versions still load.
+    """
     cfg = Config()
-    _merge(cfg, data, "")
+    _merge(cfg, _without_retired(data), "")
     return cfg
+
+
+def _without_retired(data: Any) -> Any:
+    """A copy of a config dict without the ``RETIRED_KEYS`` (anything else is left as it is)."""
+    if not isinstance(data, dict):
+        return data
+    out = {section: dict(v) if isinstance(v, dict) else v for section, v in data.items()}
+    for path in RETIRED_KEYS:
+        section, key = path.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(key, None)
+    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -45,7 +45,7 @@ def _cfg(prepared: Path, **data: object) -> Config:
             "model": {"preset": "tiny", "clip": {"image_size": CLIP, "text_length": LENGTH},
                       "sam": {"image_size": SAM}},
             "data": {"prepared": str(prepared), "train": "synthetic:train", "num_workers": 0,
-                     "images_per_batch": 3, "expressions_per_image": 4, **data},
+                     "images_per_step": 3, "expressions_per_image": 4, **data},
         }
     )  # fmt: skip
 
@@ -129,13 +129,10 @@ def test_batches_are_a_function_of_seed_and_epoch(prepared: Path) -> None:
     assert list(a) != list(c)
 
 
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_two_processes_get_disjoint_images_and_equal_batches(
-    prepared: Path, drop_last: bool
-) -> None:
+def test_two_processes_get_disjoint_images_and_equal_batches(prepared: Path) -> None:
     shards = []
     for rank in range(2):
-        _, sampler = _train(prepared, num_replicas=2, rank=rank, seed=7, drop_last=drop_last)
+        _, sampler = _train(prepared, num_replicas=2, rank=rank, seed=7)
         sampler.set_epoch(1)
         shards.append([[r.group for r in batch] for batch in sampler])
     assert len(shards[0]) == len(shards[1]) == 2  # 12 images -> 6 per process -> 2 batches of 3
@@ -144,17 +141,18 @@ def test_two_processes_get_disjoint_images_and_equal_batches(
     assert len(images[0]) == len(images[1]) == 6 and set(images[0] + images[1]) == set(range(12))
 
 
-def test_uneven_image_count_is_cut_to_equal_shards(prepared: Path) -> None:
+def test_uneven_image_count_is_cut_to_whole_steps(prepared: Path) -> None:
     table = load_split(prepared, "synthetic:train")
     groups = group_by_image(table)[:11]
     seen = []
     for rank in range(2):
-        sampler = TrainBatchSampler(groups, images_per_batch=4, expressions_per_image=2,
-                                    num_replicas=2, rank=rank)  # fmt: skip
+        sampler = TrainBatchSampler(groups, images_per_batch=2, expressions_per_image=2,
+                                    num_replicas=2, rank=rank, images_per_step=8)  # fmt: skip
         batches = list(sampler)
-        assert len(batches) == len(sampler) == 2 and [len(b) for b in batches] == [4, 1]
+        assert sampler.steps_per_epoch == 1 and sampler.accumulation == 2  # 11 // 8, 8 / (2 x 2)
+        assert len(batches) == len(sampler) == 2 and [len(b) for b in batches] == [2, 2]
         seen += [r.group for batch in batches for r in batch]
-    assert len(seen) == len(set(seen)) == 10  # one image sits this epoch out
+    assert len(seen) == len(set(seen)) == 8  # three images sit this epoch out
 
 
 def test_eval_shards_cover_every_expression_once(prepared: Path) -> None:
@@ -196,8 +194,11 @@ def test_train_loader_resumes_with_accelerate_skip_first_batches(prepared: Path)
 
 def test_bad_shard_arguments_are_rejected(prepared: Path) -> None:
     with pytest.raises(ValueError, match="rank 2"):
-        build_train_loader(_cfg(prepared), num_replicas=2, rank=2)
+        build_train_loader(_cfg(prepared, images_per_step=4), num_replicas=2, rank=2)
     groups = group_by_image(load_split(prepared, "synthetic:train"))[:1]
-    with pytest.raises(ValueError, match="fewer processes"):
+    with pytest.raises(ValueError, match="1 training images give 1 draws per epoch"):
         TrainBatchSampler(groups, images_per_batch=1, expressions_per_image=1, num_replicas=2)
+    with pytest.raises(ValueError, match="not a multiple of 2 processes x images_per_batch=2"):
+        TrainBatchSampler(groups, images_per_batch=2, expressions_per_image=1, num_replicas=2,
+                          images_per_step=6)  # fmt: skip
     assert len(EvalBatchSampler(groups, images_per_batch=4, num_replicas=2, rank=1)) == 0

@@ -40,7 +40,7 @@ CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
 SMALL = [  # the tiny preset at half its image sizes, 2 images x 2 expressions, 2 steps per epoch
     "model.clip.image_size=64",
     "model.sam.image_size=128",
-    "data.images_per_batch=2",
+    "data.images_per_step=2",
     "data.expressions_per_image=2",
     "data.num_workers=0",
     "eval.batch_images=2",
@@ -282,7 +282,10 @@ def test_two_process_ddp_run_on_cpu_keeps_processes_identical(
     out = tmp_path / "run"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    overrides = [*SMALL, "train.max_steps_per_epoch=1", "train.gradient_accumulation_steps=2"]
+    overrides = [  # 2 processes x 2 images x 2 accumulated micro-batches per step
+        *SMALL, "train.max_steps_per_epoch=1", "data.images_per_step=8",
+        "data.images_per_process=2",
+    ]  # fmt: skip
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",

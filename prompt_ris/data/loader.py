@@ -4,18 +4,25 @@ One dataset item is one image with some of its expressions (:class:`ImageRequest
 samplers decide which images and expressions form a batch; the dataset loads and transforms;
 :func:`collate` builds the typed :class:`~prompt_ris.data.batch.Batch`.
 
-Training (Sec. 4.2): :class:`TrainBatchSampler` yields batches of I images x b expressions
-(``DataConfig.images_per_batch`` x ``expressions_per_image``). An image with b or more expressions
-gives b distinct ones at random; an image with fewer gives all of them and is filled by resampling
-its expressions with a share ``word_mask_prob`` of the words masked out (``text.mask_words``).
-Every expression carries its object identity (``object_ids`` = ann_id) for the instance
-contrastive loss. The batches are a function of (seed, epoch) only: every choice is drawn in the
-sampler from generators seeded by (seed, epoch[, image]), and the workers draw nothing.
+Training (Sec. 4.2): :class:`TrainBatchSampler` yields micro-batches of I_p images x b
+expressions (``StepPlan.images_per_process`` x ``DataConfig.expressions_per_image``); a = I / (P x
+I_p) of them on each of P processes make one optimizer step of I = ``DataConfig.images_per_step``
+images (``schedule.plan_steps``). An image with b or more expressions gives b distinct ones at
+random; an image with fewer gives all of them and is filled by resampling its expressions with a
+share ``word_mask_prob`` of the words masked out (``text.mask_words``). Under
+``train.epoch_unit=expressions`` an image is drawn ceil(n / b) times per epoch so that every
+expression is drawn (``schedule``). Every expression carries its object identity (``object_ids``
+= ann_id) for the instance contrastive loss. The batches are a function of (seed, epoch) only:
+every choice is drawn in the sampler from generators seeded by (seed, epoch[, image]), and the
+workers draw nothing.
 
-Sharding (multi-process): the samplers shard themselves. Each epoch the images are permuted with
-the (seed, epoch) generator, identical on every process, the permutation is cut to a multiple of
-``num_replicas`` and process ``rank`` takes every ``num_replicas``-th image from position
-``rank``: the processes get disjoint images and the same number of batches. With accelerate::
+Sharding (multi-process): the samplers shard themselves. Each epoch the draws (images) are
+permuted with the (seed, epoch) generator, identical on every process, the permutation is cut to
+whole steps of I draws (the rest, fewer than I, sit the epoch out) and process ``rank`` takes
+every P-th draw from position ``rank``, in micro-batches of I_p. Step k then holds draws
+[k I, (k + 1) I) of the permutation on any launch: 1 process x 16 images, 2 x 8 or 1 x 2 x 8
+accumulated see the same images in the same steps, the processes get disjoint draws and the same
+number of batches, and the step count does not depend on P. With accelerate::
 
     loader = build_train_loader(cfg, num_replicas=accelerator.num_processes,
                                 rank=accelerator.process_index)
@@ -27,7 +34,7 @@ the (seed, epoch) generator, identical on every process, the permutation is cut 
             batch = accelerate.utils.send_to_device(batch, accelerator.device)
 
 Since the loader is not prepared, ``accelerator.accumulate`` counts steps without knowing where
-an epoch ends (it syncs every ``gradient_accumulation_steps`` steps).
+an epoch ends (it syncs every a micro-batches); an epoch holds exactly (steps x a) of them.
 
 Evaluation: every sentence of every reference of the split is one expression; an item holds all
 expressions of one image (the SAM embedding is computed once per image), so ``b`` varies per
@@ -53,6 +60,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from prompt_ris.config import Config
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.rle import decode_rle
+from prompt_ris.data.schedule import (
+    EPOCH_UNITS,
+    check_epoch_unit,
+    draws_per_image,
+    plan_steps,
+    steps_per_epoch,
+)
 from prompt_ris.data.splits import load_split, parse_split
 from prompt_ris.data.text import mask_words, tokenize
 from prompt_ris.data.transforms import letterbox_image, load_image, lowres_mask
@@ -245,16 +259,19 @@ def _check_shard(num_replicas: int, rank: int) -> None:
 
 
 class TrainBatchSampler(Sampler):
-    """Training batches of I images x b expressions, sharded over processes (module docstring).
+    """Training micro-batches of I_p images x b expressions, sharded (module docstring).
 
     Args:
         groups: image groups of the training split.
-        images_per_batch: I per process and step.
+        images_per_batch: I_p, images per process and micro-batch.
         expressions_per_image: b.
-        num_replicas: number of processes.
+        num_replicas: number of processes P.
         rank: this process.
         seed: base seed; the batches depend on (seed, epoch) only.
-        drop_last: drop a last batch with fewer than I images.
+        images_per_step: I, images per optimizer step over all processes, a multiple of
+            P x I_p; None = P x I_p (no accumulation).
+        epoch_unit: ``images`` (each image drawn once per epoch) or ``expressions`` (each image
+            ceil(n / b) times, so that every expression is drawn; ``schedule``).
     """
 
     def __init__(
@@ -266,50 +283,80 @@ class TrainBatchSampler(Sampler):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
-        drop_last: bool = False,
+        images_per_step: int | None = None,
+        epoch_unit: str = "images",
     ) -> None:
         _check_shard(num_replicas, rank)
-        if len(groups) < num_replicas or any(not g.expressions for g in groups):
+        check_epoch_unit(epoch_unit)
+        per_pass = images_per_batch * num_replicas
+        images_per_step = per_pass if images_per_step is None else images_per_step
+        if images_per_batch < 1 or images_per_step % per_pass:
             raise ValueError(
-                f"{len(groups)} training images for {num_replicas} processes (each image needs "
-                "an expression); use a larger split or fewer processes"
+                f"images_per_step={images_per_step} is not a multiple of {num_replicas} "
+                f"processes x images_per_batch={images_per_batch}"
             )
+        if any(not g.expressions for g in groups):
+            raise ValueError("every training image needs an expression")
         self.expressions = [g.expressions for g in groups]
+        self.draws = [  # (image group, draw k of the image) for every draw of an epoch
+            (group, k)
+            for group, exprs in enumerate(self.expressions)
+            for k in range(draws_per_image(len(exprs), expressions_per_image, epoch_unit))
+        ]
+        if len(self.draws) < images_per_step:
+            raise ValueError(
+                f"{len(groups)} training images give {len(self.draws)} draws per epoch "
+                f"(train.epoch_unit={epoch_unit}), fewer than the {images_per_step} images of "
+                "one optimizer step; use a larger split, a smaller data.images_per_step or fewer "
+                "processes"
+            )
         self.images_per_batch = images_per_batch
+        self.images_per_step = images_per_step
+        self.accumulation = images_per_step // per_pass
         self.expressions_per_image = expressions_per_image
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
-        self.drop_last = drop_last
+        self.epoch_unit = epoch_unit
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose batches the next iteration yields."""
         self.epoch = epoch
 
-    def _images_per_rank(self) -> int:
-        return len(self.expressions) // self.num_replicas
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of an epoch: floor(draws / I), the same on any launch."""
+        return len(self.draws) // self.images_per_step
 
     def __len__(self) -> int:
-        n, i = self._images_per_rank(), self.images_per_batch
-        return n // i if self.drop_last else -(-n // i)
+        """Micro-batches of this process per epoch: steps x accumulation."""
+        return self.steps_per_epoch * self.accumulation
 
-    def _request(self, group: int) -> ImageRequest:
-        """b expressions of one image: distinct ones, then word-masked resamples if too few."""
+    def _request(self, group: int, draw: int = 0) -> ImageRequest:
+        """Draw ``draw`` of one image: b distinct expressions, word-masked resamples if too few.
+
+        The image's expressions are shuffled once per epoch; draw k takes positions
+        [k b, (k + 1) b) of that order and completes a short last draw from its start.
+        """
         rng = np.random.default_rng([self.seed, self.epoch, group])
         exprs, b = self.expressions[group], self.expressions_per_image
-        picks = [ExpressionRef(*exprs[k]) for k in rng.permutation(len(exprs))[:b]]
+        order = rng.permutation(len(exprs))
+        chosen = order[draw * b : (draw + 1) * b]
+        if len(chosen) < b <= len(exprs):  # the short last draw of an expression pass
+            chosen = np.concatenate([chosen, order[: b - len(chosen)]])
+        picks = [ExpressionRef(*exprs[k]) for k in chosen]
         for k in rng.integers(len(exprs), size=max(0, b - len(exprs))):
             picks.append(ExpressionRef(*exprs[k], mask_seed=int(rng.integers(2**31))))
         return ImageRequest(group, tuple(picks))
 
     def __iter__(self) -> Iterator[list[ImageRequest]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.expressions))
-        usable = order[: self._images_per_rank() * self.num_replicas]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.draws))
+        usable = order[: self.steps_per_epoch * self.images_per_step]  # whole steps only
         mine = usable[self.rank :: self.num_replicas]  # disjoint across ranks, equal lengths
-        step = self.images_per_batch
-        for start in range(0, len(self) * step, step):
-            yield [self._request(int(g)) for g in mine[start : start + step]]
+        size = self.images_per_batch
+        for start in range(0, len(mine), size):
+            yield [self._request(*self.draws[k]) for k in mine[start : start + size]]
 
 
 class EvalBatchSampler(Sampler):
@@ -397,22 +444,32 @@ def build_train_loader(cfg: Config, *, num_replicas: int = 1, rank: int = 0) -> 
         word_mask_prob=cfg.data.word_mask_prob,
         image_dir=cfg.data.image_dir,
     )
+    plan = plan_steps(cfg.data, num_replicas)
     sampler = TrainBatchSampler(
         groups,
-        images_per_batch=cfg.data.images_per_batch,
-        expressions_per_image=cfg.data.expressions_per_image,
+        images_per_batch=plan.images_per_process,
+        expressions_per_image=plan.expressions_per_image,
         num_replicas=num_replicas,
         rank=rank,
         seed=cfg.train.seed,
+        images_per_step=plan.images_per_step,
+        epoch_unit=cfg.train.epoch_unit,
     )
-    logger.info(
-        "train split %s: %d refs, %d images, %d batches per process",
-        cfg.data.train,
-        len(table),
-        len(groups),
-        len(sampler),
-    )
+    log_epoch_sizes(cfg, groups, table)
     return _loader(dataset, sampler, cfg.data.num_workers)
+
+
+def log_epoch_sizes(cfg: Config, groups: list[ImageGroup], table: datasets.Dataset) -> None:
+    """Log the training split's size and its steps per epoch under each ``train.epoch_unit``."""
+    counts = [len(g.expressions) for g in groups]
+    b, images = cfg.data.expressions_per_image, cfg.data.images_per_step
+    steps = {unit: steps_per_epoch(counts, b, images, unit) for unit in EPOCH_UNITS}
+    logger.info(
+        "train split %s: %d refs, %d images, %d expressions; an epoch is %s optimizer steps of "
+        "%d images (train.epoch_unit=%s)",
+        cfg.data.train, len(table), len(groups), sum(counts),
+        " or ".join(f"{steps[u]} ({u})" for u in EPOCH_UNITS), images, cfg.train.epoch_unit,
+    )  # fmt: skip
 
 
 def build_eval_loader(

@@ -11,7 +11,11 @@ of stage 2 (paper: 20 + 30):
   ``L_clipseg + L_samseg + L_icl(coarse) + L_icl(final)`` (eq. 9).
 
 AdamW over the parameters with ``requires_grad``; ``lr = lr0 * (1 - step / total) ** 0.9`` per
-optimizer step over the whole run (both stages). Accelerate provides devices, processes, mixed
+optimizer step over the whole run (both stages). An optimizer step is ``data.images_per_step``
+images x ``data.expressions_per_image`` expressions over all processes (paper: 16 x 4); the
+per-process micro-batch and the gradient accumulation follow from the launch
+(``data.schedule.plan_steps``), so the steps, the schedule and the images of each step are the
+same on any number of processes. Accelerate provides devices, processes, mixed
 precision and gradient accumulation, so the same code runs on a CPU, one GPU, several GPUs or
 several machines, whatever ``accelerate launch`` is told.
 
@@ -46,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator, PartialState, skip_first_batches
 from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -57,6 +61,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
+from prompt_ris.data.schedule import StepPlan, check_epoch_unit, plan_steps
 from prompt_ris.engine import checkpointing
 from prompt_ris.engine.checkpointing import SaveRequest, TrainerState
 from prompt_ris.engine.evaluator import evaluate
@@ -96,17 +101,25 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def launch_plan(cfg: Config) -> StepPlan:
+    """The step plan for the processes ``accelerate launch`` started (``schedule.plan_steps``):
+    checked before anything is built, so a batch that does not divide fails at once."""
+    check_epoch_unit(cfg.train.epoch_unit)
+    return plan_steps(cfg.data, PartialState(cpu=not torch.cuda.is_available()).num_processes)
+
+
+def build_accelerator(cfg: Config, accumulation: int = 1) -> Accelerator:
     """The run's Accelerator; processes and devices come from ``accelerate launch``.
 
     Without CUDA it is a CPU accelerator (``--multi_gpu --num_processes N`` then gives N gloo
     DDP processes). DDP looks for unused parameters because stage 1 leaves SAM's side of the
     model without gradients (and prompt dropout may drop a prompt for a whole batch).
+    ``accumulation`` is ``launch_plan(cfg).accumulation``.
     """
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, below
         log_with=TRACKER_NAME,
         project_dir=cfg.train.output_dir,
@@ -162,6 +175,7 @@ class TrainRun:
     steps_per_epoch: int
     total_steps: int
     output_dir: Path
+    plan: StepPlan
     save_request: SaveRequest = field(default_factory=SaveRequest)
     sam_cache: SamEmbeddingCache | None = None  # frozen F_IS on disk (train.sam_embed_cache)
     meter: LossMeter = field(default_factory=LossMeter)
@@ -202,7 +216,11 @@ def build_loaders(cfg: Config, accelerator: Accelerator) -> tuple[DataLoader, Da
 
 
 def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) -> int:
-    """Optimizer steps per epoch, equal on every process (DDP steps in lockstep)."""
+    """Optimizer steps per epoch, equal on every process (DDP steps in lockstep).
+
+    The sampler gives every process whole steps (``loader.batch_sampler.steps_per_epoch``, the
+    same for any number of processes); ``train.max_steps_per_epoch`` cuts them short.
+    """
     batches = torch.tensor([len(loader)], device=accelerator.device)
     all_batches = accelerator.gather(batches).tolist()
     if len(set(all_batches)) != 1:
@@ -210,14 +228,13 @@ def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) ->
             f"processes have different numbers of training batches {all_batches}; the sampler "
             "must give every process the same number (pad or drop the last images)"
         )
-    steps = all_batches[0] // cfg.train.gradient_accumulation_steps
+    steps = all_batches[0] // accelerator.gradient_accumulation_steps
     if cfg.train.max_steps_per_epoch is not None:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     if steps < 1:
         raise ValueError(
-            f"an epoch of {all_batches[0]} batches per process holds no optimizer step of "
-            f"{cfg.train.gradient_accumulation_steps} accumulated batches; use fewer processes, "
-            "a smaller data.images_per_batch or train.gradient_accumulation_steps, or more data"
+            f"train.max_steps_per_epoch={cfg.train.max_steps_per_epoch} leaves an epoch without "
+            "an optimizer step; set it to at least 1 (or null)"
         )
     return steps
 
@@ -232,7 +249,8 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
         raise ConfigError(
             f"train.best_metric={cfg.train.best_metric!r}; choose one of {list(BEST_METRICS)}"
         )
-    accelerator = build_accelerator(cfg)
+    plan = launch_plan(cfg)
+    accelerator = build_accelerator(cfg, plan.accumulation)
     output_dir = Path(cfg.train.output_dir)
     checkpoint = checkpointing.resolve_resume(output_dir, resume) if resume else None
     if checkpoint is not None:
@@ -258,7 +276,7 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
     run = TrainRun(
         cfg=cfg, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         train_loader=train_loader, val_loader=val_loader, state=state,
-        steps_per_epoch=steps_per_epoch, total_steps=total_steps, output_dir=output_dir,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, output_dir=output_dir, plan=plan,
         sam_cache=build_sam_cache(cfg, accelerator.unwrap_model(model)),
     )  # fmt: skip
     start_outputs(run, resumed=checkpoint is not None)
@@ -297,17 +315,14 @@ def start_outputs(run: TrainRun, resumed: bool) -> None:
             trim_metrics(run.output_dir, run.state)
     accelerator.init_trackers(TRACKER_NAME)
     accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
-    data, train_cfg = run.cfg.data, run.cfg.train
-    accum = train_cfg.gradient_accumulation_steps
-    images = data.images_per_batch * accelerator.num_processes * accum
+    train_cfg = run.cfg.train
     logger.info(
         "%d process(es) on %s, mixed precision %s; %d epochs (%d stage 1, %d stage 2) of %d "
-        "steps of %d images x %d expressions (%d images per process x %d processes x %d "
-        "accumulated); %d trainable parameters",
+        "steps, %d in all; %s; %d trainable parameters",
         accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
         run.num_epochs, train_cfg.stage1_epochs, train_cfg.stage2_epochs, run.steps_per_epoch,
-        images, data.expressions_per_image, data.images_per_batch, accelerator.num_processes,
-        accum, sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
+        run.total_steps, run.plan.describe(),
+        sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
     )  # fmt: skip
 
 
@@ -354,7 +369,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
 def train_one_epoch(run: TrainRun) -> bool:
     """Train the rest of epoch ``run.state.epoch``; False when ``stop_at_step`` stopped it."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    epoch, accum = state.epoch, cfg.train.gradient_accumulation_steps
+    epoch, accum = state.epoch, accelerator.gradient_accumulation_steps
     stage = stage_of_epoch(epoch, cfg)
     if state.step_in_epoch == 0:
         logger.info("epoch %d/%d: stage %d", epoch + 1, run.num_epochs, stage)
