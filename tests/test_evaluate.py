@@ -161,7 +161,7 @@ def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -
 
 
 def test_prompt_ablation_scores_each_prompt_off_in_one_run(
-    synthetic_run: dict[str, Path], tmp_path: Path
+    synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     evaluate_cli = _load_cli("evaluate")
     common = [
@@ -178,5 +178,7 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     alone = evaluate_cli.main([*common, "--no-mask", "--output", str(tmp_path / "no_mask")])
     assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
     assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
-    with pytest.raises(ValueError, match="drop --no-mask"):
+    with pytest.raises(SystemExit) as stop:
         evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+    assert stop.value.code == 1
+    assert "evaluate.py: error: --prompt-ablation" in capsys.readouterr().err
