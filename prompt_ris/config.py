@@ -285,7 +285,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads an unquoted no / yes (off / on) as a boolean; a string field means the
+        # word, e.g. train.mixed_precision=no.
+        return "yes" if value else "no"
+    if tp is str and isinstance(value, (int, float)):
         return str(value)
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
