@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> Any:
 
     errors: list[ConfigError] = []
     cfg = preflight.training_config(args.config, args.resume, overrides, errors)
-    problems, checkpoint = preflight.training_problems(cfg, args.resume, errors)
+    if cfg is None:  # no config to check the rest against
+        problems, checkpoint = preflight.config_problems(errors), None
+    else:
+        problems, checkpoint = preflight.training_problems(cfg, args.resume, errors)
     if problems:
         report(problems)
         raise SystemExit(1)

@@ -334,8 +334,9 @@ def test_crafted_refs_file_is_refused_without_running_anything(
 
 
 def test_plain_refs_pickles_of_every_protocol_load(tmp_path: Path) -> None:
-    refs = [{"ref_id": 1, "sent_ids": [3, 4], "sentences": [{"sent": "left", "tokens": ("a",)}],
-             "split": "train", "score": 0.5, "flags": {1, 2}, "none": None, "ok": True}]  # fmt: skip
+    sentences = [{"sent": "left", "tokens": ("a",)}]
+    refs = [{"ref_id": 1, "sent_ids": [3, 4], "sentences": sentences, "split": "train",
+             "score": 0.5, "flags": {1, 2}, "none": None, "ok": True}]  # fmt: skip
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
         path = tmp_path / f"refs{protocol}.p"
         path.write_bytes(pickle.dumps(refs, protocol))

@@ -225,39 +225,43 @@ def evaluation_problems(
 
 def training_config(
     config: str | None, resume: str | None, overrides: list[str], errors: list[ConfigError]
-) -> Config:
+) -> Config | None:
     """The config of a training command: ``--config`` and overrides, or, for ``--resume <run or
     checkpoint folder>`` without ``--config``, the run's own ``config.yaml`` and overrides.
 
-    Problems are appended to ``errors`` (the Config of what was valid is returned).
+    Problems are appended to ``errors``. Returns the Config of what was valid, or None when
+    there is no config to check further (no ``--config`` and no readable run config).
     """
     if config is not None or resume is None or resume == "latest":
         if config is None and resume is None:
             errors.append(ConfigError("give --config configs/<name>.yaml (or --resume <run>)"))
-        elif config is None:
+            return None
+        if config is None:
             errors.append(
                 ConfigError(
                     "--resume latest needs --config (its train.output_dir is the run to "
                     "continue); or name the run: --resume checkpoints/<run>"
                 )
             )
+            return None
         return load_config(config, overrides, errors)
     folder = Path(resume)
     run = checkpointing.run_folder_of(folder) if checkpointing.is_checkpoint(folder) else folder
     path = run / checkpointing.RUN_CONFIG_NAME
     if not path.is_file():
+        what = "no run there" if not run.exists() else "the run's config is unknown"
         errors.append(
             ConfigError(
-                f"--resume {resume}: '{path}' not found, so the run's config is unknown; "
-                "pass --resume a run folder written by scripts/train.py, or add --config"
+                f"--resume {resume}: {what} ('{path}' not found); pass the folder of a run "
+                "written by scripts/train.py (its train.output_dir), or --config to start one"
             )
         )
-        return load_config(None, overrides, errors)
+        return None
     try:
         cfg = config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
     except (ConfigError, yaml.YAMLError) as err:
         errors.append(ConfigError(f"'{path}': {one_line(err)}; add --config to resume it"))
-        return load_config(None, overrides, errors)
+        return None
     apply_overrides(cfg, overrides, errors)
     cfg.train.output_dir = str(run)  # where the run is now, even if it was moved
     return cfg
