@@ -227,7 +227,8 @@ def training_config(
     config: str | None, resume: str | None, overrides: list[str], errors: list[ConfigError]
 ) -> Config | None:
     """The config of a training command: ``--config`` and overrides, or, for ``--resume <run or
-    checkpoint folder>`` without ``--config``, the run's own ``config.yaml`` and overrides.
+    checkpoint folder>`` without ``--config``, the run's own ``config.yaml`` (less its
+    ``train.stop_at_step``, which ended the previous leg) and overrides.
 
     Problems are appended to ``errors``. Returns the Config of what was valid, or None when
     there is no config to check further (no ``--config`` and no readable run config).
@@ -262,6 +263,7 @@ def training_config(
     except (ConfigError, yaml.YAMLError) as err:
         errors.append(ConfigError(f"'{path}': {one_line(err)}; add --config to resume it"))
         return None
+    cfg.train.stop_at_step = None  # the stop that ended the last leg; give it again to stop
     apply_overrides(cfg, overrides, errors)
     cfg.train.output_dir = str(run)  # where the run is now, even if it was moved
     return cfg
