@@ -89,6 +89,13 @@ def test_the_readmes_hold_the_workflow() -> None:
         assert needed in programs, needed
     subcommands = {cmd[1] for _, cmd in ALL_COMMANDS if cmd[0] == "prompt-ris"}
     assert subcommands == {"predict", "export"}
+    # What a user needs and found only in docstrings before: documented in the README.
+    readme = (REPO / "README.md").read_text()
+    for needed in ("PROMPT_RIS_WEIGHTS", "train.save_every_steps", "--save-every-steps",
+                   "SIGUSR1", "train.stop_at_step", "tensorboard --logdir", "train.tracker",
+                   "--mixed_precision", "--dynamo_backend", "--self-contained"):  # fmt: skip
+        assert needed in readme, needed
+    assert "data.root" not in "".join((REPO / r).read_text() for r in READMES)  # read by nothing
 
 
 @pytest.mark.parametrize(

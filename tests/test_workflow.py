@@ -116,6 +116,9 @@ def test_paper_workflow_from_a_fresh_clone(
     damaged = run / "checkpoints" / "step_00000003" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
     train = runpy.run_path(str(REPO / "scripts" / "train.py"))["main"]
+    with pytest.raises(SystemExit):  # overrides are checked against the run: no other model
+        train(["--resume", RUN, "model.cmp.num_prompts=2"])
+    assert "another model config" in capsys.readouterr().err
     with caplog.at_level("WARNING"):
         result = train(["--resume", RUN])
     assert result.finished and result.global_step == 4
