@@ -375,7 +375,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
                 dynamic_ncols=True, disable=not run.accelerator.is_main_process,
                 stage1_steps=run.steps_per_epoch * cfg.train.stage1_epochs,
             )  # fmt: skip
-            run.meter.resume()
+            run.meter = LossMeter()  # time counts from the first step, not from the set-up
             while run.state.epoch < run.num_epochs:
                 if not train_one_epoch(run):
                     finished = False
