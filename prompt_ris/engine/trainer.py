@@ -85,7 +85,7 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 BEST_METRICS = ("oIoU", "mIoU")  # train.best_metric choices (metrics.summarize names)
 RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing the trajectory
     "output_dir", "log_every", "num_overlays", "save_every_steps", "keep_checkpoints",
-    "stop_at_step", "num_workers",
+    "stop_at_step", "num_workers", "tracker",
 )  # fmt: skip
 
 
