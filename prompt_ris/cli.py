@@ -253,12 +253,17 @@ def _plan_jobs(args: argparse.Namespace) -> list[Job]:
             "e.g. --mask-out mask.png",
         )
     same = [path for path, n in Counter(_real(p) for p in outputs).items() if n > 1]
-    _require(not same, f"two outputs would be written to '{same[0] if same else ''}'; give "
-             "--out and --mask-out different names")  # fmt: skip
+    if same:
+        raise ValueError(
+            f"two outputs would be written to '{same[0]}'; give --out and --mask-out "
+            "different names"
+        )
     inputs = {_real(job.image) for job in jobs}
     clobber = [p for p in outputs if _real(p) in inputs]
-    _require(not clobber, f"output '{clobber[0] if clobber else ''}' is an input image; "
-             "choose another --out / --out-dir")  # fmt: skip
+    if clobber:
+        raise ValueError(
+            f"output '{clobber[0]}' is an input image; choose another --out / --out-dir"
+        )
     return jobs
 
 
