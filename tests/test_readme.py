@@ -12,6 +12,7 @@ real on a tiny model.
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
 import shlex
@@ -36,6 +37,7 @@ FRESH_CLONE_PROBLEMS = (
     r"--resume checkpoints/\S+: no run there \('[^']+/config\.yaml' not found\)",
 )
 HELP_SECONDS = 3.0  # measured 0.05-0.2 s each (7-8 s before the imports moved into main)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # subprocesses import this checkout
 
 
 def blocks(readme: str, language: str) -> list[str]:
@@ -123,7 +125,8 @@ def test_readme_command_runs_as_written_up_to_what_a_fresh_clone_lacks(
         return
     elif program == "scripts/download_weights.py":  # would download (test_weights.py: where to)
         assert "--help" in subprocess.run(
-            [sys.executable, program, "--help"], capture_output=True, text=True, check=True
+            [sys.executable, program, "--help"], capture_output=True, text=True, check=True,
+            env=ENV,
         ).stdout
         return
     elif program == "evaluation/compare.py":
@@ -193,7 +196,7 @@ def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
         ):
             start = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, *argv, *sub], capture_output=True, text=True, timeout=60
+                [sys.executable, *argv, *sub], capture_output=True, text=True, timeout=60, env=ENV
             )
             seconds = time.perf_counter() - start
             assert done.returncode == 0 and "usage:" in done.stdout, (program, done.stderr)
