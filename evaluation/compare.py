@@ -4,9 +4,11 @@ Both files use the schema written by ``evaluation/evaluate.py`` (and ``paper_res
 ``{"splits": {split: {output: {metric: value}}}, "entries": {name: {"splits": ...}}}``, where
 ``output`` is ``coarse``, ``final`` or ``random`` and values are percentages. ``--a-entry`` /
 ``--b-entry`` pick a named entry instead of the top-level splits, e.g. the paper's prompt ablation
-row ``table5/point+text`` or the seen/unseen model ``seen_unseen``::
+row ``table5/point+text`` or the seen/unseen model ``seen_unseen``. Give the reference first and
+your results second: the differences are B - A, positive where yours are higher::
 
-    python evaluation/compare.py evaluation/paper_results.json checkpoints/run1/eval/results.json
+    python evaluation/compare.py evaluation/paper_results.json \
+        checkpoints/refcoco_combined/eval/best/results.json
     python evaluation/compare.py evaluation/paper_results.json my_no_mask.json \
         --a-entry table5/point+text
 """
@@ -88,8 +90,8 @@ def _only_in(x: dict[str, dict], y: dict[str, dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> str:
     """Parse the arguments, print the comparison table and return it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="first result JSON (e.g. evaluation/paper_results.json)")
-    parser.add_argument("b", help="second result JSON")
+    parser.add_argument("a", help="A, the reference (e.g. evaluation/paper_results.json)")
+    parser.add_argument("b", help="B, your results.json; the tables show B - A")
     parser.add_argument("--a-entry", help="named entry of A (e.g. table5/point+text)")
     parser.add_argument("--b-entry", help="named entry of B")
     parser.add_argument("--metrics", help="comma-separated metrics to show (default: all shared)")

@@ -1,10 +1,43 @@
-"""Prompt-RIS: referring image segmentation bridging a prompt-tuned CLIP and a frozen SAM."""
+"""Prompt-RIS: referring image segmentation bridging a prompt-tuned CLIP and a frozen SAM.
+
+The public names are imported on first use (PEP 562), so that ``import prompt_ris.config`` or a
+command's ``--help`` does not pay for torch, open_clip and segment_anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from prompt_ris.config import Config, load_config  # noqa: E402
-from prompt_ris.models import Prediction, PromptRIS, PromptSwitches, build_prompt_ris  # noqa: E402
-from prompt_ris.predictor import Predictor  # noqa: E402
+_EXPORTS = {  # public name -> the module that defines it
+    "Config": "prompt_ris.config",
+    "load_config": "prompt_ris.config",
+    "Prediction": "prompt_ris.models",
+    "PromptRIS": "prompt_ris.models",
+    "PromptSwitches": "prompt_ris.models",
+    "build_prompt_ris": "prompt_ris.models",
+    "Predictor": "prompt_ris.predictor",
+}
+
+if TYPE_CHECKING:
+    from prompt_ris.config import Config, load_config
+    from prompt_ris.models import Prediction, PromptRIS, PromptSwitches, build_prompt_ris
+    from prompt_ris.predictor import Predictor
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'prompt_ris' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "Config",

@@ -1,20 +1,30 @@
-"""``prompt-ris`` command line: segment what an expression describes with a trained checkpoint.
+"""``prompt-ris`` command line: segment what an expression describes with a trained checkpoint,
+and export checkpoints.
 
 Examples::
 
-    prompt-ris predict --checkpoint checkpoints/run1/final --image a.jpg \\
+    prompt-ris predict --checkpoint checkpoints/run1/best --image a.jpg \\
         --text "the man on the left" --out overlay.png          # + overlay_mask.png
     prompt-ris predict --checkpoint ... --image photos/ --text "the dog" --out-dir masks/
     prompt-ris predict --checkpoint ... --batch jobs.json --out-dir masks/
+    prompt-ris export --checkpoint checkpoints/run1/best --out run1_portable --self-contained
 
 ``jobs.json`` is a list of ``{"image": "path", "text": "expression"}`` (``text`` may be a list);
 relative image paths are read from the JSON file's folder. Batch modes write
 ``<name>_mask.png`` (0/255) and ``<name>_overlay.png`` per expression plus ``predictions.json``,
-go on past a bad image or expression, and exit with 1 if any failed.
+go on past a bad image or expression, and exit with 1 if any failed. In a folder, images of the
+same name (``a.jpg``, ``a.png``) write ``a_jpg_*`` and ``a_png_*``; no two outputs ever share a
+file, and no output overwrites an input.
 
-Every user error (missing or mismatched checkpoint, missing base weights, unreadable image,
-empty expression) ends the program with one ``prompt-ris: error: ...`` line and exit code 1;
-``--verbose`` shows the traceback instead.
+``export`` writes a checkpoint that loads anywhere: ``--self-contained`` stores the base CLIP and
+SAM weights too (no weight files needed to load it); without it, the learned weights only, naming
+the base weights by file name, found through the weights folder (``$PROMPT_RIS_WEIGHTS``).
+
+Every user error (bad arguments, missing or mismatched checkpoint, missing base weights,
+unreadable image, empty expression, NaN weights) ends the program with one ``prompt-ris: error:
+...`` line per problem and exit code 1, found before the model is loaded where it can be;
+``--verbose`` shows the traceback instead. The heavy imports happen after the arguments are
+parsed, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -22,29 +32,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import numpy as np
-from PIL import Image
-
-from prompt_ris.data.text import EmptyExpressionError, tokenize
-from prompt_ris.data.transforms import as_rgb_image
-from prompt_ris.metrics import DEFAULT_THRESHOLD
-from prompt_ris.models import PromptRIS, PromptSwitches
-from prompt_ris.overlays import draw_overlay
-from prompt_ris.predictor import Predictor
+if TYPE_CHECKING:  # imported in the commands, after the arguments are parsed
+    from prompt_ris.models import PromptSwitches
+    from prompt_ris.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
 PROG = "prompt-ris"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # Pillow writes
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless: a mask must read back exactly
+DEFAULT_THRESHOLD = 0.5  # prompt_ris.metrics.DEFAULT_THRESHOLD (a test checks they agree)
 SUMMARY_NAME = "predictions.json"
 USER_ERRORS = (OSError, ValueError, RuntimeError)  # reported as one line (see module docstring)
+
+
+class UsageProblems(ValueError):
+    """Several problems with the command line, each reported on its own line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -70,12 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", type=Path, help="output folder (folder and --batch modes)")
     for name in ("mask", "point", "text"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"leave out the {name} prompt")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="mask probability")
+    p.add_argument(
+        "--threshold", type=float, default=DEFAULT_THRESHOLD,
+        help=f"mask probability in (0, 1) (default {DEFAULT_THRESHOLD})",
+    )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
     p.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
+
+    e = commands.add_parser(
+        "export", help="write a checkpoint for another machine (self-contained: no base weights)"
+    )
+    e.add_argument("--checkpoint", required=True, help="checkpoint folder (e.g. <run>/best)")
+    e.add_argument("--out", type=Path, required=True, help="new folder to write")
+    e.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="also store the base CLIP and SAM weights, so that loading needs no weight files",
+    )
+    e.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
+    e.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
+    e.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
     return parser
 
 
@@ -86,23 +121,41 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(levelname)s: %(message)s",
     )
+    command = run_export if args.command == "export" else run_predict
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            return run_predict(args)
+            return command(args)
         except USER_ERRORS as err:
             if args.verbose:
                 raise
-            _error(str(err))
+            for problem in getattr(err, "problems", [str(err)]):
+                _error(problem)
             return 1
+
+
+def load_checked(checkpoint: str, clip_weights: str | None, sam_weights: str | None) -> Any:
+    """``PromptRIS.from_pretrained`` after checking, without building anything, that the
+    checkpoint reads and that the base weights it needs exist (every problem, one per line)."""
+    from prompt_ris.models import PromptRIS
+    from prompt_ris.models.build import base_weight_problems
+    from prompt_ris.models.pretrained import KIND_FULL, read_checkpoint
+
+    saved = read_checkpoint(checkpoint)
+    if saved.kind != KIND_FULL:
+        problems = base_weight_problems(saved.config.model, clip_weights, sam_weights)
+        if problems:
+            raise UsageProblems(problems)
+    return PromptRIS.from_pretrained(checkpoint, clip_weights=clip_weights, sam_weights=sam_weights)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command: plan the jobs, load the model once, run them."""
     jobs = _plan_jobs(args)
-    model = PromptRIS.from_pretrained(
-        args.checkpoint, clip_weights=args.clip_weights, sam_weights=args.sam_weights
-    )
+    from prompt_ris.models import PromptSwitches
+    from prompt_ris.predictor import Predictor
+
+    model = load_checked(args.checkpoint, args.clip_weights, args.sam_weights)
     dtype = None if args.dtype == "auto" else args.dtype
     predictor = Predictor(model, device=args.device, dtype=dtype, threshold=args.threshold)
     default = model.default_switches
@@ -142,6 +195,13 @@ def _run_job(
     An empty expression raises when ``strict``; otherwise it gets an error record and the
     other expressions of the image are still predicted.
     """
+    import numpy as np
+    from PIL import Image
+
+    from prompt_ris.data.text import EmptyExpressionError, tokenize
+    from prompt_ris.data.transforms import as_rgb_image
+    from prompt_ris.overlays import draw_overlay
+
     records: list[dict[str, Any]] = [{"image": str(job.image), "text": t} for t in job.texts]
     todo = list(range(len(job.texts)))
     if not strict:  # drop empty expressions here so that the others still run
@@ -173,7 +233,46 @@ def _run_job(
 # Planning: which image gets which expressions and output files
 # --------------------------------------------------------------------------------------------
 def _plan_jobs(args: argparse.Namespace) -> list[Job]:
-    """Check the argument combination and list the jobs (before any model is loaded)."""
+    """Check the arguments and list the jobs (before any model is loaded): the argument
+    combination, the threshold, the output file types, and that no two outputs share a file."""
+    _require(
+        0.0 < args.threshold < 1.0,
+        f"--threshold {args.threshold} is not a probability in (0, 1); e.g. --threshold 0.5",
+    )
+    jobs = _jobs(args)
+    outputs = [path for job in jobs for pair in job.outputs for path in pair]
+    for overlay, mask in (pair for job in jobs for pair in job.outputs):
+        _require(
+            overlay.suffix.lower() in OVERLAY_SUFFIXES,
+            f"overlay file '{overlay}' needs an image extension ({', '.join(OVERLAY_SUFFIXES)}), "
+            "e.g. --out overlay.png",
+        )
+        _require(
+            mask.suffix.lower() in MASK_SUFFIXES,
+            f"mask file '{mask}' needs a lossless image extension ({', '.join(MASK_SUFFIXES)}), "
+            "e.g. --mask-out mask.png",
+        )
+    same = [path for path, n in Counter(_real(p) for p in outputs).items() if n > 1]
+    if same:
+        raise ValueError(
+            f"two outputs would be written to '{same[0]}'; give --out and --mask-out "
+            "different names"
+        )
+    inputs = {_real(job.image) for job in jobs}
+    clobber = [p for p in outputs if _real(p) in inputs]
+    if clobber:
+        raise ValueError(
+            f"output '{clobber[0]}' is an input image; choose another --out / --out-dir"
+        )
+    return jobs
+
+
+def _real(path: Path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _jobs(args: argparse.Namespace) -> list[Job]:
+    """The jobs the arguments describe (folder, JSON batch or single image)."""
     if args.batch is not None or args.image.is_dir():
         _require(
             args.out is None and args.mask_out is None,
@@ -189,8 +288,10 @@ def _plan_jobs(args: argparse.Namespace) -> list[Job]:
         _require(args.out_dir is not None, "a folder of images needs --out-dir")
         images = sorted(p for p in args.image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         _require(bool(images), f"no images ({', '.join(IMAGE_SUFFIXES)}) in '{args.image}'")
+        stems = Counter(image.stem for image in images)
         return [
-            Job(image, list(args.text), [_outputs(args.out_dir, image.stem)]) for image in images
+            Job(image, list(args.text), [_outputs(args.out_dir, _output_name(image, stems))])
+            for image in images
         ]
     if not args.image.is_file():
         raise FileNotFoundError(f"image '{args.image}' does not exist; check the path")
@@ -244,8 +345,50 @@ def _jobs_from_json(path: Path, out_dir: Path) -> list[Job]:
     return list(jobs.values())
 
 
+def _output_name(image: Path, stems: Counter[str]) -> str:
+    """``a`` for ``a.jpg``; ``a_jpg`` when another image of the folder is also named ``a``."""
+    return image.stem if stems[image.stem] == 1 else f"{image.stem}_{image.suffix[1:]}"
+
+
 def _outputs(out_dir: Path, name: str) -> tuple[Path, Path]:
     return out_dir / f"{name}_overlay.png", out_dir / f"{name}_mask.png"
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    """The ``export`` command: load a checkpoint and write it to a new folder, self-contained
+    (every weight) or learned-only with its base weights named by file name."""
+    out = args.out
+    _require(
+        not (out.exists() and (not out.is_dir() or any(out.iterdir()))),
+        f"--out '{out}' already exists; give a new folder",
+    )
+    from prompt_ris.models.pretrained import read_checkpoint
+    from prompt_ris.weights import names_a_file
+
+    saved = read_checkpoint(args.checkpoint)
+    model = load_checked(args.checkpoint, args.clip_weights, args.sam_weights)
+    if not args.self_contained:  # name the base weights as the weights folder holds them
+        model_cfg = model.config.model
+        clip = args.clip_weights or model_cfg.clip.pretrained
+        if clip is not None and names_a_file(clip):
+            model_cfg.clip.pretrained = Path(clip).name
+        sam = args.sam_weights or model_cfg.sam.checkpoint
+        if sam is not None:
+            model_cfg.sam.checkpoint = Path(sam).name
+    training = {**saved.training, "exported_from": str(args.checkpoint)}
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, self_contained=args.self_contained, training=training)
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(tmp, out)
+    kind = "self-contained" if args.self_contained else "learned weights only"
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    _say(f"wrote {out} ({kind}, {size:.1f} MB); load it with PromptRIS.from_pretrained('{out}')")
+    return 0
 
 
 def _require(condition: bool, message: str) -> None:

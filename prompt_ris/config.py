@@ -3,6 +3,13 @@
 A YAML file in ``configs/`` holds only what differs from the defaults below. Any field can be
 overridden on the command line as ``section.field=value`` (the value is parsed as a YAML scalar
 and type-checked), e.g. ``train.lr=2e-4 model.cmp.num_prompts=8``.
+
+What a user writes (config files, overrides) is read strictly: an unknown key or a value of the
+wrong type is an error, all of them listed at once (``load_config(..., errors=[])``). What a
+program wrote and reads back (a checkpoint's ``config.json``, a run's ``config.yaml``) is read by
+``config_from_dict``: the model section strictly (it decides the architecture), every other
+section tolerantly, with a warning for each unknown key, so a checkpoint written by a later
+version with a new training option still loads.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import difflib
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +34,9 @@ import yaml
 class ClipConfig:
     """CLIP towers (open_clip). Defaults: ViT-B/16 at 480 (Sec. 4.2)."""
 
-    pretrained: str | None = "openai"  # open_clip tag ("openai") or a local file; None = random
+    # A file in the weights folder (prompt_ris/weights.py), a path, an open_clip tag ("openai"),
+    # or None for random weights.
+    pretrained: str | None = "clip_vit_b16_openai.pt"
     model_name: str = "ViT-B-16"  # open_clip architecture the pretrained weights belong to
     image_size: int = 480  # CLIP input side, letterboxed (H_C = W_C = image_size / patch_size)
     patch_size: int = 16
@@ -68,7 +78,7 @@ class DecoderConfig:
 class SAMConfig:
     """SAM (segment_anything). Defaults: ViT-B at 1024."""
 
-    checkpoint: str | None = "checkpoints/sam_vit_b_01ec64.pth"  # None = random weights
+    checkpoint: str | None = "sam_vit_b_01ec64.pth"  # weights folder file, a path; None = random
     image_size: int = 1024  # SAM input side, letterboxed; embedding is image_size / 16
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -115,7 +125,6 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class DataConfig:
-    root: str = "data"  # folder with <dataset>/refs(<splitBy>).p, instances.json and images/
     prepared: str = "data/prepared"  # output of scripts/prepare_data.py (Arrow)
     image_dir: str | None = None  # image folder override; None = the paths stored when prepared
     train: str = "combined"  # "combined" (paper) or "<dataset>:<split>", e.g. "refcoco:train_seen"
@@ -138,13 +147,17 @@ class TrainConfig:
     poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power
     epoch_unit: str = "images"  # "images": each image once; "expressions": every expression once
     mixed_precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16", "no"
+    # "auto" leaves the choice to `accelerate launch --mixed_precision` / `accelerate config` when
+    # launched by it (bf16 where supported otherwise); any other value overrides the launcher.
     seed: int = 42
     log_every: int = 20  # steps between log lines
     val_every: int = 1  # epochs between validations
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     icl_weight: float = 1.0
     num_overlays: int = 4  # mask overlays written to TensorBoard per validation
-    compile: bool = False  # torch.compile the model through accelerate (inductor backend)
+    tracker: str = "tensorboard"  # accelerate tracker: "tensorboard", "wandb", "all" or "none"
+    # torch.compile through accelerate: None = the launcher's --dynamo_backend; true = inductor.
+    compile: bool | None = None
     sam_embed_cache: str | None = None  # folder caching frozen SAM image embeddings (stage 2)
     save_every_steps: int | None = None  # extra resumable checkpoint every N optimizer steps
     keep_checkpoints: int = 2  # newest resumable checkpoints kept in <output_dir>/checkpoints
@@ -160,7 +173,7 @@ class EvalConfig:
     use_mask: bool = True
     use_point: bool = True
     use_text: bool = True
-    output_dir: str | None = None  # defaults to <checkpoint>/eval
+    output_dir: str | None = None  # default <checkpoint's folder>/eval/<checkpoint name>
     save_masks: bool = False
     num_overlays: int = 0
     overlay_order: str = "first"  # "first" or "worst"
@@ -229,7 +242,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 # Loading, overriding, dumping
 # --------------------------------------------------------------------------------------------
 class ConfigError(ValueError):
-    """A config file or override names an unknown key or a value of the wrong type."""
+    """A config file or override names an unknown key or a value of the wrong type.
+
+    Attributes:
+        key: the dotted key at fault (``train.lr``), when known.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # Keys that no longer exist: what to write instead (one line each). Saved configs (exports,
@@ -280,7 +301,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected float, got {value!r}") from None
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads an unquoted no / yes (off / on) as a boolean; a string field means the
+        # word, e.g. train.mixed_precision=no.
+        return "yes" if value else "no"
+    if tp is str and isinstance(value, (int, float)):
         return str(value)
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -289,24 +314,38 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
-def _merge(obj: Any, diff: dict[str, Any], where: str) -> None:
-    """Apply a nested dict onto a dataclass instance in place, strictly."""
+def _merge(
+    obj: Any, diff: dict[str, Any], where: str, errors: list[ConfigError] | None = None
+) -> None:
+    """Apply a nested dict onto a dataclass instance in place, strictly.
+
+    Args:
+        errors: when given, each bad key or value is appended to it (and skipped) instead of
+            raised, so that all of them can be reported at once.
+    """
     types_ = _field_types(type(obj))
     for key, value in diff.items():
         path = f"{where}.{key}" if where else key
-        if key not in types_ and path in RETIRED_KEYS:
-            raise ConfigError(RETIRED_KEYS[path])
-        if key not in types_:
-            close = difflib.get_close_matches(key, list(types_), n=1)
-            hint = f"; did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{path}'{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-            _merge(current, value, path)
-        else:
-            setattr(obj, key, _coerce(value, types_[key], path))
+        try:
+            if key not in types_ and path in RETIRED_KEYS:
+                raise ConfigError(RETIRED_KEYS[path])
+            if key not in types_:
+                close = difflib.get_close_matches(key, list(types_), n=1)
+                prefix = f"{where}." if where else ""
+                hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{path}'{hint}")
+            current = getattr(obj, key)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+                _merge(current, value, path, errors)
+            else:
+                setattr(obj, key, _coerce(value, types_[key], path))
+        except ConfigError as err:
+            err.key = err.key or path
+            if errors is None:
+                raise
+            errors.append(err)
 
 
 def _dotted_to_nested(overrides: list[str]) -> list[dict[str, Any]]:
@@ -336,52 +375,132 @@ def apply_preset(cfg: Config) -> None:
 
 
 def load_config(
-    path: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None
+    path: str | Path | dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    errors: list[ConfigError] | None = None,
 ) -> Config:
     """Build a Config: defaults, then the model preset, then the YAML file, then overrides.
 
     Args:
         path: a YAML file (or an already-parsed dict) holding differences from the defaults.
         overrides: ``section.key=value`` strings applied last.
+        errors: when given, every unknown key, bad value or malformed override is appended to it
+            and skipped (the Config of what was valid is returned); otherwise the first raises.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (also collected into ``errors``, as a
+            ConfigError, when given).
+        ConfigError: a bad key or value, when ``errors`` is None.
     """
     diffs: list[dict[str, Any]] = []
-    if isinstance(path, dict):
-        diffs.append(path)
-    elif path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file '{path}' not found; see configs/ for examples")
-        diffs.append(yaml.safe_load(path.read_text()) or {})
-    diffs.extend(_dotted_to_nested(overrides or []))
-
-    for diff in diffs:
-        if not isinstance(diff, dict):
-            raise ConfigError(f"a config holds a mapping of sections, got {diff!r}")
-        if not isinstance(diff.get("model", {}), dict):
-            raise ConfigError(f"model: expected a mapping, got {diff['model']!r}")
+    try:
+        diffs.extend(_read_diffs(path))
+    except (ConfigError, FileNotFoundError) as err:
+        if errors is None:
+            raise
+        errors.append(err if isinstance(err, ConfigError) else ConfigError(str(err)))
+    for item in overrides or []:
+        try:
+            diffs.extend(_check_diff(diff) for diff in _dotted_to_nested([item]))
+        except ConfigError as err:
+            if errors is None:
+                raise
+            errors.append(err)
     # The preset is chosen first (from any layer), then every layer is applied on top of it.
     preset = "vit_b"
     for diff in diffs:
         preset = diff.get("model", {}).get("preset", preset)
     cfg = Config()
     cfg.model.preset = preset
-    apply_preset(cfg)
+    try:
+        apply_preset(cfg)
+    except ConfigError as err:
+        if errors is None:
+            raise
+        errors.append(err)
+        cfg = Config()
     for diff in diffs:
-        _merge(cfg, diff, "")
+        _merge(cfg, diff, "", errors)
     return cfg
+
+
+def apply_overrides(
+    cfg: Config, overrides: list[str], errors: list[ConfigError] | None = None
+) -> Config:
+    """Apply ``section.key=value`` overrides to ``cfg`` in place, strictly (see ``load_config``
+    for ``errors``); ``model.preset`` cannot change here (the preset fills the model first)."""
+    for item in overrides:
+        try:
+            diffs = _dotted_to_nested([item])
+            if "preset" in diffs[0].get("model", {}):
+                raise ConfigError(
+                    f"override '{item}': model.preset cannot change here; the model comes from "
+                    "the saved config", key="model.preset",
+                )  # fmt: skip
+        except ConfigError as err:
+            if errors is None:
+                raise
+            errors.append(err)
+            continue
+        _merge(cfg, diffs[0], "", errors)
+    return cfg
+
+
+def _read_diffs(path: str | Path | dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The config file (or dict) as a list of at most one diff, checked to be a mapping."""
+    if path is None:
+        return []
+    if isinstance(path, dict):
+        diff = path
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' not found; see configs/ for examples")
+        try:
+            diff = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            reason = " ".join(str(err).split())
+            raise ConfigError(f"config file '{path}' is not valid YAML: {reason}") from None
+    return [_check_diff(diff)]
+
+
+def _check_diff(diff: Any) -> dict[str, Any]:
+    """A diff is a mapping of sections, and its model section a mapping (the preset is read
+    from it before anything is merged)."""
+    if not isinstance(diff, dict):
+        raise ConfigError(f"a config holds a mapping of sections, got {diff!r}")
+    if not isinstance(diff.get("model", {}), dict):
+        raise ConfigError(f"model: expected a mapping, got {diff['model']!r}", key="model")
+    return diff
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a Config from ``config_to_dict`` output (as saved beside a checkpoint).
+STRICT_SECTIONS = ("model",)  # read back strictly: they decide the architecture
 
-    Keys of ``RETIRED_KEYS`` are dropped, so that configs saved by earlier versions still load.
+
+def config_from_dict(data: dict[str, Any], source: str = "a saved config") -> Config:
+    """Rebuild a Config from ``config_to_dict`` output (a checkpoint's config.json, a run's
+    config.yaml).
+
+    Keys of ``RETIRED_KEYS`` are dropped, so that configs saved by earlier versions load. The
+    model section is read strictly. Any other unknown key or invalid value (a setting of a later
+    or earlier version) is skipped with a warning naming ``source``, keeping the default.
+
+    Raises:
+        ConfigError: the model section (or the mapping itself) is invalid.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config holds a mapping of sections, got {type(data).__name__}")
     cfg = Config()
-    _merge(cfg, _without_retired(data), "")
+    errors: list[ConfigError] = []
+    _merge(cfg, _without_retired(data), "", errors)
+    for err in errors:
+        if (err.key or "").split(".")[0] in STRICT_SECTIONS:
+            raise err
+        warnings.warn(f"{source}: {err}; ignored (written by another version?)", stacklevel=2)
     return cfg
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from prompt_ris.data.text import tokenize
+from prompt_ris.data.text import expression_list, tokenize
 from prompt_ris.data.transforms import ImageInput, LetterboxedImage
 from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
 from prompt_ris.models import Prediction, PromptRIS, PromptSwitches
@@ -126,10 +126,10 @@ class Predictor:
             RuntimeError: no image was set.
             EmptyExpressionError: an expression is empty or whitespace only.
             ValueError: ``expressions`` is an empty list.
+            TypeError: ``expressions`` is not a string or a list of strings.
+            NonFiniteOutputError: the model gave NaN or infinite logits (a RuntimeError).
         """
-        texts = [expressions] if isinstance(expressions, str) else list(expressions)
-        if not texts:
-            raise ValueError("no expression given; pass a string or a non-empty list of strings")
+        texts = expression_list(expressions)
         tokens = tokenize(texts, self.model.text_length, warn_truncated=True)  # (N, L)
         logits = self.predict_torch(tokens, switches=switches, with_coarse=return_coarse)
         return Prediction.from_logits(texts, logits, self.threshold, return_probs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
 
     print("[2/4] training the tiny model: stage 1 (CLIP + CMP), then stage 2 (SAM)", flush=True)
+    if run_dir.exists():  # a demo starts afresh (train.py refuses to overwrite a run otherwise)
+        print(f"removing the previous demo run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     accelerate_launch(
         "scripts/train.py", "--config", str(CONFIG), f"data.prepared={prepared}",
         f"train.output_dir={run_dir}", *args.overrides,

@@ -1,12 +1,16 @@
-"""Fetch the base weights Prompt-RIS builds on into checkpoints/ (needs internet).
+"""Fetch the base weights Prompt-RIS builds on into the weights folder (needs internet).
 
     python scripts/download_weights.py            # SAM ViT-B and CLIP ViT-B/16 (openai)
     python scripts/download_weights.py --only sam
+    python scripts/download_weights.py --out-dir /shared/weights   # then PROMPT_RIS_WEIGHTS=...
 
 SAM: ``sam_vit_b_01ec64.pth`` from Meta's public URL (segment_anything's checkpoint, ~375 MB).
 CLIP: open_clip's ``ViT-B-16`` / ``openai`` weights, fetched by open_clip and saved as a plain
-open_clip state dict ``clip_vit_b16_openai.pt`` (~600 MB), so that training machines without
-internet can use ``model.clip.pretrained=checkpoints/clip_vit_b16_openai.pt``.
+open_clip state dict ``clip_vit_b16_openai.pt`` (~600 MB). Both go to the weights folder,
+``$PROMPT_RIS_WEIGHTS`` or ``~/.cache/prompt_ris`` (``prompt_ris/weights.py``), where the default
+config finds them by file name: training, evaluation and inference then run offline, from any
+folder, with no override. On a machine without internet, copy the two files into its weights
+folder.
 """
 
 from __future__ import annotations
@@ -19,20 +23,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import torch
+from prompt_ris.weights import CLIP_FILE, ENV_VAR, SAM_FILE, weights_dir
 
 logger = logging.getLogger("download_weights")
 
-SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
-SAM_FILE = "sam_vit_b_01ec64.pth"
+SAM_URL = f"https://dl.fbaipublicfiles.com/segment_anything/{SAM_FILE}"
 SAM_CHECK_KEY = "image_encoder.patch_embed.proj.weight"  # present in every SAM state dict
 CLIP_MODEL, CLIP_TAG = "ViT-B-16", "openai"
-CLIP_FILE = "clip_vit_b16_openai.pt"
 CHUNK_BYTES = 1 << 20
 
 
 def download_sam(out_dir: Path, force: bool = False) -> Path:
     """Download SAM ViT-B to ``out_dir/sam_vit_b_01ec64.pth`` and check that it loads."""
+    import torch
+
     target = out_dir / SAM_FILE
     if target.is_file() and not force:
         logger.info("%s exists; skipping (use --force to download again)", target)
@@ -60,6 +64,7 @@ def download_sam(out_dir: Path, force: bool = False) -> Path:
 def download_clip(out_dir: Path, force: bool = False) -> Path:
     """Fetch CLIP ViT-B/16 (openai) through open_clip and save its state dict to ``out_dir``."""
     import open_clip
+    import torch
 
     target = out_dir / CLIP_FILE
     if target.is_file() and not force:
@@ -82,11 +87,17 @@ def download_clip(out_dir: Path, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("checkpoints"))
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"where to write (default: the weights folder, ${ENV_VAR} or ~/.cache/prompt_ris)",
+    )
     parser.add_argument("--only", choices=["sam", "clip"], default=None)
     parser.add_argument("--force", action="store_true", help="download even if the file exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out_dir = args.out_dir or weights_dir()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     if args.only in (None, "sam"):
@@ -94,11 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "clip"):
         paths.append(download_clip(args.out_dir, args.force))
     logger.info("done: %s", ", ".join(str(p) for p in paths))
-    if args.only in (None, "clip"):
+    if args.out_dir.resolve() != weights_dir().resolve():
         logger.info(
-            "offline use: model.clip.pretrained=%s (the default 'openai' downloads again)",
-            args.out_dir / CLIP_FILE,
-        )
+            "the configs find these files through the weights folder: export %s=%s",
+            ENV_VAR, args.out_dir.resolve(),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,15 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
-from prompt_ris.data.prepare import format_counts_table, prepare_refer
-from prompt_ris.data.synthetic import (
-    SYNTHETIC_DATASET,
-    EXPRESSION_KINDS,
-    SYNTHETIC_SPLIT_BY,
-    SyntheticSummary,
-    generate_synthetic,
-)
+EXPRESSION_KINDS = ("attribute", "position", "relation")  # data.synthetic's (a test checks)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> SyntheticSummary:
+def main(argv: list[str] | None = None) -> Any:
+    """Write the data (and prepare it); returns the SyntheticSummary."""
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from prompt_ris.data.prepare import format_counts_table, prepare_refer
+    from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed, kinds=kinds)
     print(

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from typing import Any
 
-from prompt_ris.data.prepare import CHECK_IMAGES, SourceReport, format_counts_table, prepare_refer
+CHECK_IMAGES = ("none", "header", "full")  # prompt_ris.data.prepare.CHECK_IMAGES (a test checks)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,12 +41,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="header",
         help="header: open each image and compare its size (default); full: decode it; none",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[SourceReport]:
+def main(argv: list[str] | None = None) -> list[Any]:
+    """Prepare the sources; a missing or unsafe refs file ends it with one line (status 1)."""
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from prompt_ris.data.prepare import format_counts_table, prepare_refer
+    from prompt_ris.data.refer import UnsafeRefsError
+
     sources = None
     if args.datasets:
         sources = []
@@ -53,9 +60,15 @@ def main(argv: list[str] | None = None) -> list[SourceReport]:
                 raise SystemExit(f"--datasets entry '{item}' must look like refcoco:unc")
             dataset, split_by = item.split(":")
             sources.append((dataset, split_by))
-    reports = prepare_refer(
-        args.root, args.out, sources, image_dir=args.image_dir, check_images=args.check_images
-    )
+    try:
+        reports = prepare_refer(
+            args.root, args.out, sources, image_dir=args.image_dir, check_images=args.check_images
+        )
+    except (FileNotFoundError, UnsafeRefsError) as err:
+        if args.verbose:
+            raise
+        sys.stderr.write(f"prepare_data.py: error: {' '.join(str(err).split())}\n")
+        raise SystemExit(1) from None
     print(format_counts_table(reports))
     print(f"prepared data written to {args.out}")
     return reports

@@ -3,11 +3,16 @@
 Usage (any device or number of processes that ``accelerate config`` describes):
 
     accelerate launch scripts/train.py --config configs/refcoco_combined.yaml [key=value ...]
-    accelerate launch scripts/train.py --config configs/tiny_synthetic.yaml --resume
+    accelerate launch scripts/train.py --resume checkpoints/refcoco_combined
     accelerate launch --multi_gpu --num_processes 2 scripts/train.py --config ... train.lr=2e-4
 
-``--resume`` continues the newest checkpoint of ``train.output_dir`` (or the checkpoint or run
-folder given). Send SIGUSR1 to a training process to save a resumable checkpoint at the next step.
+``--resume RUN`` continues the run folder RUN from its newest intact checkpoint with the run's
+own ``config.yaml`` less its ``train.stop_at_step`` (overrides still apply; a changed model is
+refused). With ``--config``,
+``--resume`` alone continues ``train.output_dir``. Before anything is built, every problem
+found (config keys, base weights, prepared splits, output folder, resume checkpoint) is printed
+as one line with its fix, and the exit status is 1; ``-v`` shows tracebacks. Send SIGUSR1 to a
+training process to save a resumable checkpoint at the next step.
 """
 
 from __future__ import annotations
@@ -15,21 +20,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
-from prompt_ris.config import load_config
-from prompt_ris.engine.trainer import TrainResult, train
+PROG = "train.py"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file of differences from defaults")
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--config", help="YAML file of differences from defaults (optional with --resume RUN)"
+    )
     parser.add_argument(
         "--resume",
         nargs="?",
         const="latest",
         default=None,
-        help="'latest' (when the flag is given alone or last), a checkpoint folder or a run folder",
+        help="a run folder (its newest intact checkpoint and config.yaml), a checkpoint folder, "
+        "or 'latest' (train.output_dir of --config; the value when the flag is given alone)",
     )
     parser.add_argument(
         "--save-every-steps",
@@ -37,17 +46,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also save a resumable checkpoint every N optimizer steps (train.save_every_steps)",
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=2e-4")
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+def report(problems: list[str], preflight: bool = True) -> None:
+    """Print each problem on one line (main process only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for problem in problems:
+        sys.stderr.write(f"{PROG}: error: {problem}\n")
+    if preflight:
+        sys.stderr.write(f"{PROG}: {len(problems)} problem(s) found before building the model\n")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Check everything, then train; returns the TrainResult (exits with 1 on a user error)."""
     args = parse_args(argv)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
-        raise SystemExit(
+        report([
             f"--resume took '{args.resume}' as the checkpoint to resume; put --resume after the "
             "overrides (or write --resume latest) so that it is not read as an override"
-        )
+        ], preflight=False)  # fmt: skip
+        raise SystemExit(1)
     overrides = list(args.overrides)
     if args.save_every_steps is not None:
         overrides.append(f"train.save_every_steps={args.save_every_steps}")
@@ -58,8 +80,32 @@ def main(argv: list[str] | None = None) -> TrainResult:
         level=logging.INFO if main_process else logging.WARNING,
     )
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per file it saves
-    cfg = load_config(args.config, overrides)
-    return train(cfg, resume=args.resume)
+
+    from prompt_ris.config import ConfigError
+    from prompt_ris.engine import preflight
+    from prompt_ris.engine.checkpointing import DamagedCheckpointError
+    from prompt_ris.models.pretrained import CheckpointError
+
+    errors: list[ConfigError] = []
+    cfg = preflight.training_config(args.config, args.resume, overrides, errors)
+    if cfg is None:  # no config to check the rest against
+        problems, checkpoint = preflight.config_problems(errors), None
+    else:
+        problems, checkpoint = preflight.training_problems(cfg, args.resume, errors)
+    if problems:
+        report(problems)
+        raise SystemExit(1)
+
+    from prompt_ris.engine.trainer import train
+
+    user_errors = (ConfigError, CheckpointError, DamagedCheckpointError, FileNotFoundError)
+    try:
+        return train(cfg, resume=None if checkpoint is None else str(checkpoint))
+    except user_errors as err:
+        if args.verbose:
+            raise
+        report([f"{preflight.one_line(err)} (-v shows the traceback)"], preflight=False)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Shared fixtures: the tiny config, a tiny random-weight model and a random batch."""
+"""Shared fixtures: the tiny config, a tiny random-weight model and a random batch; an empty
+weights folder for every test."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -8,6 +12,19 @@ import torch
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
 from prompt_ris.models import PromptRIS, build_prompt_ris
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """$PROMPT_RIS_WEIGHTS points at an empty folder (subprocesses inherit it), so that base
+    weights in the developer's ~/.cache/prompt_ris cannot change what a test sees."""
+    previous = os.environ.get("PROMPT_RIS_WEIGHTS")
+    os.environ["PROMPT_RIS_WEIGHTS"] = str(tmp_path_factory.mktemp("weights"))
+    yield
+    if previous is None:
+        del os.environ["PROMPT_RIS_WEIGHTS"]
+    else:
+        os.environ["PROMPT_RIS_WEIGHTS"] = previous
 
 
 @pytest.fixture

@@ -16,12 +16,14 @@ from safetensors import safe_open
 from prompt_ris.config import Config, config_from_dict, config_to_dict, load_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.engine.checkpointing import (
+    DamagedCheckpointError,
     SaveRequest,
     TrainerState,
     export_pretrained,
     load_training_state,
     resolve_resume,
     save_training_state,
+    verify_checkpoint,
 )
 from prompt_ris.models import PromptRIS, build_prompt_ris
 
@@ -185,3 +187,82 @@ def test_export_loads_for_inference_with_identical_outputs(
         expected, got = model(synthetic_batch), loaded(synthetic_batch)
     assert torch.equal(got.coarse_logits, expected.coarse_logits)
     assert torch.equal(got.mask_logits, expected.mask_logits)
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints and file permissions (issue 17)
+# --------------------------------------------------------------------------------------------
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _flip_a_stored_byte(archive: Path) -> None:
+    """Flip one byte inside the data of the largest member of a torch.save (zip) archive."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as handle:
+        member = max(handle.infolist(), key=lambda info: info.file_size)
+    data = bytearray(archive.read_bytes())
+    offset = member.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[offset + 26 : offset + 30])
+    start = offset + 30 + name_len + extra_len  # the member's bytes (stored, not compressed)
+    data[start + member.compress_size // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+
+def test_resume_skips_a_damaged_checkpoint_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    accelerator, model, _ = _prepared_linear()
+    save_training_state(accelerator, tmp_path, TrainerState(global_step=1), keep=2)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    save_training_state(accelerator, tmp_path, TrainerState(global_step=2), keep=2)
+    root = tmp_path / "checkpoints"
+    newest, older = root / "step_00000002", root / "step_00000001"
+    assert verify_checkpoint(newest) is None and verify_checkpoint(older) is None
+    _truncate(newest / "model.safetensors")  # a full disk, a partial copy
+    assert "model.safetensors is truncated" in verify_checkpoint(newest)
+
+    with caplog.at_level("WARNING", logger="prompt_ris.engine.checkpointing"):
+        chosen = resolve_resume(tmp_path, "latest")
+    assert chosen == older
+    assert "step_00000002 (model.safetensors is truncated" in caplog.text
+    assert "resuming from" in caplog.text and str(older) in caplog.text
+    assert load_training_state(accelerator, chosen).global_step == 1
+    assert torch.equal(model.weight, weights["weight"])  # the intact state was restored
+    # Naming the damaged checkpoint itself is refused, pointing at the intact one.
+    with pytest.raises(DamagedCheckpointError, match=f"truncated.*resume from '{older}'"):
+        resolve_resume("unused", str(newest))
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path: Path) -> None:
+    accelerator, _, _ = _prepared_linear()
+    for step in (1, 2):
+        save_training_state(accelerator, tmp_path, TrainerState(global_step=step), keep=2)
+    root = tmp_path / "checkpoints"
+    _truncate(root / "step_00000002" / "model.safetensors")
+    optimizer = root / "step_00000001" / "optimizer.bin"  # a flipped byte: the CRC catches it
+    _flip_a_stored_byte(optimizer)
+    assert "optimizer.bin" in verify_checkpoint(root / "step_00000001")
+    with pytest.raises(DamagedCheckpointError) as err:
+        resolve_resume(tmp_path, "latest")
+    message = str(err.value)
+    assert "every checkpoint" in message and "step_00000001 (optimizer.bin" in message
+    assert "Start without --resume" in message and "\n" not in message
+
+
+def test_exports_and_checkpoints_get_umask_permissions(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        cfg = load_config({"model": {"preset": "tiny"}})
+        torch.manual_seed(0)
+        out = export_pretrained(build_prompt_ris(cfg.model), cfg, tmp_path / "run" / "best")
+        accelerator, _, _ = _prepared_linear()
+        saved = save_training_state(accelerator, tmp_path / "run", TrainerState(global_step=1))
+    finally:
+        os.umask(previous)
+    for path in (out / "model.safetensors", out / "config.json", saved / "model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path  # not safetensors' 0600

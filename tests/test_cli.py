@@ -201,3 +201,148 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert_one_line_error(done.stderr, "x.png", "does not exist")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments refused before loading, outputs that never collide, NaN, export (issue 17)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the model is loaded: these errors must come first."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(PromptRIS, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("threshold", ["2", "1", "0", "-0.5", "nan"])
+def test_threshold_outside_0_1_is_refused_before_loading(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_loading: None,
+    threshold: str,
+) -> None:  # fmt: skip
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image"]
+    argv += [str(workdir / "photos" / "a.png"), "--text", "x", "--out", str(tmp_path / "o.png")]
+    assert main(argv + ["--threshold", threshold]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"--threshold {float(threshold)}", "(0, 1)")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("outputs", "fragments"),
+    [
+        (["--out", "out/noext"], ["out/noext", "image extension"]),
+        (["--out", "o.png", "--mask-out", "o.png"], ["two outputs", "o.png"]),
+        (["--out", "o.png", "--mask-out", "m.jpg"], ["m.jpg", "lossless"]),
+        (["--out", "INPUT"], ["is an input image"]),
+    ],
+)
+def test_bad_output_files_are_refused_before_anything_is_written(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_loading: None,
+    outputs: list[str], fragments: list[str],
+) -> None:  # fmt: skip
+    image = tmp_path / "in.png"
+    image.write_bytes((workdir / "photos" / "a.png").read_bytes())
+    paths = [str(image) if a == "INPUT" else a if a.startswith("-") else str(tmp_path / a)
+             for a in outputs]  # fmt: skip
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(image)]
+    assert main([*argv, "--text", "x", *paths]) == 1
+    assert_one_line_error(capsys.readouterr().err, *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]  # nothing half-written
+
+
+def test_folder_images_sharing_a_name_write_separate_files(workdir: Path, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"a.jpg": (20, 30), "a.png": (33, 17), "b.png": (12, 12)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / name)
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(photos)]
+    assert main(argv + ["--text", "the dog", "--out-dir", str(out), "--device", "cpu"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [
+        "a_jpg_mask.png", "a_jpg_overlay.png", "a_png_mask.png", "a_png_overlay.png",
+        "b_mask.png", "b_overlay.png", "predictions.json",
+    ]  # fmt: skip
+    for stem, image in (("a_jpg", "a.jpg"), ("a_png", "a.png")):
+        np.testing.assert_array_equal(
+            read_mask(out / f"{stem}_mask.png"), expected_mask(workdir, photos / image, "the dog")
+        )
+    records = json.loads((out / "predictions.json").read_text())
+    assert len({r["mask"] for r in records}) == 3
+
+
+def test_non_finite_weights_end_with_one_line(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = load_config({"model": {"preset": "tiny"}})
+    torch.manual_seed(0)
+    model = build_prompt_ris(cfg.model)
+    with torch.no_grad():
+        model.decoder.logit_bias.fill_(float("inf"))
+    save_pretrained(model, tmp_path / "ckpt", config=cfg)
+    argv = ["predict", "--checkpoint", str(tmp_path / "ckpt"), "--image"]
+    argv += [str(workdir / "photos" / "a.png"), "--text", "x", "--out", str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    assert_one_line_error(capsys.readouterr().err, "NaN or infinite", "decoder.logit_bias")
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "o_mask.png").exists()
+
+
+def _frozen_checkpoint_on_weights_folder(folder: Path, out: Path) -> None:
+    """A learned-only checkpoint whose frozen base CLIP and SAM are files of the weights folder,
+    named by their real file names (tiny sizes, real formats)."""
+    torch.manual_seed(0)
+    base = build_prompt_ris(load_config({"model": {"preset": "tiny"}}).model)
+    folder.mkdir(parents=True)
+    torch.save(base.clip.clip.state_dict(), folder / "clip_vit_b16_openai.pt")
+    torch.save(
+        {f"{part}.{k}": v for part in ("image_encoder", "prompt_encoder", "mask_decoder")
+         for k, v in getattr(base.sam, part).state_dict().items()},
+        folder / "sam_vit_b_01ec64.pth",
+    )  # fmt: skip
+    frozen = {"freeze_image_encoder": True, "freeze_prompt_encoder": True}
+    model_cfg = {
+        "preset": "tiny",
+        "clip": {"pretrained": "clip_vit_b16_openai.pt", "freeze": True},
+        "sam": {"checkpoint": "sam_vit_b_01ec64.pth", "freeze_mask_decoder": True, **frozen},
+    }
+    cfg = load_config({"model": model_cfg})
+    torch.manual_seed(1)
+    save_pretrained(build_prompt_ris(cfg.model), out, config=cfg)
+
+
+def test_export_self_contained_loads_where_no_base_weights_are(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    weights, empty = tmp_path / "weights", tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PROMPT_RIS_WEIGHTS", str(weights))
+    _frozen_checkpoint_on_weights_folder(weights, tmp_path / "run" / "best")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the checkpoint's nor the weights' folder
+    image = workdir / "photos" / "a.png"
+    predict = ["predict", "--image", str(image), "--text", "the dog", "--device", "cpu"]
+    assert main([*predict, "--checkpoint", str(tmp_path / "run" / "best"), "--out", "a.png"]) == 0
+    want = read_mask(elsewhere / "a_mask.png")
+
+    portable, named = tmp_path / "portable", tmp_path / "named"
+    export = ["export", "--checkpoint", str(tmp_path / "run" / "best")]
+    assert main([*export, "--out", str(portable), "--self-contained"]) == 0
+    assert main([*export, "--out", str(named)]) == 0
+    assert "self-contained" in capsys.readouterr().out
+    meta = json.loads((named / "config.json").read_text())
+    assert meta["base_weights"]["sam_checkpoint"] == "sam_vit_b_01ec64.pth"  # by file name
+    assert json.loads((portable / "config.json").read_text())["self_contained"] is True
+    assert main([*export, "--out", str(portable)]) == 1  # never over an existing folder
+    assert_one_line_error(capsys.readouterr().err, "already exists")
+
+    monkeypatch.setenv("PROMPT_RIS_WEIGHTS", str(empty))  # another machine: no base weights
+    assert main([*predict, "--checkpoint", str(named), "--out", "b.png"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # both missing files, one line each
+    assert len(err) == 2 and "clip_vit_b16_openai.pt" in err[0] and "sam_vit_b_01ec64" in err[1]
+    assert all(line.startswith("prompt-ris: error: ") and str(empty) in line for line in err)
+    assert main([*predict, "--checkpoint", str(portable), "--out", "c.png"]) == 0
+    np.testing.assert_array_equal(read_mask(elsewhere / "c_mask.png"), want)

@@ -15,7 +15,13 @@ from pycocotools import mask as mask_utils
 
 from prompt_ris.data.loader import ReferImageDataset, group_by_image
 from prompt_ris.data.prepare import open_prepared, prepare_refer
-from prompt_ris.data.refer import Refer, load_refs, segmentation_to_rle, split_matches
+from prompt_ris.data.refer import (
+    Refer,
+    UnsafeRefsError,
+    load_refs,
+    segmentation_to_rle,
+    split_matches,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SQUARE = [2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]  # x, y pairs of a 10x10 square
@@ -282,3 +288,56 @@ def test_prepare_data_script_prints_counts_table(
     assert "fixture      unc      train           2        2         3" in out
     assert "missing images (image_id): 6" in out
     assert "refs left out with no sentence (ref_id): 9" in out
+
+
+# --------------------------------------------------------------------------------------------
+# A refs file from the internet must not run code (issue 17)
+# --------------------------------------------------------------------------------------------
+class _RunsACommand:
+    """What a crafted refs file holds: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_crafted_refs_file_is_refused_without_running_anything(
+    tmp_path: Path, protocol: int, capsys: pytest.CaptureFixture
+) -> None:
+    marker = tmp_path / "ran"
+    data_root = tmp_path / "data"
+    (data_root / "refcoco").mkdir(parents=True)
+    refs = data_root / "refcoco" / "refs(unc).p"
+    refs.write_bytes(pickle.dumps([{"ref_id": 1, "payload": _RunsACommand(marker)}], protocol))
+    (data_root / "refcoco" / "instances.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": []})
+    )
+    with pytest.raises(UnsafeRefsError, match=r"posix\.system|os\.system|nt\.system") as err:
+        load_refs(refs)
+    assert "could run code" in str(err.value) and "download it again" in str(err.value)
+    assert not marker.exists()
+    # The preparation script stops with one line, before anything is written.
+    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPTS / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--root", str(data_root), "--out", str(tmp_path / "prepared")])
+    assert stop.value.code == 1 and not marker.exists()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("prepare_data.py: error: ") and "not a plain refs file" in lines[-1]
+    assert not (tmp_path / "prepared" / "refcoco_unc").exists()
+
+
+def test_plain_refs_pickles_of_every_protocol_load(tmp_path: Path) -> None:
+    sentences = [{"sent": "left", "tokens": ("a",)}]
+    refs = [{"ref_id": 1, "sent_ids": [3, 4], "sentences": sentences, "split": "train",
+             "score": 0.5, "flags": {1, 2}, "none": None, "ok": True}]  # fmt: skip
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"refs{protocol}.p"
+        path.write_bytes(pickle.dumps(refs, protocol))
+        assert load_refs(path) == refs, protocol

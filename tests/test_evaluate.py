@@ -161,7 +161,7 @@ def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -
 
 
 def test_prompt_ablation_scores_each_prompt_off_in_one_run(
-    synthetic_run: dict[str, Path], tmp_path: Path
+    synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     evaluate_cli = _load_cli("evaluate")
     common = [
@@ -178,5 +178,91 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     alone = evaluate_cli.main([*common, "--no-mask", "--output", str(tmp_path / "no_mask")])
     assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
     assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
-    with pytest.raises(ValueError, match="drop --no-mask"):
+    with pytest.raises(SystemExit) as stop:
         evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+    assert stop.value.code == 1
+    assert "evaluate.py: error: --prompt-ablation" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Checked first, written as it goes, outside the exports (issue 17)
+# --------------------------------------------------------------------------------------------
+def test_every_split_is_checked_before_the_model_loads(
+    synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    evaluate_cli = _load_cli("evaluate")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the splits were checked")
+
+    monkeypatch.setattr("prompt_ris.models.PromptRIS.from_pretrained", refuse)
+    with pytest.raises(SystemExit) as stop:
+        evaluate_cli.main([
+            "--checkpoint", str(synthetic_run["checkpoint"]), "--output", str(tmp_path / "out"),
+            "--splits", "synthetic:val,synthetic:tesA,refcoco:val",
+            f"data.prepared={synthetic_run['prepared']}", "eval.batch_image=2",
+        ])  # fmt: skip
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("evaluate.py: ") for line in lines) and "Traceback" not in lines
+    text = "\n".join(lines)
+    assert "unknown config key 'eval.batch_image'; did you mean 'eval.batch_images'?" in text
+    assert "'tesA' in 'synthetic:tesA' is not a refer split" in text
+    assert "prepared data for refcoco(unc) not found" in text and "prepare_data.py" in text
+    assert lines[-1] == "evaluate.py: 3 problem(s) found before loading the model"
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_split_is_written_as_soon_as_it_is_scored(
+    synthetic_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluate_cli = _load_cli("evaluate")
+    real = evaluate_cli.evaluate_split
+
+    def crash_on_the_second(model, cfg, split, accelerator):  # noqa: ANN001, ANN202
+        if split == "synthetic:testB":
+            raise RuntimeError("the machine went away")
+        return real(model, cfg, split, accelerator)
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_split", crash_on_the_second)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate_cli.main([
+            "--checkpoint", str(synthetic_run["checkpoint"]), "--output", str(out),
+            "--splits", "synthetic:val,synthetic:testB", "--save-masks",
+            f"data.prepared={synthetic_run['prepared']}", "eval.max_expressions=6",
+            "data.num_workers=0",
+        ])  # fmt: skip
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["splits"]) == ["synthetic:val"] and saved["complete"] is False
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert records and {r["split"] for r in records} == {"synthetic:val"}
+    assert saved["splits"]["synthetic:val"]["final"]["num_expressions"] == len(records)
+    assert len((out / "masks.jsonl").read_text().splitlines()) == len(records)
+    assert "| synthetic:val |" in (out / "results.md").read_text()
+
+
+def test_default_output_is_beside_the_exports_and_survives_a_new_export(
+    synthetic_run: dict[str, Path], tmp_path: Path
+) -> None:
+    from prompt_ris.engine.checkpointing import export_pretrained
+    from prompt_ris.models import PromptRIS
+
+    evaluate_cli = _load_cli("evaluate")
+    run = tmp_path / "run"
+    model = PromptRIS.from_pretrained(synthetic_run["checkpoint"])
+    export_pretrained(model, model.config, run / "best")
+    assert evaluate_cli.default_output(run / "best") == run / "eval" / "best"
+    assert evaluate_cli.default_output(f"{run}/best/") == run / "eval" / "best"
+    assert evaluate_cli.default_output(run / "best" / "model.safetensors") == run / "eval" / "best"
+    results = evaluate_cli.main([
+        "--checkpoint", str(run / "best"), "--splits", "synthetic:val",
+        f"data.prepared={synthetic_run['prepared']}", "eval.max_expressions=4",
+        "data.num_workers=0",
+    ])  # fmt: skip
+    assert results["complete"] is True
+    export_pretrained(model, model.config, run / "best")  # training publishes a newer best/
+    saved = json.loads((run / "eval" / "best" / "results.json").read_text())
+    assert saved["splits"] == results["splits"]
+    assert sorted(p.name for p in (run / "best").iterdir()) == ["config.json", "model.safetensors"]

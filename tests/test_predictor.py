@@ -15,7 +15,7 @@ from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import EmptyExpressionError, tokenize
 from prompt_ris.data.transforms import ImageLoadError
 from prompt_ris.frames import lowres_to_original
-from prompt_ris.models import Prediction, PromptRIS, PromptSwitches
+from prompt_ris.models import NonFiniteOutputError, Prediction, PromptRIS, PromptSwitches
 from prompt_ris.models.build import build_sam
 from prompt_ris.predictor import Predictor, resolve_device, resolve_dtype
 
@@ -185,6 +185,32 @@ def test_no_expression_raises(predictor: Predictor) -> None:
     predictor.set_image(random_image(16, 16))
     with pytest.raises(ValueError, match="no expression"):
         predictor.predict([])
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [(None, "got None"), (5, "got 5"), (b"the dog", "got b'the dog'"), (["ok", 3], "expression 1")],
+)
+def test_non_string_expressions_raise_a_clear_type_error(
+    predictor: Predictor, tiny_model: PromptRIS, bad: object, says: str
+) -> None:
+    image = random_image(16, 16)
+    predictor.set_image(image)
+    for predict in (predictor.predict, lambda texts: tiny_model.predict(image, texts)):
+        with pytest.raises(TypeError, match="string") as err:
+            predict(bad)
+        assert says in str(err.value)
+
+
+def test_non_finite_outputs_raise_instead_of_empty_masks(tiny_model: PromptRIS) -> None:
+    with torch.no_grad():
+        tiny_model.decoder.logit_bias.fill_(float("nan"))  # a diverged run's weights
+    predictor = Predictor(tiny_model, device="cpu", dtype=torch.float32)
+    predictor.set_image(random_image(16, 16))
+    with pytest.raises(NonFiniteOutputError, match=r"NaN or infinite.*fp32"):
+        predictor.predict(["the dog"])
+    with pytest.raises(NonFiniteOutputError):
+        tiny_model.predict(random_image(16, 16), "the dog")
 
 
 def test_long_expression_is_cut_with_warning(predictor: Predictor) -> None:

@@ -348,3 +348,69 @@ def test_load_into_checks_before_loading(
     with pytest.raises(CheckpointError, match="shape mismatch"):
         checkpoint.load_into(wrong)
     assert all(torch.equal(wrong.state_dict()[k], v) for k, v in before.items())  # untouched
+
+
+# --------------------------------------------------------------------------------------------
+# Configs of another version, run folders, NaN weights (issue 17)
+# --------------------------------------------------------------------------------------------
+def test_config_of_a_later_version_loads_with_a_warning_outside_the_model(
+    tiny_model: PromptRIS, tiny_cfg: Config, synthetic_batch: Batch, tmp_path: Path
+) -> None:
+    save_pretrained(tiny_model, tmp_path / "ckpt", config=tiny_cfg)
+    path = tmp_path / "ckpt" / CONFIG_NAME
+    meta = json.loads(path.read_text())
+    meta["config"]["train"]["warmup_steps"] = 500  # a training option this version lacks
+    meta["config"]["data"]["images_per_batch"] = "sixteen"  # a setting whose type changed
+    meta["config"]["logging"] = {"every": 5}  # a whole new section
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning) as caught:
+        loaded = PromptRIS.from_pretrained(tmp_path / "ckpt")
+    text = " | ".join(str(w.message) for w in caught)
+    for key in ("train.warmup_steps", "data.images_per_batch", "logging"):
+        assert key in text and "ignored" in text, text
+    assert loaded.config.data.images_per_batch == Config().data.images_per_batch  # default kept
+    with torch.no_grad():
+        want, got = tiny_model.eval()(synthetic_batch), loaded(synthetic_batch)
+    assert torch.equal(got.mask_logits, want.mask_logits)
+    # The model section decides the architecture: an unknown key there is an error.
+    meta["config"]["model"]["decoder"]["depth"] = 3
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="unknown config key 'model.decoder.depth'"):
+        read_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_run_folder_points_at_its_exports(tiny_model: PromptRIS, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for name in ("best", "final"):
+        tiny_model.save_pretrained(run / name)
+    (run / "checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        PromptRIS.from_pretrained(run)
+    message = str(err.value)
+    assert "training run folder" in message
+    assert str(run / "best") in message and str(run / "final") in message
+
+
+def test_non_finite_weights_are_refused(tiny_model: PromptRIS, tmp_path: Path) -> None:
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    name = "decoder.logit_bias"
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(weights), metadata=meta)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 tensor.*diverged"):
+        PromptRIS.from_pretrained(tmp_path / "ckpt")
+
+
+def test_saved_files_get_ordinary_permissions(tiny_model: PromptRIS, tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        tiny_model.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(previous)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o640, name  # 0666 & ~umask

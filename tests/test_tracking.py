@@ -3,20 +3,27 @@ on resume, and the overlay panels written to the tracker."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from prompt_ris.data.batch import Batch
 from prompt_ris.engine.checkpointing import TrainerState
+from prompt_ris.engine import tracking
 from prompt_ris.engine.tracking import (
     METRICS_FILENAME,
+    STAGE2_STEP_COST,
     LossMeter,
+    StageProgress,
     append_metrics,
     logged_before_checkpoint,
     overlay_panels,
+    remaining_seconds,
+    tracker_problem,
     trim_metrics,
 )
 from prompt_ris.models import PromptRIS
@@ -99,3 +106,72 @@ def test_overlay_panels_show_input_truth_coarse_final(
     assert not stage1[:, :, :, 192:].any()
     full = overlay_panels(model, synthetic_batch, with_sam=True, count=4)[0]
     np.testing.assert_array_equal(stage1[:, :, :, :192], full[:, :, :, :192])
+
+
+# --------------------------------------------------------------------------------------------
+# Throughput, ETA and trackers (issue 17)
+# --------------------------------------------------------------------------------------------
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_loss_meter_counts_training_time_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(tracking, "_clock", clock)
+    meter = LossMeter()
+    clock.now += 2.0  # two seconds of training: 3 steps of 4 expressions
+    for _ in range(3):
+        meter.add({"total": torch.tensor(1.0)}, 4)
+    assert meter.pause() is True and meter.pause() is False
+    clock.now += 1000.0  # a validation: not training time
+    meter.resume()
+    clock.now += 1.0  # one more step
+    meter.add({"total": torch.tensor(1.0)}, 4)
+    assert meter.elapsed == 3.0
+    assert meter.expressions_per_s == 16 / 3.0
+
+
+def test_eta_weights_each_stage_by_its_cost() -> None:
+    zero = {1: 0.0, 2: 0.0}
+    none = {1: 0, 2: 0}
+    assert remaining_seconds(0, 10, 4, zero, none) is None  # nothing measured yet
+    # Stage 1 measured at 1 s/step; stage 2 estimated at STAGE2_STEP_COST times that.
+    eta = remaining_seconds(2, 10, 4, {1: 2.0, 2: 0.0}, {1: 2, 2: 0})
+    assert eta == 2 * 1.0 + 6 * STAGE2_STEP_COST * 1.0
+    # Once stage 2 has run, its measured cost replaces the estimate.
+    assert remaining_seconds(6, 10, 4, {1: 4.0, 2: 6.0}, {1: 4, 2: 2}) == 4 * 3.0
+    # A run resumed in stage 2 needs no stage-1 measurement.
+    assert remaining_seconds(8, 10, 4, {1: 0.0, 2: 5.0}, {1: 0, 2: 2}) == 2 * 2.5
+
+
+def test_progress_bar_shows_the_stage_weighted_eta() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    bar = StageProgress(total=10, stage1_steps=4, clock=clock, file=out, mininterval=0)
+    for _ in range(2):  # stage 1 at 1 s per step
+        clock.now += 1.0
+        bar.update(1)
+    assert bar.eta_seconds == 2 * 1.0 + 6 * STAGE2_STEP_COST
+    assert bar.format_dict["eta"] == "00:14"
+    clock.now += 500.0  # a validation
+    bar.unpause()
+    for _ in range(4):  # the rest of stage 1 (1 s), then stage 2 at 3 s per step
+        clock.now += 1.0 if bar.n < 4 else 3.0
+        bar.update(1)
+    assert bar.measured_steps == {1: 4, 2: 2} and bar.measured_seconds == {1: 4.0, 2: 6.0}
+    assert bar.eta_seconds == 4 * 3.0
+    bar.close()
+    assert "<00:12," in out.getvalue()  # the bar prints the weighted ETA
+
+
+def test_tracker_choices_and_missing_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tracker_problem("tensorboard") is None and tracker_problem("none") is None
+    assert tracker_problem("all") is None
+    assert "choose one of" in tracker_problem("tensorbord")
+    monkeypatch.setattr(tracking, "is_wandb_available", lambda: False)
+    assert "pip install wandb" in tracker_problem("wandb")
+    assert tracking.log_with("none") is None and tracking.log_with("all") == ["all"]

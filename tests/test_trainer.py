@@ -222,6 +222,8 @@ def test_resume_after_interruption_reproduces_losses_and_weights(
 ) -> None:
     straight = tmp_path / "straight"
     train(small_cfg(prepared, straight))
+    # The default tracker: TensorBoard events (scalars and overlays) under tensorboard/.
+    assert list((straight / "tensorboard" / "prompt-ris").glob("events.out.tfevents.*"))
 
     cut = tmp_path / "interrupted"
     cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
@@ -310,3 +312,138 @@ def test_two_process_ddp_run_on_cpu_keeps_processes_identical(
     # The export is rank 0's model, which equals rank 1's.
     exported = {**init, **final}
     assert _digest(exported) == ranks[0][1]
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher choices, throughput, trackers, checks before the wait (issue 17)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_accelerate_state() -> Iterator[None]:
+    """Accelerate keeps one process-wide state; tests that change its precision reset it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "launcher", "expected", "warns"),
+    [
+        ("auto", "bf16", "bf16", False),  # accelerate launch --mixed_precision bf16
+        ("auto", "no", "no", False),
+        ("no", "bf16", "no", True),  # the config overrides the launcher, and says so
+        ("bf16", None, "bf16", False),
+    ],
+)
+def test_mixed_precision_follows_the_launcher_unless_the_config_sets_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fresh_accelerate_state: None,
+    setting: str, launcher: str | None, expected: str, warns: bool,
+) -> None:  # fmt: skip
+    from prompt_ris.engine.trainer import build_accelerator
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # what accelerate launch sets
+    cfg = load_config(overrides=[f"train.mixed_precision={setting}", "train.tracker=none"])
+    with caplog.at_level("WARNING"):
+        accelerator = build_accelerator(cfg)
+    assert accelerator.mixed_precision == expected
+    assert ("overrides accelerate launch" in caplog.text) is warns
+
+
+@pytest.mark.parametrize(
+    ("setting", "launcher", "expected"),
+    [("null", "INDUCTOR", "INDUCTOR"), ("null", None, "NO"), ("false", "INDUCTOR", "NO"),
+     ("true", None, "INDUCTOR")],
+)  # fmt: skip
+def test_compile_follows_the_launchers_dynamo_backend_unless_set(
+    monkeypatch: pytest.MonkeyPatch, fresh_accelerate_state: None,
+    setting: str, launcher: str | None, expected: str,
+) -> None:  # fmt: skip
+    from prompt_ris.engine.trainer import build_accelerator
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launcher)  # accelerate launch's
+    cfg = load_config(overrides=[f"train.compile={setting}", "train.tracker=none"])
+    assert build_accelerator(cfg).state.dynamo_plugin.backend.value == expected
+
+
+def test_throughput_counts_training_time_across_epochs_and_validations(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake clock that moves 1 s per training micro-step and 1000 s per validation: every
+    logged throughput must be the expressions of one micro-step per second, exactly."""
+    from prompt_ris.engine import tracking, trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(tracking, "_clock", lambda: clock[0])
+    real_forward, real_validate = trainer.forward_loss, trainer.validate
+
+    def forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        clock[0] += 1.0
+        return real_forward(*args, **kwargs)
+
+    def validate(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        clock[0] += 1000.0
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "forward_loss", forward)
+    monkeypatch.setattr(trainer, "validate", validate)
+    cfg = small_cfg(
+        prepared, tmp_path, "train.stage1_epochs=2", "train.stage2_epochs=1",
+        "train.log_every=3", "train.tracker=none",
+    )  # fmt: skip
+    train(cfg)
+    losses = read_losses(tmp_path)
+    assert sorted(losses) == [3, 6]  # each log spans an epoch boundary and a validation
+    per_step = cfg.data.images_per_batch * cfg.data.expressions_per_image
+    for step, record in losses.items():
+        assert record["expressions_per_s"] == pytest.approx(per_step), step
+    assert not (tmp_path / "tensorboard").exists()  # train.tracker=none, overlays skipped
+
+
+def test_train_script_reports_every_problem_before_building_anything(
+    prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from prompt_ris.engine import trainer
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the checks")
+
+    monkeypatch.setattr(trainer, "build_prompt_ris", refuse)
+    cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
+    argv = [
+        "--config", str(CONFIG), f"train.output_dir={tmp_path / 'run'}",
+        f"data.prepared={tmp_path / 'nothing'}", "train.lrr=1", "data.val=synthetic:testA",
+        "model.sam.checkpoint=sam_vit_b_01ec64.pth", "train.tracker=tensorbord", "--resume",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli(argv)
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert all(line.startswith("train.py: ") for line in lines), lines
+    text = "\n".join(lines)
+    for fragment in (
+        "unknown config key 'train.lrr'; did you mean 'train.lr'?",
+        "data.val='synthetic:testA' is a test split",
+        "train.tracker='tensorbord' is unknown",
+        "model.sam.checkpoint='sam_vit_b_01ec64.pth' not found in the weights folder",
+        "prepared data for synthetic(unc) not found",
+        "--resume latest: no checkpoint found",
+    ):
+        assert fragment in text, (fragment, text)
+    assert lines[-1] == "train.py: 6 problem(s) found before building the model"
+
+    # A folder that already holds a run is not trained over without --resume.
+    monkeypatch.undo()
+    run = tmp_path / "run2"
+    args = ["--config", str(CONFIG), f"data.prepared={prepared}", f"train.output_dir={run}", *SMALL]
+    assert not cli([*args, "train.stop_at_step=1", "train.tracker=none"]).finished
+    with pytest.raises(SystemExit):
+        cli([*args, "train.tracker=none"])
+    assert f"continue it with --resume {run}" in capsys.readouterr().err

@@ -12,7 +12,11 @@ covers it, i.e. ``sum > 0``: refer's ``getMask`` sums parts, and ``== 1`` would 
 where parts overlap).
 
 The refs pickles are Python-2 pickles. They are the only pickles read anywhere in this project,
-once, by ``scripts/prepare_data.py``; training reads the prepared Arrow files.
+once, by ``scripts/prepare_data.py``; training reads the prepared Arrow files. They come from the
+internet, and a pickle can name any function to call while it loads (``os.system`` included), so
+they are read by a restricted unpickler that builds only what a refs file holds (lists, dicts,
+tuples, strings, numbers, booleans, None, sets) and refuses any other global with
+:class:`UnsafeRefsError` before calling it.
 """
 
 from __future__ import annotations
@@ -76,22 +80,64 @@ def _repair_text(obj: Any) -> Any:
     return obj
 
 
+class UnsafeRefsError(pickle.UnpicklingError):
+    """A refs file asks for something other than plain data (it could run code)."""
+
+
+# The only globals a refs pickle may name: builtin containers without side effects (a Python-2
+# pickle names the builtins module "__builtin__").
+_SAFE_GLOBALS = {
+    (module, name)
+    for module in ("builtins", "__builtin__")
+    for name in ("set", "frozenset", "list", "dict", "tuple")
+}
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Builds lists, dicts, tuples, strings, numbers, booleans, None and sets; nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeRefsError(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeRefsError(f"persistent id {pid!r}")
+
+
+def _unpickle_plain(f: Any, path: Path, encoding: str) -> Any:
+    try:
+        return _PlainDataUnpickler(f, encoding=encoding).load()
+    except UnsafeRefsError as err:
+        raise UnsafeRefsError(
+            f"'{path}' is not a plain refs file: it asks to call {err} while loading, which "
+            "could run code on this machine, so it was not loaded. A refs file holds only lists, "
+            f"dicts, strings and numbers; delete it and download it again ({_DOWNLOAD_HINT})"
+        ) from None
+
+
 def load_refs(path: str | Path) -> list[dict[str, Any]]:
-    """Load a ``refs(<splitBy>).p`` pickle written by Python 2 or 3.
+    """Load a ``refs(<splitBy>).p`` pickle written by Python 2 or 3, as plain data only.
 
     Python-2 byte strings do not decode as ASCII when a sentence is non-ASCII; the file is then
     read again with ``encoding='latin1'`` (which maps every byte) and the strings are re-decoded
     as UTF-8, so non-ASCII expressions come back as the text that was written.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnsafeRefsError: the pickle names a function or class (module docstring); nothing it
+            names is called.
+        ValueError: it holds something other than a list.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"refs file '{path}' not found; {_DOWNLOAD_HINT}")
     with path.open("rb") as f:
         try:
-            refs = pickle.load(f)
+            refs = _unpickle_plain(f, path, encoding="ASCII")
         except UnicodeDecodeError:
             f.seek(0)
-            refs = _repair_text(pickle.load(f, encoding="latin1"))
+            refs = _repair_text(_unpickle_plain(f, path, encoding="latin1"))
     if not isinstance(refs, list):
         raise ValueError(f"'{path}' holds a {type(refs).__name__}, not a list of refs")
     return refs

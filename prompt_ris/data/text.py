@@ -17,6 +17,33 @@ class EmptyExpressionError(ValueError):
     """An expression is empty or whitespace only."""
 
 
+def expression_list(expressions: object) -> list[str]:
+    """One expression or a sequence of them, as a list of strings (what ``predict`` takes).
+
+    Raises:
+        TypeError: ``expressions`` (or one of its items) is not a string, naming what it is.
+        ValueError: the list is empty.
+    """
+    if isinstance(expressions, str):
+        return [expressions]
+    if expressions is None or isinstance(expressions, (bytes, dict)) or not hasattr(
+        expressions, "__iter__"
+    ):
+        raise TypeError(
+            f"expressions must be a string or a list of strings, got {expressions!r} "
+            f"({type(expressions).__name__})"
+        )
+    texts = list(expressions)  # type: ignore[call-overload]
+    if not texts:
+        raise ValueError("no expression given; pass a string or a non-empty list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"expression {i} is {text!r} ({type(text).__name__}); expressions are strings"
+            )
+    return texts
+
+
 @functools.lru_cache(maxsize=1)
 def _tokenizer() -> SimpleTokenizer:
     # The BPE vocabulary ships inside the open_clip package: nothing is downloaded.

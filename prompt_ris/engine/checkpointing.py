@@ -9,6 +9,12 @@ file naming the folder) replaced, so a crash at any moment leaves ``latest`` nam
 checkpoint. Resume state uses ``torch.save`` (pickle) for the optimizer and RNG states, as
 accelerate does; load it only from runs you trust. All processes must see the same file system.
 
+**Resume verifies** what it is about to load (``verify_checkpoint``: every safetensors file is
+complete, every ``torch.save`` archive passes its CRC check, ``trainer_state.json`` parses): a
+checkpoint damaged after it was written (a full disk, a partial copy) is named, and ``--resume
+latest`` falls back to the newest intact one, saying so; when none is intact it refuses in one
+line.
+
 **Export** (``<output_dir>/{stage1,final,best}/``) is what inference needs, and nothing pickled:
 the two files of ``models.pretrained.save_pretrained``: ``model.safetensors`` (the learned
 parameters; plus the weights of a tower whose config names no base-weight file, e.g. the tiny
@@ -25,7 +31,9 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import threading
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -35,13 +43,14 @@ from accelerate import Accelerator
 
 from prompt_ris.config import Config
 from prompt_ris.models import PromptRIS
-from prompt_ris.models.pretrained import save_pretrained
+from prompt_ris.models.pretrained import chmod_like_new_file, save_pretrained
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"  # resume states live in <output_dir>/checkpoints/
 LATEST_FILENAME = "latest"  # one line: the folder name of the newest complete checkpoint
 TRAINER_STATE_FILENAME = "trainer_state.json"
+RUN_CONFIG_NAME = "config.yaml"  # <output_dir>/config.yaml: the run's resolved config
 _TMP_PREFIX = ".tmp-"
 
 
@@ -158,6 +167,8 @@ def save_training_state(
     accelerator.save_state(str(tmp))  # every process writes its RNG states here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for weights in tmp.glob("*.safetensors"):
+            chmod_like_new_file(weights)  # safetensors writes 0600
         (tmp / TRAINER_STATE_FILENAME).write_text(state.to_json())
         _publish_dir(tmp, final)
         _write_text_atomic(root / LATEST_FILENAME, name + "\n")  # last: the commit point
@@ -177,34 +188,146 @@ def _prune_checkpoints(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(path)
 
 
+class DamagedCheckpointError(RuntimeError):
+    """The checkpoint to resume (and every older one) is damaged."""
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a resume checkpoint (it holds ``trainer_state.json``)."""
+    return (folder / TRAINER_STATE_FILENAME).is_file()
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder a checkpoint folder belongs to (``<run>/checkpoints/step_*``)."""
+    return checkpoint.parent.parent
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is incomplete, or None: its header must parse and the file must
+    hold every byte the header's offsets name."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return f"{path.name} is truncated ({size} bytes, its header alone needs {8 + length})"
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{path.name} has an unreadable header"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    needed = 8 + length + max(ends, default=0)
+    if size != needed:
+        return f"{path.name} is truncated ({size} bytes of {needed})"
+    return None
+
+
+def _archive_problem(path: Path) -> str | None:
+    """Why a ``torch.save`` archive (a zip file) is damaged, or None (CRC of every member)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{path.name} is not a complete torch.save archive ({err})"
+    return None if bad is None else f"{path.name} is corrupt (CRC error in {bad})"
+
+
+def verify_checkpoint(folder: str | Path) -> str | None:
+    """Check a resume checkpoint without loading it; None when intact, else what is damaged.
+
+    Every ``*.safetensors`` file must be complete, every ``*.bin`` / ``*.pkl`` / ``*.pt``
+    (accelerate's ``torch.save`` archives: optimizer, scheduler, RNG states) must pass its CRC
+    check, ``trainer_state.json`` must parse, and the model weights must be there.
+    """
+    folder = Path(folder)
+    try:
+        TrainerState.from_json((folder / TRAINER_STATE_FILENAME).read_text())
+    except (OSError, ValueError, TypeError) as err:
+        return f"{TRAINER_STATE_FILENAME} is unreadable ({err})"
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if not any(p.suffix == ".safetensors" or p.name.startswith("pytorch_model") for p in files):
+        return "it holds no model weights (model.safetensors)"
+    for path in files:
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            problem = _archive_problem(path)
+        else:
+            continue
+        if problem is not None:
+            return problem
+    return None
+
+
+def _resume_candidates(run: Path) -> list[Path]:
+    """The run's checkpoints, newest first, starting at the one ``latest`` names (newer folders
+    were never committed)."""
+    root = checkpoint_root(run)
+    folders = sorted((p for p in root.glob("step_*") if is_checkpoint(p)), reverse=True)
+    pointer = root / LATEST_FILENAME
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        folders = [named] + [p for p in folders if p.name < named.name]
+    return folders
+
+
 def resolve_resume(output_dir: str | Path, resume: str) -> Path:
-    """Find the checkpoint folder that ``--resume`` names.
+    """Find the checkpoint folder that ``--resume`` names, verified intact.
 
     Args:
         output_dir: the run folder (used for ``"latest"``).
-        resume: ``"latest"`` (the newest complete checkpoint of ``output_dir``), a checkpoint folder
-            (holding ``trainer_state.json``), or another run folder (its latest checkpoint).
+        resume: ``"latest"`` (the newest intact checkpoint of ``output_dir``), a checkpoint folder
+            (holding ``trainer_state.json``), or another run folder (its newest intact one).
+
+    Returns:
+        The checkpoint folder. When newer checkpoints are damaged, a warning names them and the
+        folder returned is the newest intact one.
 
     Raises:
-        FileNotFoundError: naming what was looked for and how to fix the command.
+        FileNotFoundError: no checkpoint at all; the message says how to fix the command.
+        DamagedCheckpointError: the named checkpoint, or every checkpoint of the run, is
+            damaged; the message names the damage and the way out.
     """
     target = Path(output_dir) if resume == "latest" else Path(resume)
-    if (target / TRAINER_STATE_FILENAME).is_file():
-        return target
-    pointer = checkpoint_root(target) / LATEST_FILENAME
-    if not pointer.is_file():
+    if is_checkpoint(target):
+        problem = verify_checkpoint(target)
+        if problem is None:
+            return target
+        intact = next(
+            (p for p in _resume_candidates(run_folder_of(target)) if not verify_checkpoint(p)),
+            None,
+        )
+        fix = (
+            f"resume from '{intact}', the newest intact checkpoint, or start without --resume"
+            if intact
+            else "no intact checkpoint is left: start without --resume"
+        )
+        raise DamagedCheckpointError(f"--resume {resume}: checkpoint damaged: {problem}; {fix}")
+    candidates = _resume_candidates(target)
+    if not candidates:
+        pointer = checkpoint_root(target) / LATEST_FILENAME
         raise FileNotFoundError(
             f"--resume {resume}: no checkpoint found ({pointer} does not exist). Start without "
             f"--resume, or pass a checkpoint folder such as <output_dir>/{CHECKPOINTS_DIRNAME}/"
             "step_00001000, or set train.output_dir to the run you want to continue."
         )
-    folder = checkpoint_root(target) / pointer.read_text().strip()
-    if not (folder / TRAINER_STATE_FILENAME).is_file():
-        raise FileNotFoundError(
-            f"{pointer} names {folder}, which holds no {TRAINER_STATE_FILENAME}; the run folder "
-            "was edited by hand. Pass a complete checkpoint folder to --resume instead."
-        )
-    return folder
+    damaged = []
+    for folder in candidates:
+        problem = verify_checkpoint(folder) if folder.is_dir() else "it does not exist"
+        if problem is None:
+            if damaged:
+                logger.warning(
+                    "checkpoint %s is damaged; resuming from %s, the newest intact checkpoint",
+                    "; ".join(damaged), folder,
+                )  # fmt: skip
+            return folder
+        damaged.append(f"{folder.name} ({problem})")
+    raise DamagedCheckpointError(
+        f"--resume {resume}: every checkpoint of '{target}' is damaged: {'; '.join(damaged)}. "
+        "Start without --resume (in a new train.output_dir to keep this one)"
+    )
 
 
 def load_training_state(accelerator: Accelerator, checkpoint_dir: str | Path) -> TrainerState:

@@ -35,13 +35,18 @@ independently of whatever else (data loader workers, validation) consumed random
 Outputs in ``train.output_dir``: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON
 line per log step and validation), ``tensorboard/``, ``checkpoints/`` (resume states, see
 ``checkpointing``), and the exports ``stage1/``, ``best/`` and ``final/``.
+
+**Launcher choices.** Mixed precision and ``torch.compile`` are what ``accelerate launch`` says
+(``--mixed_precision``, ``--dynamo_backend`` or ``accelerate config``) unless the config sets
+them: ``train.mixed_precision: auto`` (the default) defers to the launcher when launched by it
+and is bf16 where supported otherwise; ``train.compile: null`` (the default) defers to it too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +60,6 @@ from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
@@ -66,10 +70,13 @@ from prompt_ris.engine import checkpointing
 from prompt_ris.engine.checkpointing import SaveRequest, TrainerState
 from prompt_ris.engine.evaluator import evaluate
 from prompt_ris.engine.tracking import (
-    TRACKER_NAME,
     LossMeter,
+    StageProgress,
     append_metrics,
+    init_trackers,
     log_overlays,
+    log_with,
+    project_config,
     trim_metrics,
 )
 from prompt_ris.losses import stage_loss
@@ -83,22 +90,55 @@ MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 BEST_METRICS = ("oIoU", "mIoU")  # train.best_metric choices (metrics.summarize names)
 RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing the trajectory
     "output_dir", "log_every", "num_overlays", "save_every_steps", "keep_checkpoints",
-    "stop_at_step", "num_workers",
+    "stop_at_step", "num_workers", "tracker",
 )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
 # Pieces with no state: precision, accelerator, schedule, stage
 # --------------------------------------------------------------------------------------------
-def resolve_mixed_precision(setting: str) -> str:
-    """``train.mixed_precision`` -> accelerate's value: ``auto`` is bf16 where CUDA supports it."""
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
+LAUNCHER_DYNAMO_ENV = "ACCELERATE_DYNAMO_BACKEND"
+
+
+def resolve_mixed_precision(setting: str) -> str | None:
+    """``train.mixed_precision`` -> accelerate's value; None leaves it to ``accelerate launch``.
+
+    ``auto`` is the launcher's choice (``--mixed_precision`` or ``accelerate config``, which
+    ``accelerate launch`` passes on as ``ACCELERATE_MIXED_PRECISION``) when launched by it, else
+    bf16 where CUDA supports it. Any other value overrides the launcher, with a warning when
+    the launcher said something else.
+    """
     if setting not in MIXED_PRECISION_CHOICES:
         raise ConfigError(
             f"train.mixed_precision={setting!r}; choose one of {list(MIXED_PRECISION_CHOICES)}"
         )
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
+    if setting == "auto":
+        if launcher:
+            return None  # Accelerator reads the launcher's choice itself
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if launcher and launcher.lower() != setting:
+        logger.warning(
+            "train.mixed_precision=%s overrides accelerate launch's %s (set it to auto to follow "
+            "the launcher)", setting, launcher,
+        )  # fmt: skip
+    return setting
+
+
+def resolve_dynamo_backend(compile_: bool | None) -> str | None:
+    """``train.compile`` -> accelerate's ``dynamo_backend``; None leaves it to the launcher's
+    ``--dynamo_backend`` (``ACCELERATE_DYNAMO_BACKEND``), true is inductor, false no compile."""
+    if compile_ is None:
+        return None  # Accelerator reads the launcher's choice ("no" without one)
+    backend = "inductor" if compile_ else "no"
+    launcher = os.environ.get(LAUNCHER_DYNAMO_ENV)
+    if launcher and launcher.lower() != backend:
+        logger.warning(
+            "train.compile=%s overrides accelerate launch's --dynamo_backend %s (set it to null "
+            "to follow the launcher)", compile_, launcher.lower(),
+        )  # fmt: skip
+    return backend
 
 
 def launch_plan(cfg: Config) -> StepPlan:
@@ -121,10 +161,10 @@ def build_accelerator(cfg: Config, accumulation: int = 1) -> Accelerator:
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=accumulation,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, below
-        log_with=TRACKER_NAME,
-        project_dir=cfg.train.output_dir,
+        log_with=log_with(cfg.train.tracker),
+        project_config=project_config(cfg.train.output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        dynamo_backend="inductor" if cfg.train.compile else "no",
+        dynamo_backend=resolve_dynamo_backend(cfg.train.compile),
     )
 
 
@@ -307,13 +347,13 @@ def check_resume_config(cfg: Config, checkpoint: Path) -> None:
 
 
 def start_outputs(run: TrainRun, resumed: bool) -> None:
-    """Resolved config, TensorBoard tracker, metrics file (cut back to the resumed step)."""
+    """Resolved config, trackers, metrics file (cut back to the resumed step)."""
     accelerator = run.accelerator
     if accelerator.is_main_process:
         save_config(run.cfg, run.output_dir / "config.yaml")
         if resumed:  # drop what the interrupted run logged after the checkpoint
             trim_metrics(run.output_dir, run.state)
-    accelerator.init_trackers(TRACKER_NAME)
+    init_trackers(accelerator, run.output_dir)
     accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
     train_cfg = run.cfg.train
     logger.info(
@@ -345,10 +385,12 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     finished = True
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-            run.progress = tqdm(
+            run.progress = StageProgress(
                 total=run.total_steps, initial=run.state.global_step, desc="train",
                 dynamic_ncols=True, disable=not run.accelerator.is_main_process,
+                stage1_steps=run.steps_per_epoch * cfg.train.stage1_epochs,
             )  # fmt: skip
+            run.meter = LossMeter()  # time counts from the first step, not from the set-up
             while run.state.epoch < run.num_epochs:
                 if not train_one_epoch(run):
                     finished = False
@@ -475,8 +517,7 @@ def log_train(run: TrainRun, stage: int) -> None:
     names = sorted(meter.sums)
     means = torch.stack([meter.sums[n].float() / meter.steps for n in names])  # (terms,)
     means = accelerator.reduce(means.to(accelerator.device), reduction="mean").tolist()
-    elapsed = time.perf_counter() - meter.start
-    throughput = meter.expressions * accelerator.num_processes / max(elapsed, 1e-9)
+    throughput = meter.expressions_per_s * accelerator.num_processes
     lr = run.scheduler.get_last_lr()[0]
     record = {
         "step": state.global_step, "epoch": state.epoch + 1, "stage": stage, "lr": lr,
@@ -499,9 +540,14 @@ def log_train(run: TrainRun, stage: int) -> None:
 
 def save_checkpoint(run: TrainRun) -> Path:
     run.save_request.pending = False  # this save serves any SIGUSR1 received so far
-    return checkpointing.save_training_state(
+    running = run.meter.pause()  # saving is not training time
+    path = checkpointing.save_training_state(
         run.accelerator, run.output_dir, run.state, keep=run.cfg.train.keep_checkpoints
     )
+    if running:
+        run.meter.resume()
+        run.progress.unpause()
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +556,7 @@ def save_checkpoint(run: TrainRun) -> Path:
 def end_of_epoch(run: TrainRun) -> None:
     """Validate (every ``val_every`` epochs and at the end of each stage), export, checkpoint."""
     cfg, state = run.cfg, run.state
+    run.meter.pause()  # validation, exports and saving are not training time
     epoch, stage = state.epoch, stage_of_epoch(state.epoch, cfg)
     ends_stage = epoch + 1 in (cfg.train.stage1_epochs, run.num_epochs)
     every = cfg.train.val_every
@@ -519,7 +566,8 @@ def end_of_epoch(run: TrainRun) -> None:
         export(run, "stage1", stage, epoch + 1)
     state.epoch, state.step_in_epoch = epoch + 1, 0
     save_checkpoint(run)
-    run.meter.start = time.perf_counter()  # throughput counts training time only
+    run.meter.resume()
+    run.progress.unpause()  # the ETA counts training steps, not the validation
 
 
 def validate(run: TrainRun, stage: int) -> dict[str, float]:

@@ -2,8 +2,9 @@
 the learned parts; ``PromptRIS.from_config`` assembles them.
 
 Every preset ("vit_b", "tiny") goes through the same code; only the config numbers differ. Base
-weights come from open_clip (a tag such as "openai", or a local file) and from a local SAM
-checkpoint (``sam_vit_b_01ec64.pth``). Modules never read files themselves: this file does.
+weights come from local files found through the weights folder (``prompt_ris.weights``: the CLIP
+state dict and ``sam_vit_b_01ec64.pth`` that ``scripts/download_weights.py`` writes) or, for CLIP,
+an open_clip tag such as "openai". Modules never read files themselves: this file does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 from functools import partial
-from pathlib import Path
 
 import open_clip
 import torch
@@ -33,6 +33,14 @@ from prompt_ris.models.conv_stem import ConvStem
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
 from prompt_ris.models.frozen_sam import FrozenSAM, PromptSwitches
 from prompt_ris.models.text_prompter import TextPrompter
+from prompt_ris.weights import (
+    CLIP_FILE,
+    DOWNLOAD_COMMAND,
+    find_weights,
+    locate_weights,
+    missing_weights_message,
+    names_a_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,6 @@ SAM_MASK_IN_CHANS = 16
 SAM_NUM_MULTIMASK_OUTPUTS = 3
 SAM_IOU_HEAD_DEPTH = 3
 SAM_IOU_HEAD_HIDDEN_DIM = 256
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-DOWNLOAD_HINT = "run `python scripts/download_weights.py` (see checkpoints/README.md)"
 
 
 def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
@@ -56,8 +62,9 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
 
     Args:
         cfg: the CLIP section of the model config.
-        pretrained: None (random weights), a local weight file (an open_clip state dict, as
-            written by ``scripts/download_weights.py``) or an open_clip pretrained tag for
+        pretrained: None (random weights), a weight file (an open_clip state dict, as written
+            by ``scripts/download_weights.py``; a bare file name is looked up in the weights
+            folder, see ``prompt_ris.weights``) or an open_clip pretrained tag for
             ``cfg.model_name`` (e.g. "openai"; downloaded by open_clip).
 
     Returns:
@@ -73,29 +80,16 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
             )  # open_clip's _embeds calls conv1: (I, 3, S, S) -> (I, D_IC, h, w)
         return model
     if cfg.stem != "patch":
-        raise ValueError(
-            f"model.clip.stem='{cfg.stem}' replaces CLIP's patch embedding, so pretrained CLIP "
-            f"weights ('{pretrained}') cannot load; set model.clip.stem=patch, or "
-            f"model.clip.pretrained=null to train from scratch"
-        )
-    path = Path(pretrained).expanduser()
-    if path.is_file():
+        raise ValueError(_stem_problem(cfg.stem, pretrained))
+    if names_a_file(pretrained):
+        path = locate_weights(pretrained, "model.clip.pretrained")
         model = _clip_from_fields(cfg)
         open_clip.load_checkpoint(model, str(path))
         logger.info("loaded CLIP weights from %s", path)
         return model
-    if path.suffix in WEIGHT_SUFFIXES or "/" in pretrained:
-        raise FileNotFoundError(
-            f"CLIP weight file '{pretrained}' not found; {DOWNLOAD_HINT}, or set "
-            f"model.clip.pretrained to an existing file, an open_clip tag such as 'openai', or "
-            f"null for random weights"
-        )
-    tags = open_clip.list_pretrained_tags_by_model(cfg.model_name)
-    if pretrained not in tags:
-        raise ValueError(
-            f"model.clip.pretrained='{pretrained}' is neither a file nor an open_clip tag of "
-            f"'{cfg.model_name}' (tags: {tags}); give a weight file or one of these tags"
-        )
+    problem = _clip_tag_problem(pretrained, cfg.model_name, "model.clip.pretrained")
+    if problem:
+        raise ValueError(problem)
     try:
         model = open_clip.create_model(
             cfg.model_name,
@@ -106,11 +100,61 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
     except Exception as err:  # open_clip raises many kinds of network/hub errors
         raise RuntimeError(
             f"open_clip could not fetch '{cfg.model_name}' weights '{pretrained}' ({err}); "
-            f"without internet, {DOWNLOAD_HINT} on a connected machine and set "
-            f"model.clip.pretrained=checkpoints/clip_vit_b16_openai.pt"
+            f"without internet, run `{DOWNLOAD_COMMAND}` on a connected machine, copy its files "
+            f"into the weights folder here and set model.clip.pretrained={CLIP_FILE}"
         ) from err
     _check_clip_matches(model, cfg)
     return model
+
+
+def _stem_problem(stem: str, pretrained: str) -> str:
+    return (
+        f"model.clip.stem='{stem}' replaces CLIP's patch embedding, so pretrained CLIP weights "
+        f"('{pretrained}') cannot load; set model.clip.stem=patch, or model.clip.pretrained=null "
+        "to train from scratch"
+    )
+
+
+def _clip_tag_problem(tag: str, model_name: str, what: str) -> str | None:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tag in tags:
+        return None
+    return (
+        f"{what}='{tag}' is neither a weight file (.pt, .pth, ...) nor an open_clip tag of "
+        f"'{model_name}' (tags: {tags}); give a weight file or one of these tags"
+    )
+
+
+def base_weight_problems(
+    model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
+) -> list[str]:
+    """What ``build_parts`` would fail on when it reads the base weights, without reading them:
+    files that do not exist, unknown open_clip tags, pretrained CLIP on the conv stem.
+
+    Args:
+        model_cfg: the model section.
+        clip_weights: ``--clip-weights``, replacing ``model.clip.pretrained`` when given.
+        sam_weights: ``--sam-weights``, replacing ``model.sam.checkpoint`` when given.
+
+    Returns:
+        One line per problem, each with its fix.
+    """
+    problems = []
+    clip = clip_weights if clip_weights is not None else model_cfg.clip.pretrained
+    clip_what = "--clip-weights" if clip_weights is not None else "model.clip.pretrained"
+    if clip is not None:
+        if model_cfg.clip.stem != "patch":
+            problems.append(_stem_problem(model_cfg.clip.stem, clip))
+        elif names_a_file(clip):
+            if find_weights(clip) is None:
+                problems.append(missing_weights_message(clip, clip_what))
+        else:
+            problems.append(_clip_tag_problem(clip, model_cfg.clip.model_name, clip_what))
+    sam = sam_weights if sam_weights is not None else model_cfg.sam.checkpoint
+    sam_what = "--sam-weights" if sam_weights is not None else "model.sam.checkpoint"
+    if sam is not None and find_weights(sam) is None:
+        problems.append(missing_weights_message(sam, sam_what))
+    return [p for p in problems if p]
 
 
 def _clip_from_fields(cfg: ClipConfig) -> CLIP:
@@ -167,7 +211,8 @@ def build_sam(cfg: SAMConfig, checkpoint: str | None) -> Sam:
 
     Args:
         cfg: the SAM section of the model config.
-        checkpoint: a local SAM state dict (``sam_vit_b_01ec64.pth``), or None for random weights.
+        checkpoint: a SAM state dict file (``sam_vit_b_01ec64.pth``; a bare file name is looked
+            up in the weights folder, see ``prompt_ris.weights``), or None for random weights.
     """
     if cfg.image_size % SAM_PATCH_SIZE:
         raise ValueError(
@@ -211,13 +256,7 @@ def build_sam(cfg: SAMConfig, checkpoint: str | None) -> Sam:
         pixel_std=list(SAM_PIXEL_STD),
     )
     if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"SAM checkpoint '{checkpoint}' not found; {DOWNLOAD_HINT} (it writes "
-                f"checkpoints/sam_vit_b_01ec64.pth), or set model.sam.checkpoint to the file, or "
-                f"null for random weights"
-            )
+        path = locate_weights(checkpoint, "model.sam.checkpoint")
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
         sam.load_state_dict(state_dict)
         logger.info("loaded SAM weights from %s", path)

@@ -15,11 +15,16 @@ A checkpoint is a directory holding
   "base_weights": {...}, "self_contained": bool, "learned_keys": [...], "training": {...}}``, the
   layout ``engine.checkpointing.export_pretrained`` writes too. ``config.model.clip.pretrained``
   and ``config.model.sam.checkpoint`` name the base weights a learned-only checkpoint is rebuilt
-  on. A bare ``config_to_dict(Config)`` is accepted as well.
+  on (by file name, found in the weights folder: ``prompt_ris.weights``). A bare
+  ``config_to_dict(Config)`` is accepted as well. The model section is read strictly; unknown
+  keys elsewhere (a training option of a later version) are skipped with a warning
+  (``config.config_from_dict``).
 
 The safetensors header repeats config.json and records which of the two kinds the file is, so a
 ``.safetensors`` file alone is loadable too. Nothing is ever unpickled: loading reads only
-safetensors and JSON.
+safetensors and JSON. Loading refuses tensors holding NaN or infinity (a diverged run), which
+would otherwise give empty masks without a word. Files are written with the permissions of any
+new file (the umask), not safetensors' owner-only 0600.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +121,7 @@ def save_pretrained(
         str(weights_path),
         metadata={"format": "pt", HEADER_KIND_KEY: kind, HEADER_CONFIG_KEY: meta_json},
     )
+    chmod_like_new_file(weights_path)  # safetensors writes 0600
     (directory / CONFIG_NAME).write_text(meta_json + "\n", encoding="utf-8")
     logger.info("saved %d %s tensors to %s", len(state), kind, weights_path)
     return weights_path
@@ -129,12 +136,14 @@ class Checkpoint:
         config: the resolved ``Config`` the model was trained with.
         kind: ``"learned"`` (base weights come from files) or ``"full"`` (self-contained).
         shapes: ``{key: shape}`` of the stored tensors.
+        training: what training stored about the export (stage, epochs, metrics), or ``{}``.
     """
 
     weights_path: Path
     config: Config
     kind: str
     shapes: dict[str, tuple[int, ...]]
+    training: dict[str, Any] = field(default_factory=dict)
 
     def build_args(
         self, clip_weights: str | None = None, sam_weights: str | None = None
@@ -185,6 +194,7 @@ class Checkpoint:
         shapes = {key: tuple(value.shape) for key, value in expected.items()}
         _check_keys(self.weights_path, self.shapes, shapes)
         tensors = _load_tensors(self.weights_path)
+        _check_finite(self.weights_path, tensors)
         result = model.load_state_dict(tensors, strict=self.kind == KIND_FULL)
         # Learned-only: what the file leaves out came from the base-weight files.
         assert not result.unexpected_keys, result.unexpected_keys
@@ -211,7 +221,10 @@ def read_checkpoint(directory_or_file: str | Path) -> Checkpoint:
     meta, source = _read_meta(config_path, header.get(HEADER_CONFIG_KEY), weights_path)
     cfg = _config_from_meta(meta, source)
     kind = header.get(HEADER_KIND_KEY, KIND_FULL if meta.get("self_contained") else KIND_LEARNED)
-    return Checkpoint(weights_path=weights_path, config=cfg, kind=kind, shapes=shapes)
+    training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
+    return Checkpoint(
+        weights_path=weights_path, config=cfg, kind=kind, shapes=shapes, training=training
+    )
 
 
 def stored_keys(model: nn.Module, model_cfg: ModelConfig) -> set[str]:
@@ -227,6 +240,29 @@ def stored_keys(model: nn.Module, model_cfg: ModelConfig) -> set[str]:
     )
     learned = {name for name, param in model.named_parameters() if param.requires_grad}
     return learned | {k for k in model.state_dict() if not k.startswith(from_files)}
+
+
+def chmod_like_new_file(path: str | Path) -> None:
+    """Give ``path`` the permissions a new file gets (0666 minus the umask), as ``open`` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError when a floating tensor holds NaN or infinity."""
+    bad = sorted(
+        key
+        for key, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    )
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(
+            f"'{path}' holds NaN or infinite values in {len(bad)} tensor(s) ({shown}); the run "
+            "that wrote it diverged, and its masks would be empty. Use an earlier export (best/ "
+            "or stage1/) or retrain from an earlier checkpoint with a lower train.lr"
+        )
 
 
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -247,6 +283,13 @@ def _resolve_paths(path: Path) -> tuple[Path, Path]:
     if path.is_dir():
         weights_path = path / WEIGHTS_NAME
         if not weights_path.is_file():
+            exports = sorted(p.parent for p in path.glob(f"*/{WEIGHTS_NAME}"))
+            if exports:  # a training run folder: its exports are one level down
+                names = " or ".join(f"'{p}'" for p in exports)
+                raise FileNotFoundError(
+                    f"'{path}' is a training run folder, not a checkpoint; pass one of its "
+                    f"exports: {names} (best/ is the best validation score, final/ the end)"
+                )
             raise FileNotFoundError(
                 f"checkpoint file '{weights_path}' not found in '{path}'; {HOW_TO_GET}"
             )
@@ -314,7 +357,7 @@ def _config_from_meta(meta: dict[str, Any], source: str) -> Config:
     else:
         data = meta
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, source=source)
     except (ConfigError, TypeError, AttributeError) as err:
         raise CheckpointError(f"the config in {source} is invalid: {err}") from err
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from prompt_ris.config import Config, ModelConfig, load_config
 from prompt_ris.data.batch import ModelInputs
-from prompt_ris.data.text import tokenize
+from prompt_ris.data.text import expression_list, tokenize
 from prompt_ris.data.transforms import ImageInput, LetterboxedImage, as_rgb_image, letterbox_image
 from prompt_ris.frames import lowres_to_original
 from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
@@ -60,6 +60,10 @@ class PromptRISOutput:
     coarse_lowres: torch.Tensor
     mask_logits: torch.Tensor | None
     text_global: torch.Tensor
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The model produced NaN or infinite logits."""
 
 
 @dataclass
@@ -92,8 +96,21 @@ class Prediction:
         """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` logits into a Prediction.
 
         A pixel is foreground when its probability is strictly above ``threshold``.
+
+        Raises:
+            NonFiniteOutputError: a logit is NaN or infinite (it would threshold to an empty
+                mask without a word).
         """
         cut = threshold_logit(threshold)
+        for name, values in logits.items():
+            finite = torch.isfinite(values).flatten(1).all(1)  # (N,)
+            if not bool(finite.all()):
+                bad = [expressions[k] for k in torch.nonzero(~finite).flatten().tolist()]
+                raise NonFiniteOutputError(
+                    f"the {name} mask of {bad[:3]} came out NaN or infinite, not a mask: the "
+                    "weights hold non-finite values or the computation overflowed; predict in "
+                    "float32 (--dtype fp32, dtype=torch.float32) or use another checkpoint"
+                )
         prediction = cls(expressions=expressions, masks=_numpy(logits["final"] > cut))
         if return_probs:
             prediction.probs = _numpy(torch.sigmoid(logits["final"]))
@@ -349,10 +366,12 @@ class PromptRIS(nn.Module):
 
         Returns:
             A :class:`Prediction` with (N, H, W) arrays in the original frame.
+
+        Raises:
+            TypeError: ``expressions`` is not a string or a list of strings.
+            NonFiniteOutputError: the model gave NaN or infinite logits.
         """
-        texts = [expressions] if isinstance(expressions, str) else list(expressions)
-        if not texts:
-            raise ValueError("no expression given; pass a string or a non-empty list of strings")
+        texts = expression_list(expressions)
         tokens = tokenize(texts, self.text_length, warn_truncated=True)  # (N, L)
         logits = self.segment(
             self.letterbox(image), tokens, switches=switches, with_coarse=return_coarse

@@ -1,0 +1,217 @@
+"""The READMEs' commands, as written, against the code: so that they cannot drift apart again.
+
+Every shell command in a ```bash block of README.md, evaluation/README.md and
+checkpoints/README.md is run, in-process, from a folder laid out like a fresh clone (configs/,
+scripts/, evaluation/) with an empty weights folder and no data: each must get past its argument
+parser and config (flags, config files and keys as written) and stop at the one thing a fresh
+clone lacks (prepared data, base weights, a trained checkpoint), saying so in one line each. The
+paths must agree (what training writes is what evaluation, compare.py and inference read), and
+every command's ``--help`` must answer at once. tests/test_workflow.py runs the same commands for
+real on a tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+READMES = ("README.md", "evaluation/README.md", "checkpoints/README.md")
+SETUP_ONLY = {"source", "pip"}  # environment set-up lines: nothing of this project to check
+# What a fresh clone without data or weights is allowed to be told (one line each).
+FRESH_CLONE_PROBLEMS = (
+    r"prepared data for \S+ not found at '[^']+' \(needed by .*\); run `python "
+    r"scripts/prepare_data\.py",
+    r"model\.(clip\.pretrained|sam\.checkpoint)='[^']+' not found in the weights folder .*"
+    r"download_weights\.py",
+    r"checkpoint '[^']+' not found; a checkpoint is a directory .* train one with `accelerate "
+    r"launch scripts/train\.py",
+    r"--resume checkpoints/\S+: no run there \('[^']+/config\.yaml' not found\)",
+)
+HELP_SECONDS = 3.0  # measured 0.05-0.2 s each (7-8 s before the imports moved into main)
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # subprocesses import this checkout
+
+
+def blocks(readme: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", (REPO / readme).read_text(), re.S)
+
+
+def shell_commands(readme: str) -> list[list[str]]:
+    """The commands of the bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in blocks(readme, "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                cut = words.index("&&") if "&&" in words else len(words)
+                commands.append(words[:cut])
+                words = words[cut + 1 :]
+    return commands
+
+
+ALL_COMMANDS = [(readme, cmd) for readme in READMES for cmd in shell_commands(readme)]
+
+
+def script_and_args(command: list[str]) -> tuple[str, list[str]]:
+    """(program, arguments): a script path for python / accelerate launch, else the tool."""
+    if command[0] == "python" or command[:2] == ["accelerate", "launch"]:
+        index = next(i for i, word in enumerate(command) if word.endswith(".py"))
+        return command[index], command[index + 1 :]
+    return command[0], command[1:]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.fixture
+def fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory like a fresh clone: the project's folders, no data, no runs."""
+    for name in ("configs", "scripts", "evaluation"):
+        (tmp_path / name).symlink_to(REPO / name)
+    from PIL import Image
+
+    Image.new("RGB", (8, 6)).save(tmp_path / "img.jpg")  # the image the commands name
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_readmes_hold_the_workflow() -> None:
+    programs = {script_and_args(cmd)[0] for _, cmd in ALL_COMMANDS}
+    for needed in ("scripts/download_weights.py", "scripts/prepare_data.py", "scripts/train.py",
+                   "evaluation/evaluate.py", "evaluation/compare.py", "prompt-ris"):  # fmt: skip
+        assert needed in programs, needed
+    subcommands = {cmd[1] for _, cmd in ALL_COMMANDS if cmd[0] == "prompt-ris"}
+    assert subcommands == {"predict", "export"}
+    # What a user needs and found only in docstrings before: documented in the README.
+    readme = (REPO / "README.md").read_text()
+    for needed in ("PROMPT_RIS_WEIGHTS", "train.save_every_steps", "--save-every-steps",
+                   "SIGUSR1", "train.stop_at_step", "tensorboard --logdir", "train.tracker",
+                   "--mixed_precision", "--dynamo_backend", "--self-contained"):  # fmt: skip
+        assert needed in readme, needed
+    assert "data.root" not in "".join((REPO / r).read_text() for r in READMES)  # read by nothing
+
+
+@pytest.mark.parametrize(
+    ("readme", "command"), ALL_COMMANDS, ids=[" ".join(c)[:60] for _, c in ALL_COMMANDS]
+)
+def test_readme_command_runs_as_written_up_to_what_a_fresh_clone_lacks(
+    fresh_clone: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    readme: str, command: list[str],
+) -> None:  # fmt: skip
+    program, args = script_and_args(command)
+    if command[0] in SETUP_ONLY:
+        return
+    if command[0] == "bash":
+        assert (REPO / command[1]).is_file(), command
+        return
+    if program == "prompt-ris":
+        from prompt_ris.cli import main
+
+        assert main(args) == 1  # no trained checkpoint in a fresh clone
+        problems = capsys.readouterr().err.strip().splitlines()
+        problems = [line.removeprefix("prompt-ris: error: ") for line in problems]
+    elif program == "scripts/benchmark.py":  # measures a GPU; its arguments must parse
+        bench = runpy.run_path(str(REPO / program))
+        assert bench["parse_args"](args).out
+        return
+    elif program == "scripts/download_weights.py":  # would download (test_weights.py: where to)
+        assert "--help" in subprocess.run(
+            [sys.executable, program, "--help"], capture_output=True, text=True, check=True,
+            env=ENV,
+        ).stdout
+        return
+    elif program == "evaluation/compare.py":
+        reference, results = args[:2]
+        assert reference == "evaluation/paper_results.json"  # A = the paper, B = yours
+        compare = runpy.run_path(str(REPO / program))["main"]
+        compare([reference, reference, *args[2:]])  # the arguments as written parse and run
+        return
+    else:
+        main = runpy.run_path(str(REPO / program))["main"]
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 1, command
+        lines = capsys.readouterr().err.strip().splitlines()
+        prog = Path(program).name
+        problems = [line.removeprefix(f"{prog}: error: ") for line in lines if "error:" in line]
+        if program == "scripts/prepare_data.py":
+            assert problems == [problems[0]] and "refs" in problems[0], lines
+            return
+    assert problems, command
+    for problem in problems:
+        assert any(re.match(p, problem) for p in FRESH_CLONE_PROBLEMS), (command, problem)
+
+
+def test_paths_agree_between_training_evaluation_and_inference() -> None:
+    """What the training command's config writes is what every later command reads."""
+    from prompt_ris.config import load_config
+
+    run_folders, checkpoints, outputs, compared = set(), [], set(), []
+    evaluate = runpy.run_path(str(REPO / "evaluation" / "evaluate.py"))
+    for _, command in ALL_COMMANDS:
+        program, args = script_and_args(command)
+        if program == "scripts/train.py" and flag(args, "--config"):
+            run_folders.add(load_config(REPO / flag(args, "--config")).train.output_dir)
+        if program == "scripts/train.py" and flag(args, "--resume"):
+            checkpoints.append(("--resume", flag(args, "--resume")))
+        if program in ("evaluation/evaluate.py", "prompt-ris"):
+            checkpoints.append(("--checkpoint", flag(args, "--checkpoint")))
+        if program == "evaluation/evaluate.py":
+            default = evaluate["default_output"](flag(args, "--checkpoint"))
+            outputs.add(f"{flag(args, '--output') or default}/results.json")
+        if program == "evaluation/compare.py":
+            compared.append(args[1])
+    for snippet in blocks("README.md", "python"):
+        paths = re.findall(r'from_pretrained\("([^"]+)"', snippet)
+        checkpoints += [("from_pretrained", path) for path in paths]
+    assert run_folders == {"checkpoints/refcoco_combined"}
+    (run,) = run_folders
+    exports = {f"{run}/{name}" for name in ("best", "final", "stage1")}
+    for how, path in checkpoints:
+        assert path == run if how == "--resume" else path in exports, (how, path)
+    assert compared and set(compared) <= outputs, (compared, outputs)
+    assert f"{run}/eval/best/results.json" in compared
+    # The run-folder layout the README documents names the folders these commands use.
+    layout = next(b for b in blocks("README.md", "text") if b.startswith(f"{run}/"))
+    entries = {line.split()[0] for line in layout.splitlines()[1:]}
+    assert {"best/", "final/", "stage1/", "eval/best/", "config.yaml"} <= entries
+
+
+def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
+    programs = {script_and_args(cmd)[0] for _, cmd in ALL_COMMANDS}
+    programs -= {"bash", "source", "pip", "scripts/benchmark.py"}  # benchmark: a GPU tool
+    for program in sorted(programs):
+        argv = ["-m", "prompt_ris"] if program == "prompt-ris" else [program]
+        for sub in (["predict", "--help"], ["export", "--help"]) if program == "prompt-ris" else (
+            ["--help"],
+        ):
+            start = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, *argv, *sub], capture_output=True, text=True, timeout=60, env=ENV
+            )
+            seconds = time.perf_counter() - start
+            assert done.returncode == 0 and "usage:" in done.stdout, (program, done.stderr)
+            assert seconds < HELP_SECONDS, (program, sub, seconds)
+
+
+def test_command_line_copies_of_package_constants_agree() -> None:
+    """The command lines keep a few package constants (so that --help imports nothing heavy)."""
+    from prompt_ris import cli, metrics
+    from prompt_ris.data import prepare, synthetic
+
+    assert cli.DEFAULT_THRESHOLD == metrics.DEFAULT_THRESHOLD
+    assert runpy.run_path(str(REPO / "scripts/prepare_data.py"))["CHECK_IMAGES"] == (
+        prepare.CHECK_IMAGES
+    )
+    assert runpy.run_path(str(REPO / "scripts/make_synthetic.py"))["EXPRESSION_KINDS"] == (
+        synthetic.EXPRESSION_KINDS
+    )
