@@ -360,15 +360,15 @@ def test_config_of_a_later_version_loads_with_a_warning_outside_the_model(
     path = tmp_path / "ckpt" / CONFIG_NAME
     meta = json.loads(path.read_text())
     meta["config"]["train"]["warmup_steps"] = 500  # a training option this version lacks
-    meta["config"]["data"]["images_per_batch"] = "sixteen"  # a setting whose type changed
+    meta["config"]["data"]["images_per_step"] = "sixteen"  # a setting whose type changed
     meta["config"]["logging"] = {"every": 5}  # a whole new section
     path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning) as caught:
         loaded = PromptRIS.from_pretrained(tmp_path / "ckpt")
     text = " | ".join(str(w.message) for w in caught)
-    for key in ("train.warmup_steps", "data.images_per_batch", "logging"):
+    for key in ("train.warmup_steps", "data.images_per_step", "logging"):
         assert key in text and "ignored" in text, text
-    assert loaded.config.data.images_per_batch == Config().data.images_per_batch  # default kept
+    assert loaded.config.data.images_per_step == Config().data.images_per_step  # default kept
     with torch.no_grad():
         want, got = tiny_model.eval()(synthetic_batch), loaded(synthetic_batch)
     assert torch.equal(got.mask_logits, want.mask_logits)

@@ -119,9 +119,9 @@ def test_readme_command_runs_as_written_up_to_what_a_fresh_clone_lacks(
         assert main(args) == 1  # no trained checkpoint in a fresh clone
         problems = capsys.readouterr().err.strip().splitlines()
         problems = [line.removeprefix("prompt-ris: error: ") for line in problems]
-    elif program == "scripts/benchmark.py":  # measures a GPU; its arguments must parse
-        bench = runpy.run_path(str(REPO / program))
-        assert bench["parse_args"](args).out
+    elif program in ("scripts/benchmark.py", "scripts/cost_model.py"):  # tools: arguments parse
+        tool = runpy.run_path(str(REPO / program))  # (test_benchmark / test_cost_model run them)
+        assert tool["parse_args"](args).out
         return
     elif program == "scripts/download_weights.py":  # would download (test_weights.py: where to)
         assert "--help" in subprocess.run(
@@ -188,7 +188,8 @@ def test_paths_agree_between_training_evaluation_and_inference() -> None:
 
 def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
     programs = {script_and_args(cmd)[0] for _, cmd in ALL_COMMANDS}
-    programs -= {"bash", "source", "pip", "scripts/benchmark.py"}  # benchmark: a GPU tool
+    # benchmark (a GPU tool) and the cost model import torch at the top: not workflow commands
+    programs -= {"bash", "source", "pip", "scripts/benchmark.py", "scripts/cost_model.py"}
     for program in sorted(programs):
         argv = ["-m", "prompt_ris"] if program == "prompt-ris" else [program]
         for sub in (["predict", "--help"], ["export", "--help"]) if program == "prompt-ris" else (

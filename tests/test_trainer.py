@@ -400,7 +400,7 @@ def test_throughput_counts_training_time_across_epochs_and_validations(
     train(cfg)
     losses = read_losses(tmp_path)
     assert sorted(losses) == [3, 6]  # each log spans an epoch boundary and a validation
-    per_step = cfg.data.images_per_batch * cfg.data.expressions_per_image
+    per_step = cfg.data.images_per_step * cfg.data.expressions_per_image  # 1 process, 1 micro-batch
     for step, record in losses.items():
         assert record["expressions_per_s"] == pytest.approx(per_step), step
     assert not (tmp_path / "tensorboard").exists()  # train.tracker=none, overlays skipped

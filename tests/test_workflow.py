@@ -87,7 +87,7 @@ def test_paper_workflow_from_a_fresh_clone(
                     "freeze_prompt_encoder": True, "freeze_mask_decoder": True},  # fmt: skip
         },
         "data": {"prepared": "data/prepared", "train": "synthetic:train", "val": "synthetic:val",
-                 "images_per_batch": 2, "expressions_per_image": 2, "num_workers": 0},
+                 "images_per_step": 2, "expressions_per_image": 2, "num_workers": 0},
         "eval": {"batch_images": 2},
         "train": {"output_dir": RUN, "stage1_epochs": 1, "stage2_epochs": 1,
                   "max_steps_per_epoch": 2, "log_every": 1, "num_overlays": 1},

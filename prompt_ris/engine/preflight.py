@@ -24,6 +24,7 @@ from prompt_ris.config import (
     load_config,
 )
 from prompt_ris.data.prepare import source_name
+from prompt_ris.data.schedule import check_epoch_unit
 from prompt_ris.data.splits import (
     PAPER_HELDOUT_SPLITS,
     PAPER_TRAIN_SOURCES,
@@ -36,6 +37,7 @@ from prompt_ris.engine.trainer import (
     BEST_METRICS,
     check_resume_config,
     check_val_split,
+    launch_plan,
     resolve_mixed_precision,
 )
 from prompt_ris.metrics import threshold_logit
@@ -142,6 +144,8 @@ def training_problems(
         lambda: check_val_split(cfg.data.val),
         lambda: resolve_mixed_precision(train.mixed_precision),
         lambda: threshold_logit(cfg.eval.threshold),
+        lambda: check_epoch_unit(train.epoch_unit),
+        lambda: launch_plan(cfg),  # the global batch splits over the launched processes
     ):
         try:
             check()
