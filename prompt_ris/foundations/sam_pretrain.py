@@ -1,0 +1,320 @@
+"""Promptable-segmentation pretraining of the tiny SAM on synthetic scenes.
+
+segment_anything's ``Sam`` (built by ``prompt_ris.models.build.build_sam`` from the config
+numbers) learns to segment an object from one of four prompts, all through SAM's own prompt
+encoder and mask decoder (``multimask_output=False``: the first mask, the one Prompt-RIS reads):
+
+- ``point``: a random pixel of the object (a positive click, padded as SAM pads a lone point);
+- ``box``: the object's box with each side jittered by up to ``box_jitter`` of its length;
+- ``mask``: a coarse mask, the kind Prompt-RIS feeds SAM: the ground truth pooled to a coarse grid
+  (the CLIP patch grid and its neighbours), blurred, shifted, sometimes leaking onto another
+  object, turned into logits of random confidence and upsampled bilinearly to the low-res frame;
+- ``point+mask``: a click and a coarse mask together, the combination Prompt-RIS uses.
+
+Loss: BCE + Dice on the low-res logits against the low-res ground truth (the frames of
+``prompt_ris.data.transforms``), plus SAM's IoU-prediction MSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything.modeling import Sam
+
+from prompt_ris.data.captions import SceneSpec, paint_scene, sample_scene
+from prompt_ris.data.transforms import letterbox_sam, lowres_mask
+
+logger = logging.getLogger(__name__)
+
+PROMPT_KINDS = ("point", "box", "mask", "point+mask")
+COARSE_GRIDS = (8, 16, 16, 32)  # coarse-mask resolutions drawn (the tiny CLIP grid is 16 x 16)
+
+
+@dataclass
+class SamPretrainConfig:
+    """Settings of the promptable-segmentation pretraining (defaults: the committed run)."""
+
+    steps: int = 1500
+    images_per_step: int = 8
+    objects_per_image: int = 4  # each gets every prompt kind: 4 x 4 masks per image
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    box_jitter: float = 0.1  # box sides move by up to this share of the box side
+    leak_prob: float = 0.3  # share of coarse masks that also cover part of another object
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class SamSample:
+    """One scene in the SAM frame, with its objects' masks and prompts.
+
+    Attributes:
+        image: (3, S, S) SAM-normalised, letterboxed.
+        input_size: (h', w') of the unpadded image in the SAM frame.
+        gt_lowres: (K, S/4, S/4) float, covered fraction of each low-res pixel.
+        masks: K (H, W) bool masks in the original frame.
+        scale: SAM frame pixels per original pixel.
+    """
+
+    image: torch.Tensor
+    input_size: tuple[int, int]
+    gt_lowres: torch.Tensor
+    masks: list[np.ndarray]
+    scale: float
+
+
+def make_sample(spec: SceneSpec, sam_size: int) -> SamSample:
+    """Draw a scene and put it and its visible masks into the SAM frames."""
+    pixels, masks = paint_scene(spec)
+    image, input_size = letterbox_sam(Image.fromarray(pixels), sam_size)
+    masks = [m for m in masks if m.any()]  # an object hidden entirely has nothing to segment
+    gt = torch.stack([lowres_mask(m, sam_size) for m in masks])  # (K, S/4, S/4)
+    scale = sam_size / max(spec.width, spec.height)  # the letterbox resize factor
+    return SamSample(image, input_size, gt, masks, scale)
+
+
+def random_point(mask: np.ndarray, scale: float, rng: random.Random) -> tuple[float, float]:
+    """A random pixel of ``mask`` as SAM point coordinates (x, y) in the SAM frame.
+
+    Pixel index i of the original has its centre at continuous position i + 0.5, which is
+    (i + 0.5) * scale in the SAM frame; SAM adds 0.5 to a click, so the click is that minus 0.5.
+    """
+    ys, xs = np.nonzero(mask)
+    j = rng.randrange(len(xs))
+    return (xs[j] + 0.5) * scale - 0.5, (ys[j] + 0.5) * scale - 0.5
+
+
+def object_box(
+    mask: np.ndarray, scale: float, rng: random.Random | None = None, jitter: float = 0.0
+) -> tuple[float, float, float, float]:
+    """The mask's box (x0, y0, x1, y1) in SAM-frame pixels, each side moved by up to
+    ``jitter`` of the box's width or height (no jitter without ``rng``)."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0
+    if rng is not None and jitter > 0:
+        w, h = x1 - x0, y1 - y0
+        x0, x1 = x0 + rng.uniform(-jitter, jitter) * w, x1 + rng.uniform(-jitter, jitter) * w
+        y0, y1 = y0 + rng.uniform(-jitter, jitter) * h, y1 + rng.uniform(-jitter, jitter) * h
+    return x0 * scale, y0 * scale, x1 * scale, y1 * scale
+
+
+def coarse_mask_logits(
+    gt_lowres: torch.Tensor,
+    grid: int,
+    confidence: float,
+    shift: tuple[int, int] = (0, 0),
+    leak: torch.Tensor | None = None,
+    leak_weight: float = 0.0,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A coarse-mask prompt, as Prompt-RIS makes one: logits on a coarse grid, upsampled.
+
+    Args:
+        gt_lowres: (S/4, S/4) ground truth in the low-res frame.
+        grid: side of the coarse grid (the CLIP patch grid is ``clip.image_size / patch_size``).
+        confidence: logit of a fully covered cell (an empty cell gets ``-confidence``).
+        shift: (dy, dx) cells to roll the coarse map by.
+        leak: (S/4, S/4) another object's mask that leaks into the coarse mask, or None.
+        leak_weight: share of it that leaks (0-1).
+        noise: std of Gaussian noise added to the coarse probabilities.
+        generator: random source of the noise.
+
+    Returns:
+        (1, S/4, S/4) logits, the format of SAM's ``mask_input``.
+    """
+    side = gt_lowres.shape[-1]
+    target = gt_lowres if leak is None else torch.maximum(gt_lowres, leak_weight * leak)
+    prob = F.adaptive_avg_pool2d(target[None, None], grid)  # (1, 1, g, g)
+    prob = torch.roll(prob, shifts=shift, dims=(2, 3))
+    if noise > 0:
+        prob = prob + noise * torch.randn(prob.shape, generator=generator)
+    logits = confidence * (2.0 * prob.clamp(0, 1) - 1.0)  # (1, 1, g, g)
+    return F.interpolate(logits, (side, side), mode="bilinear", align_corners=False)[0]
+
+
+def random_coarse_mask(
+    sample: SamSample, k: int, rng: random.Random, generator: torch.Generator, leak_prob: float
+) -> torch.Tensor:
+    """A randomly degraded coarse mask of object ``k``: (1, S/4, S/4) logits."""
+    leak, leak_weight = None, 0.0
+    others = [j for j in range(len(sample.gt_lowres)) if j != k]
+    if others and rng.random() < leak_prob:
+        leak, leak_weight = sample.gt_lowres[rng.choice(others)], rng.uniform(0.2, 0.8)
+    grid = rng.choice(COARSE_GRIDS)
+    max_shift = 1 if grid >= 16 else 0
+    shift = (rng.randint(-max_shift, max_shift), rng.randint(-max_shift, max_shift))
+    return coarse_mask_logits(
+        sample.gt_lowres[k],
+        grid,
+        confidence=rng.uniform(2.0, 12.0),
+        shift=shift,
+        leak=leak,
+        leak_weight=leak_weight,
+        noise=rng.uniform(0.0, 0.2),
+        generator=generator,
+    )
+
+
+def encode_prompts(
+    sam: Sam,
+    kind: str,
+    points: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    masks: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's prompt encoder for one prompt kind.
+
+    Args:
+        sam: the model.
+        kind: one of ``PROMPT_KINDS``.
+        points: (N, 2) positive clicks (x, y) in the SAM frame.
+        boxes: (N, 4) boxes in the SAM frame.
+        masks: (N, 1, S/4, S/4) coarse-mask logits.
+
+    Returns:
+        sparse (N, k, C) and dense (N, C, S/16, S/16) embeddings.
+    """
+    point_arg = None
+    if "point" in kind:
+        labels = torch.ones(points.shape[0], 1, dtype=torch.long)
+        point_arg = (points[:, None, :], labels)  # (N, 1, 2), (N, 1)
+    return sam.prompt_encoder(
+        points=point_arg,
+        boxes=boxes if kind == "box" else None,
+        masks=masks if "mask" in kind else None,
+    )
+
+
+def decode(
+    sam: Sam, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder for N prompt sets, each with its own image embedding; first mask.
+
+    ``MaskDecoder.predict_masks`` step by step, except that the image embedding comes one per
+    prompt set (upstream repeats one image's embedding for all prompt sets), so that the prompts
+    of many images run as one batch. For one image it equals ``sam.mask_decoder(...,
+    multimask_output=False)`` (a test checks it).
+
+    Args:
+        sam: the model.
+        image_embeddings: (N, C, S/16, S/16), the embedding of each prompt set's image.
+        sparse: (N, k, C) sparse prompt embeddings.
+        dense: (N, C, S/16, S/16) dense prompt embeddings.
+
+    Returns:
+        low-res mask logits (N, 1, S/4, S/4) and predicted IoU (N, 1).
+    """
+    decoder = sam.mask_decoder
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+    tokens = torch.cat([output_tokens, sparse], dim=1)  # (N, 1 + 4 + k, C)
+    src = image_embeddings + dense  # (N, C, h, w)
+    pos_src = sam.prompt_encoder.get_dense_pe().expand_as(src)  # (N, C, h, w)
+    n, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos_src, tokens)  # (N, 5 + k, C), (N, h*w, C)
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))  # (N, C/8, 4h, 4w)
+    hyper_in = decoder.output_hypernetworks_mlps[0](hs[:, 1]).unsqueeze(1)  # (N, 1, C/8)
+    _, c8, h4, w4 = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(n, c8, h4 * w4)).reshape(n, 1, h4, w4)
+    iou_pred = decoder.iou_prediction_head(hs[:, 0])[:, :1]  # (N, 1)
+    return masks, iou_pred
+
+
+def bce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE + Dice over N masks (N, 1, h, w) against soft targets in [0, 1]."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob, flat_t = torch.sigmoid(logits).flatten(1), target.flatten(1)  # (N, h*w)
+    dice = 1 - (2 * (prob * flat_t).sum(1) + 1) / (prob.sum(1) + flat_t.sum(1) + 1)
+    return bce + dice.mean()
+
+
+def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU (N,) of thresholded logits (N, 1, h, w) with targets thresholded at 0.5."""
+    pred, gt = (logits > 0).flatten(1), (target > 0.5).flatten(1)
+    inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
+    return inter / union.clamp(min=1)
+
+
+def lr_at(step: int, cfg: SamPretrainConfig) -> float:
+    """Linear warmup to ``cfg.lr``, then cosine decay to 0."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_loss(
+    sam: Sam,
+    samples: list[SamSample],
+    rng: random.Random,
+    generator: torch.Generator,
+    cfg: SamPretrainConfig,
+) -> torch.Tensor:
+    """BCE + Dice + IoU-MSE of every prompt kind for up to ``objects_per_image`` objects of
+    each scene."""
+    embeddings = sam.image_encoder(torch.stack([s.image for s in samples]))  # (I, C, h, w)
+    rows, points, boxes, coarse, targets = [], [], [], [], []
+    for i, sample in enumerate(samples):
+        count = min(cfg.objects_per_image, len(sample.masks))
+        for k in rng.sample(range(len(sample.masks)), count):
+            rows.append(i)
+            points.append(random_point(sample.masks[k], sample.scale, rng))
+            boxes.append(object_box(sample.masks[k], sample.scale, rng, cfg.box_jitter))
+            coarse.append(random_coarse_mask(sample, k, rng, generator, cfg.leak_prob))
+            targets.append(sample.gt_lowres[k])
+    image_embeddings = embeddings[torch.tensor(rows)]  # (N, C, h, w)
+    target = torch.stack(targets).unsqueeze(1)  # (N, 1, S/4, S/4)
+    points_t, boxes_t = torch.tensor(points).float(), torch.tensor(boxes).float()
+    masks_t = torch.stack(coarse)  # (N, 1, S/4, S/4)
+    losses = []
+    for kind in PROMPT_KINDS:
+        sparse, dense = encode_prompts(sam, kind, points_t, boxes_t, masks_t)
+        logits, iou_pred = decode(sam, image_embeddings, sparse, dense)
+        iou = mask_iou(logits.detach(), target)  # (N,)
+        losses.append(bce_dice(logits, target) + F.mse_loss(iou_pred[:, 0], iou))
+    return torch.stack(losses).mean()
+
+
+def pretrain_sam(sam: Sam, cfg: SamPretrainConfig) -> dict[str, float]:
+    """Train every part of ``sam`` in place; returns timing and the last losses."""
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sam_size = sam.image_encoder.img_size
+    optimizer = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sam.train()
+    start, recent = time.time(), []
+    for step in range(cfg.steps):
+        samples = [make_sample(sample_scene(rng), sam_size) for _ in range(cfg.images_per_step)]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        loss = step_loss(sam, samples, rng, generator, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [loss.item()])[-cfg.log_every :]
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            logger.info(
+                "sam step %d/%d loss %.3f (%.0f s)",
+                step + 1,
+                cfg.steps,
+                sum(recent) / len(recent),
+                time.time() - start,
+            )
+    sam.eval()
+    return {
+        "seconds": time.time() - start,
+        "steps": cfg.steps,
+        "final_loss": sum(recent) / max(1, len(recent)),
+    }

@@ -1,0 +1,343 @@
+"""Pretrain the demo's miniature foundations: a tiny CLIP and a tiny SAM on synthetic scenes.
+
+Usage:
+
+    python scripts/pretrain_foundations.py                 # both, the committed settings
+    python scripts/pretrain_foundations.py --only sam      # one of them
+    python scripts/pretrain_foundations.py --quick --out /tmp/foundations   # seconds (tests)
+    python scripts/pretrain_foundations.py model.clip.vision_layers=4 --clip-steps 500
+
+The model sizes are the ``tiny`` preset's (``prompt_ris/config.py``), changed by ``model.*``
+overrides. Writes into ``--out`` (default ``checkpoints/tiny_synthetic``):
+
+- ``clip_tiny_synthetic.pt``: open_clip ``CLIP`` state dict (the format of
+  ``scripts/download_weights.py``'s ``clip_vit_b16_openai.pt``), for ``model.clip.pretrained``;
+- ``sam_tiny_synthetic.pth``: segment_anything ``Sam`` state dict (the format of
+  ``sam_vit_b_01ec64.pth``), for ``model.sam.checkpoint``;
+- ``report.json`` and ``report.md``: settings, wall time and what each model learnt, measured
+  on held-out scenes (``prompt_ris/foundations/*_probes.py``).
+
+Tensors are stored in fp16 unless ``--fp32``. The run is a function of ``--seed`` (and of the
+thread count only through floating-point summation order): it runs single-threaded by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.model import CLIP
+from segment_anything.modeling import Sam
+
+from prompt_ris.config import load_config
+from prompt_ris.foundations import clip_probes, sam_probes
+from prompt_ris.foundations.clip_pretrain import ClipPretrainConfig, pretrain_clip
+from prompt_ris.foundations.sam_pretrain import SamPretrainConfig, pretrain_sam
+from prompt_ris.models.build import build_clip, build_sam
+
+logger = logging.getLogger("pretrain_foundations")
+
+CLIP_FILE = "clip_tiny_synthetic.pt"
+SAM_FILE = "sam_tiny_synthetic.pth"
+TEST_SEED_OFFSET = 2000  # held-out measurement scenes: their own random streams
+VALIDATION_SEED_OFFSET = 1000  # scenes for choosing settings (--eval-split val)
+
+
+@dataclass
+class EvalSizes:
+    """How many held-out scenes each measurement uses."""
+
+    retrieval_queries: int = 1024
+    retrieval_k: int = 16
+    hard_pairs: int = 300
+    word_auc_images: int = 700
+    probe_train_scenes: int = 300
+    probe_test_scenes: int = 150
+    sam_scenes: int = 200
+
+
+QUICK_EVAL = EvalSizes(32, 8, 8, 28, 6, 4, 3)
+
+
+@dataclass
+class FoundationsResult:
+    """What ``main`` made: the models (fp32, in memory), the files and the report."""
+
+    clip: CLIP | None = None
+    sam: Sam | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="checkpoints/tiny_synthetic", help="output folder")
+    parser.add_argument("--only", choices=("clip", "sam"), default=None, help="train one model")
+    parser.add_argument("--quick", action="store_true", help="a few steps and tiny evaluations")
+    parser.add_argument("--clip-low-steps", type=int, default=None, help="CLIP phase 1 (64 px)")
+    parser.add_argument("--clip-steps", type=int, default=None, help="CLIP phase 2 (full size)")
+    parser.add_argument("--clip-batch", type=int, default=None)
+    parser.add_argument("--sam-steps", type=int, default=None)
+    parser.add_argument("--sam-images", type=int, default=None, help="scenes per SAM step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-eval", action="store_true", help="skip the measurements")
+    parser.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="no training: measure the weight files in --out (loaded by build_clip / build_sam)",
+    )
+    parser.add_argument(
+        "--eval-split",
+        choices=("test", "val"),
+        default="test",
+        help="held-out scenes to measure on: 'val' to compare settings, 'test' for the report",
+    )
+    parser.add_argument("--fp32", action="store_true", help="store fp32 tensors (default fp16)")
+    parser.add_argument(
+        "overrides", nargs="*", help="model.* overrides, e.g. model.sam.encoder_depth=3"
+    )
+    return parser.parse_intermixed_args(argv)
+
+
+def _settings(args: argparse.Namespace) -> tuple[ClipPretrainConfig, SamPretrainConfig]:
+    clip_cfg, sam_cfg = ClipPretrainConfig(seed=args.seed), SamPretrainConfig(seed=args.seed)
+    low, full = clip_cfg.phases
+    if args.quick:
+        low.steps, full.steps, clip_cfg.batch_size, clip_cfg.warmup_steps = 2, 2, 16, 1
+        sam_cfg.steps, sam_cfg.images_per_step, sam_cfg.warmup_steps = 3, 2, 1
+        clip_cfg.log_every = sam_cfg.log_every = 1
+    for value, target, name in (
+        (args.clip_low_steps, low, "steps"),
+        (args.clip_steps, full, "steps"),
+        (args.clip_batch, clip_cfg, "batch_size"),
+        (args.sam_steps, sam_cfg, "steps"),
+        (args.sam_images, sam_cfg, "images_per_step"),
+    ):
+        if value is not None:
+            setattr(target, name, value)
+    return clip_cfg, sam_cfg
+
+
+def _save(state_dict: dict[str, torch.Tensor], path: Path, fp32: bool) -> None:
+    if not fp32:
+        state_dict = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    torch.save(state_dict, partial)
+    partial.replace(path)
+    logger.info("saved %s (%.1f MB)", path, path.stat().st_size / 1e6)
+
+
+def _num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_clip(
+    model_cfg: Any, cfg: ClipPretrainConfig, sizes: EvalSizes | None, eval_seed: int
+) -> tuple[CLIP, dict[str, Any]]:
+    """Build the tiny CLIP, pretrain it and measure it."""
+    model, training = pretrain_clip(model_cfg, cfg)
+    report: dict[str, Any] = {
+        "settings": asdict(cfg),
+        "parameters": _num_params(model),
+        "training": training,
+    }
+    if sizes is not None:
+        report.update(measure_clip(model, sizes, eval_seed, cfg.text_length))
+    return model, report
+
+
+def measure_clip(model: CLIP, sizes: EvalSizes, eval_seed: int, length: int) -> dict[str, Any]:
+    """Every CLIP measurement of ``clip_probes`` on held-out scenes."""
+    start = time.time()
+    report: dict[str, Any] = {
+        "retrieval": clip_probes.retrieval(
+            model, random.Random(eval_seed + 1), length, sizes.retrieval_queries, sizes.retrieval_k
+        ),
+        "hard_pairs": clip_probes.hard_pairs(
+            model, random.Random(eval_seed + 2), length, sizes.hard_pairs
+        ),
+        "word_auc": clip_probes.word_auc(
+            model, random.Random(eval_seed + 3), length, sizes.word_auc_images
+        ),
+        "patch_probe": clip_probes.patch_probe(
+            model, random.Random(eval_seed + 4), sizes.probe_train_scenes, sizes.probe_test_scenes
+        ),
+    }
+    report["eval_seconds"] = time.time() - start
+    return report
+
+
+def run_sam(
+    model_cfg: Any, cfg: SamPretrainConfig, sizes: EvalSizes | None, eval_seed: int
+) -> tuple[Sam, dict[str, Any]]:
+    """Build the tiny SAM, pretrain it and measure it."""
+    torch.manual_seed(cfg.seed)
+    sam = build_sam(model_cfg, None)
+    report: dict[str, Any] = {
+        "settings": asdict(cfg),
+        "parameters": _num_params(sam),
+        "training": pretrain_sam(sam, cfg),
+    }
+    if sizes is not None:
+        report.update(measure_sam(sam, sizes, eval_seed))
+    return sam, report
+
+
+def measure_sam(sam: Sam, sizes: EvalSizes, eval_seed: int) -> dict[str, Any]:
+    """mIoU per prompt kind on held-out scenes."""
+    start = time.time()
+    miou = sam_probes.prompt_miou(sam, random.Random(eval_seed + 5), sizes.sam_scenes)
+    return {"miou": miou, "eval_seconds": time.time() - start}
+
+
+def evaluate_files(
+    model_cfg: Any, out: Path, sizes: EvalSizes, eval_seed: int, report: dict[str, Any]
+) -> FoundationsResult:
+    """Load the weight files in ``out`` through ``build_clip`` / ``build_sam`` and measure them;
+    training details come from the reports a training run left in ``out``."""
+    result = FoundationsResult()
+    for name in ("report.json", "report_clip.json", "report_sam.json"):
+        if (out / name).is_file():
+            earlier = json.loads((out / name).read_text())
+            report.update({k: earlier[k] for k in ("clip", "sam") if k in earlier})
+    if (out / CLIP_FILE).is_file():
+        result.clip = build_clip(model_cfg.clip, str(out / CLIP_FILE)).eval()
+        length = report.get("clip", {}).get("settings", {}).get("text_length", 32)
+        report.setdefault("clip", {}).update(measure_clip(result.clip, sizes, eval_seed, length))
+        report["clip"]["parameters"] = _num_params(result.clip)
+        result.files["clip"] = str(out / CLIP_FILE)
+    if (out / SAM_FILE).is_file():
+        result.sam = build_sam(model_cfg.sam, str(out / SAM_FILE)).eval()
+        report.setdefault("sam", {}).update(measure_sam(result.sam, sizes, eval_seed))
+        report["sam"]["parameters"] = _num_params(result.sam)
+        result.files["sam"] = str(out / SAM_FILE)
+    report["measured_files"] = True
+    result.report = report
+    return result
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as markdown tables."""
+    lines = ["# Miniature foundations: what they learnt", ""]
+    lines.append(
+        f"Held-out scenes: {report['eval_split']} seeds; threads: {report['threads']}; "
+        f"torch {report['torch']}."
+    )
+    clip = report.get("clip")
+    if clip:
+        t = clip["training"]
+        phases = " + ".join(f"{p['steps']} at {p['image_size']} px" for p in t["phases"])
+        title = (
+            f"## CLIP ({clip['parameters']:,} parameters; {phases}, batches of "
+            f"{clip['settings']['batch_size']} captions; {t['seconds'] / 60:.1f} min)"
+        )
+        lines += ["", title, ""]
+        if "retrieval" in clip:
+            lines += ["| retrieval | top-1 (%) |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in clip["retrieval"].items()]
+            lines += ["", "| one-word hard pairs (chance 50) | text->image | image->text |"]
+            lines += ["|---|---|---|"]
+            for k, v in clip["hard_pairs"].items():
+                if "text_to_image" in v:
+                    lines.append(f"| {k} | {v['text_to_image']:.1f} | {v['image_to_text']:.1f} |")
+            for key in ("shape/per_word", "colour/per_word"):
+                words = clip["hard_pairs"][key]
+                lines += ["", f"| {key} (hard-pair accuracy, %) | " + " | ".join(words) + " |"]
+                lines += ["|---" * (len(words) + 1) + "|"]
+                lines += ["| | " + " | ".join(f"{v:.1f}" for v in words.values()) + " |"]
+            for key in ("shape_auc", "shape_top1", "colour_auc", "colour_top1"):
+                words = clip["word_auc"][key]
+                lines += ["", f"| single objects: {key} | " + " | ".join(words) + " |"]
+                lines += ["|---" * (len(words) + 1) + "|"]
+                fmt = "{:.3f}" if "auc" in key else "{:.1f}"
+                lines += ["| | " + " | ".join(fmt.format(v) for v in words.values()) + " |"]
+            for key, recall in clip["patch_probe"].items():
+                lines += ["", f"| patch probe {key} (%) | " + " | ".join(recall) + " |"]
+                lines += ["|---" * (len(recall) + 1) + "|"]
+                lines += ["| | " + " | ".join(f"{v:.1f}" for v in recall.values()) + " |"]
+    sam = report.get("sam")
+    if sam:
+        t = sam["training"]
+        title = (
+            f"## SAM ({sam['parameters']:,} parameters; {t['steps']} steps of "
+            f"{sam['settings']['images_per_step']} scenes; {t['seconds'] / 60:.1f} min)"
+        )
+        lines += ["", title, ""]
+        if "miou" in sam:
+            lines += ["| prompt | mIoU (%) |", "|---|---|"]
+            lines += [f"| {k} | {v:.1f} |" for k, v in sam["miou"].items() if k != "objects"]
+            lines += ["", f"{sam['miou']['objects']} objects."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> FoundationsResult:
+    args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO,
+    )
+    torch.set_num_threads(args.threads)
+    overrides = ["model.preset=tiny", "model.clip.stem=patch", *args.overrides]
+    bad = [o for o in args.overrides if not o.startswith("model.")]
+    if bad:
+        raise SystemExit(f"only model.* overrides apply here, got {bad}")
+    model_cfg = load_config(None, overrides).model
+    clip_cfg, sam_cfg = _settings(args)
+    sizes = None if args.no_eval else (QUICK_EVAL if args.quick else EvalSizes())
+    offset = TEST_SEED_OFFSET if args.eval_split == "test" else VALIDATION_SEED_OFFSET
+    eval_seed = args.seed + offset
+    out = Path(args.out)
+    report: dict[str, Any] = {
+        "command": " ".join(
+            ["python scripts/pretrain_foundations.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "eval_split": args.eval_split,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "model": {"clip": asdict(model_cfg.clip), "sam": asdict(model_cfg.sam)},
+    }
+    if args.evaluate:
+        result = evaluate_files(model_cfg, out, sizes or EvalSizes(), eval_seed, report)
+        _write_report(report, out, "report")
+        return result
+    result = FoundationsResult()
+    if args.only in (None, "clip"):
+        result.clip, report["clip"] = run_clip(model_cfg.clip, clip_cfg, sizes, eval_seed)
+        path = out / CLIP_FILE
+        _save(result.clip.state_dict(), path, args.fp32)
+        result.files["clip"] = str(path)
+    if args.only in (None, "sam"):
+        result.sam, report["sam"] = run_sam(model_cfg.sam, sam_cfg, sizes, eval_seed)
+        path = out / SAM_FILE
+        _save(result.sam.state_dict(), path, args.fp32)
+        result.files["sam"] = str(path)
+    _write_report(report, out, "report" if args.only is None else f"report_{args.only}")
+    result.report = report
+    logger.info("wrote %s", ", ".join(result.files.values()))
+    return result
+
+
+def _write_report(report: dict[str, Any], out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(format_report(report))
+    logger.info("wrote %s", out / f"{stem}.md")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,178 @@
+"""Miniature foundations: captions, pretraining script, and the weight files' code path."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prompt_ris.config import load_config
+from prompt_ris.data.captions import (
+    CAPTION_KINDS,
+    POSITION_WORDS,
+    caption_scene,
+    hard_variants,
+    paint_scene,
+    sample_captioned_spec,
+)
+from prompt_ris.data.synthetic import COLOURS, SHAPES
+from prompt_ris.data.text import tokenize
+from prompt_ris.foundations.clip_pretrain import encode_text
+from prompt_ris.foundations.sam_pretrain import PROMPT_KINDS, decode, encode_prompts
+from prompt_ris.models.build import build_clip, build_sam
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "checkpoints" / "tiny_synthetic"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_foundations", ROOT / "scripts" / "pretrain_foundations.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_cfg():
+    return load_config({"model": {"preset": "tiny", "clip": {"stem": "patch"}}}).model
+
+
+def test_captions_name_every_word_held_out_shapes_included() -> None:
+    rng = random.Random(0)
+    words: set[str] = set()
+    for _ in range(300):
+        for kind in CAPTION_KINDS:
+            words.update(sample_captioned_spec(rng, kind)[1].replace(",", "").split())
+    assert set(SHAPES) <= words  # star and hexagon too
+    assert set(COLOURS) <= words
+    assert set(POSITION_WORDS) <= words
+
+
+@pytest.mark.parametrize("attribute", ["shape", "colour"])
+def test_hard_variant_captions_differ_in_the_changed_word_only(attribute: str) -> None:
+    rng = random.Random(1)
+    values = set(SHAPES) if attribute == "shape" else set(COLOURS)
+    for kind in ("single", "pair", "listing"):
+        spec, caption, seed = sample_captioned_spec(rng, kind)
+        for variant in hard_variants(spec, 3, rng, attribute):
+            other = caption_scene(variant, kind, random.Random(seed))
+            diff = [(a, b) for a, b in zip(caption.split(), other.split()) if a != b]
+            assert len(caption.split()) == len(other.split())
+            assert len(diff) == 1 and {w.rstrip(",") for w in diff[0]} <= values
+
+
+def test_painted_masks_are_disjoint_and_coloured() -> None:
+    spec, _, _ = sample_captioned_spec(random.Random(2), "listing")
+    pixels, masks = paint_scene(spec)
+    assert sum(m.astype(int) for m in masks).max() == 1
+    for obj, mask in zip(spec.objects, masks):
+        if mask.any():
+            mean = pixels[mask].mean(0)
+            assert np.abs(mean - np.array(COLOURS[obj.colour])).max() <= 13
+
+
+def test_short_text_encoding_equals_open_clip_encode_text() -> None:
+    torch.manual_seed(0)
+    model = build_clip(_tiny_cfg().clip, None).eval()
+    texts = ["a red star left of a blue hexagon", "the leftmost shape is a green cross"]
+    with torch.no_grad():
+        short = encode_text(model, tokenize(texts, 16))
+        full = model.encode_text(tokenize(texts, model.context_length))
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_decode_equals_sam_mask_decoder() -> None:
+    torch.manual_seed(0)
+    sam = build_sam(_tiny_cfg().sam, None).eval()
+    size = sam.image_encoder.img_size
+    points = torch.tensor([[10.0, 20.0], [100.0, 50.0], [200.0, 240.0]])
+    boxes = torch.tensor([[5.0, 5.0, 60.0, 80.0]]).expand(3, 4)
+    masks = torch.randn(3, 1, size // 4, size // 4)
+    with torch.no_grad():
+        embedding = sam.image_encoder(torch.randn(1, 3, size, size))  # (1, C, h, w)
+        for kind in PROMPT_KINDS:
+            sparse, dense = encode_prompts(sam, kind, points, boxes, masks)
+            ours = decode(sam, embedding.expand(3, -1, -1, -1), sparse, dense)
+            upstream = sam.mask_decoder(
+                embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False
+            )
+            for a, b in zip(ours, upstream):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _assert_same_weights(module: torch.nn.Module, trained: torch.nn.Module) -> None:
+    loaded, reference = module.state_dict(), trained.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, value in reference.items():
+        expected = value.half().float() if value.is_floating_point() else value
+        torch.testing.assert_close(loaded[key], expected, rtol=0, atol=0, msg=key)
+
+
+def test_quick_pretraining_files_load_through_build(tmp_path: Path) -> None:
+    script = _load_script()
+    result = script.main(["--quick", "--out", str(tmp_path)])
+    cfg = _tiny_cfg()
+    clip = build_clip(cfg.clip, str(tmp_path / script.CLIP_FILE)).eval()
+    sam = build_sam(cfg.sam, str(tmp_path / script.SAM_FILE)).eval()
+    _assert_same_weights(clip, result.clip)
+    _assert_same_weights(sam, result.sam)
+
+    # Same tensors out: the fp16-rounded trained models against the loaded ones.
+    for model in (result.clip, result.sam):
+        model.load_state_dict(
+            {
+                k: v.half().float() if v.is_floating_point() else v
+                for k, v in model.state_dict().items()
+            }
+        )
+    images = torch.randn(2, 3, cfg.clip.image_size, cfg.clip.image_size)
+    tokens = tokenize(["a red star", "a blue hexagon on the left"], cfg.clip.text_length)
+    sam_images = torch.randn(1, 3, cfg.sam.image_size, cfg.sam.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(images), result.clip.encode_image(images))
+        torch.testing.assert_close(encode_text(clip, tokens), encode_text(result.clip, tokens))
+        torch.testing.assert_close(
+            sam.image_encoder(sam_images), result.sam.image_encoder(sam_images)
+        )
+
+    report = (tmp_path / "report.md").read_text()
+    assert "## CLIP" in report and "## SAM" in report
+    assert {"retrieval", "hard_pairs", "word_auc", "patch_probe"} <= set(result.report["clip"])
+    assert set(result.report["sam"]["miou"]) >= {"point", "box", "coarse", "point+coarse"}
+
+
+def test_quick_pretraining_is_deterministic(tmp_path: Path) -> None:
+    script = _load_script()
+    runs = [
+        script.main(["--quick", "--no-eval", "--out", str(tmp_path / str(i))]) for i in range(2)
+    ]
+    for name in ("clip", "sam"):
+        first, second = (getattr(r, name).state_dict() for r in runs)
+        for key, value in first.items():
+            torch.testing.assert_close(second[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.skipif(
+    not (COMMITTED / "clip_tiny_synthetic.pt").is_file(), reason="no committed foundations"
+)
+def test_committed_foundations_load_with_the_tiny_preset() -> None:
+    cfg = _tiny_cfg()
+    clip = build_clip(cfg.clip, str(COMMITTED / "clip_tiny_synthetic.pt")).eval()
+    sam = build_sam(cfg.sam, str(COMMITTED / "sam_tiny_synthetic.pth")).eval()
+    stored = torch.load(COMMITTED / "sam_tiny_synthetic.pth", weights_only=True)
+    for key, value in sam.state_dict().items():
+        torch.testing.assert_close(value, stored[key].float(), rtol=0, atol=0, msg=key)
+    stored = torch.load(COMMITTED / "clip_tiny_synthetic.pt", weights_only=True)
+    for key, value in clip.state_dict().items():
+        torch.testing.assert_close(value, stored[key].float(), rtol=0, atol=0, msg=key)
+    images = torch.zeros(1, 3, cfg.clip.image_size, cfg.clip.image_size)
+    with torch.no_grad():
+        assert torch.isfinite(clip.encode_image(images)).all()
+        assert torch.isfinite(sam.image_encoder(torch.zeros(1, 3, 256, 256))).all()
