@@ -271,6 +271,15 @@ def _letterbox_mask_np(mask: np.ndarray | torch.Tensor, size: int) -> np.ndarray
     return out
 
 
+def letterbox_mask(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Original-frame mask (H, W) -> (size, size) float in [0, 1] in a letterboxed frame.
+
+    Same geometry as the images (resize longest side with SAM's rule, pad bottom/right with 0);
+    the values are area averages, so border pixels are fractional.
+    """
+    return torch.from_numpy(_letterbox_mask_np(mask, size))
+
+
 def lowres_mask(mask: np.ndarray | torch.Tensor, sam_size: int) -> torch.Tensor:
     """Original-frame mask (H, W) -> (sam_size/4, sam_size/4) float in the low-res frame.
 
