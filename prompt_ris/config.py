@@ -196,10 +196,12 @@ class Config:
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's model: CLIP ViT-B/16 at 480, SAM ViT-B at 1024, n = 16 at all 12 layers.
     "vit_b": {},
-    # Same structure, small widths and depths: tests and the CPU demo (trained from scratch).
+    # Same structure, same freezing, small widths and depths: the CPU demo and the tests. Its
+    # base weights are the miniature foundations committed in checkpoints/tiny_synthetic/ (made
+    # by scripts/pretrain_foundations.py); tests override them with random weights (null).
     "tiny": {
         "clip": {
-            "pretrained": None,
+            "pretrained": "checkpoints/tiny_synthetic/clip_tiny_synthetic.pt",
             "model_name": "tiny",
             "image_size": 128,
             "patch_size": 8,
@@ -213,12 +215,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
             "context_length": 77,
             "text_length": 16,
             "quick_gelu": False,
-            "freeze": False,
         },
         "cmp": {"num_prompts": 4, "num_heads": 2},
         "decoder": {"dim": 64, "num_heads": 2},
         "sam": {
-            "checkpoint": None,
+            "checkpoint": "checkpoints/tiny_synthetic/sam_tiny_synthetic.pth",
             "image_size": 256,
             "encoder_embed_dim": 64,
             "encoder_depth": 2,
@@ -229,9 +230,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
             "decoder_depth": 2,
             "decoder_mlp_dim": 128,
             "decoder_num_heads": 2,
-            "freeze_image_encoder": False,
-            "freeze_prompt_encoder": False,
-            "freeze_mask_decoder": False,
         },
         "prompts": {"text_heads": 2},
     },

@@ -31,6 +31,9 @@ CLIP_FILE = "clip_vit_b16_openai.pt"  # written by scripts/download_weights.py
 SAM_FILE = "sam_vit_b_01ec64.pth"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
+# The miniature foundations of the ``tiny`` preset, committed with the repository (the demo's).
+TINY_FOLDER = "checkpoints/tiny_synthetic"
+TINY_FILES = ("clip_tiny_synthetic.pt", "sam_tiny_synthetic.pth")
 
 
 def weights_dir() -> Path:
@@ -78,6 +81,12 @@ def missing_weights_message(value: str, what: str) -> str:
         where = f"not found in {folder}"
     else:
         where = f"not found (nor '{Path(value).name}' in {folder})"
+    if Path(value).name in TINY_FILES:
+        return (
+            f"{what}='{value}' {where}; it is one of the miniature foundations committed in "
+            f"{TINY_FOLDER}/ of the repository: run from the repository root, copy the file "
+            f"into the weights folder, or remake it with `python scripts/pretrain_foundations.py`"
+        )
     return (
         f"{what}='{value}' {where}; run `{DOWNLOAD_COMMAND}` (it writes {CLIP_FILE} and "
         f"{SAM_FILE} there), set {ENV_VAR} to the folder that holds the file, or give its path"

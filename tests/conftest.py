@@ -12,6 +12,7 @@ import torch
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
 from prompt_ris.models import PromptRIS, build_prompt_ris
+from tiny_random import TINY_RANDOM
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -29,8 +30,8 @@ def empty_weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 
 @pytest.fixture
 def tiny_cfg() -> Config:
-    """The ``tiny`` preset (random base weights, everything trainable)."""
-    return load_config({"model": {"preset": "tiny"}})
+    """The ``tiny`` preset on random base weights (frozen as the preset freezes them)."""
+    return load_config({"model": TINY_RANDOM})
 
 
 @pytest.fixture

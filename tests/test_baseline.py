@@ -21,11 +21,12 @@ from prompt_ris.engine.baseline import (
     random_object_baseline,
     referred_objects,
 )
+from tiny_random import TINY_RANDOM_ARGS
 
 
 @pytest.fixture(scope="module")
 def model_cfg() -> ModelConfig:
-    return load_config(overrides=["model.preset=tiny"]).model
+    return load_config(overrides=TINY_RANDOM_ARGS).model
 
 
 def test_random_object_baseline(model_cfg: ModelConfig) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from prompt_ris.config import load_config
 from prompt_ris.data.batch import Batch, random_batch
+from tiny_random import TINY_RANDOM_ARGS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -93,7 +94,7 @@ def test_benchmark_tiny_cpu_writes_all_fields(
 
 
 def test_slice_images_keeps_the_first_expressions_of_the_first_images(bench: ModuleType) -> None:
-    cfg = load_config(overrides=["model.preset=tiny"])
+    cfg = load_config(overrides=TINY_RANDOM_ARGS)
     batch = random_batch(cfg, 3, 2)
     length = cfg.model.clip.text_length
     single = bench.slice_images(batch, 1, 1)

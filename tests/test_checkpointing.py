@@ -26,6 +26,7 @@ from prompt_ris.engine.checkpointing import (
     verify_checkpoint,
 )
 from prompt_ris.models import PromptRIS, build_prompt_ris
+from tiny_random import TINY_RANDOM
 
 
 def _prepared_linear(seed: int = 0) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
@@ -125,7 +126,7 @@ def _tiny_with_base_files(tmp_path: Path) -> tuple[Config, PromptRIS]:
     """The tiny model with frozen CLIP and SAM whose base weights come from real weight files
     (an open_clip state dict and a segment_anything state dict), as for the paper's model."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": {"preset": "tiny"}}).model)
+    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
     clip_file, sam_file = tmp_path / "clip_tiny.pt", tmp_path / "sam_tiny.pth"
     torch.save(base.clip.clip.state_dict(), clip_file)
     sam = base.sam
@@ -177,7 +178,7 @@ def test_export_holds_exactly_the_learned_params_without_pickle(tmp_path: Path) 
 def test_export_loads_for_inference_with_identical_outputs(
     tmp_path: Path, synthetic_batch: Batch
 ) -> None:
-    cfg = load_config({"model": {"preset": "tiny"}})
+    cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
     model = build_prompt_ris(cfg.model).eval()
     export_pretrained(model, cfg, tmp_path / "final")
@@ -257,7 +258,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path: Path) -> None:
 def test_exports_and_checkpoints_get_umask_permissions(tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
-        cfg = load_config({"model": {"preset": "tiny"}})
+        cfg = load_config({"model": TINY_RANDOM})
         torch.manual_seed(0)
         out = export_pretrained(build_prompt_ris(cfg.model), cfg, tmp_path / "run" / "best")
         accelerator, _, _ = _prepared_linear()

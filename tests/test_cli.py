@@ -17,6 +17,7 @@ from prompt_ris.config import load_config
 from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
 from prompt_ris.models.pretrained import save_pretrained
 from prompt_ris.predictor import Predictor
+from tiny_random import TINY_RANDOM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint and a few images of odd sizes."""
     root = tmp_path_factory.mktemp("cli")
-    cfg = load_config({"model": {"preset": "tiny"}})
+    cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
     save_pretrained(build_prompt_ris(cfg.model), root / "ckpt", config=cfg)
     rng = np.random.default_rng(0)
@@ -176,7 +177,7 @@ def test_missing_base_weights_then_override(
 ) -> None:
     # A checkpoint whose config names a SAM file that is not there: the tensors SAM's file
     # provides (e.g. its positional-encoding buffer) are not stored in the checkpoint.
-    cfg = load_config({"model": {"preset": "tiny"}})
+    cfg = load_config({"model": TINY_RANDOM})
     model = build_prompt_ris(cfg.model)
     sam_state = {k[4:]: v for k, v in model.state_dict().items() if k.startswith("sam.")}
     torch.save(sam_state, tmp_path / "real_sam.pth")  # segment_anything's state-dict format
@@ -276,7 +277,7 @@ def test_folder_images_sharing_a_name_write_separate_files(workdir: Path, tmp_pa
 def test_non_finite_weights_end_with_one_line(
     workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = load_config({"model": {"preset": "tiny"}})
+    cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
     model = build_prompt_ris(cfg.model)
     with torch.no_grad():
@@ -293,7 +294,7 @@ def _frozen_checkpoint_on_weights_folder(folder: Path, out: Path) -> None:
     """A learned-only checkpoint whose frozen base CLIP and SAM are files of the weights folder,
     named by their real file names (tiny sizes, real formats)."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": {"preset": "tiny"}}).model)
+    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
     folder.mkdir(parents=True)
     torch.save(base.clip.clip.state_dict(), folder / "clip_vit_b16_openai.pt")
     torch.save(

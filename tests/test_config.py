@@ -3,6 +3,7 @@ presets, precedence of the layers, and round trips through dicts and files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def test_preset_fills_the_model_then_file_keys_apply(tmp_path: Path) -> None:
     assert cfg.model.clip.image_size == 64  # the file's key wins over the preset's 128
     assert cfg.model.clip.vision_width == 64  # the rest is the preset's
     assert cfg.model.sam.image_size == MODEL_PRESETS["tiny"]["sam"]["image_size"] == 256
-    assert cfg.model.sam.checkpoint is None and cfg.model.clip.pretrained is None
+    assert cfg.model.sam.checkpoint == MODEL_PRESETS["tiny"]["sam"]["checkpoint"]
 
 
 def test_precedence_defaults_preset_file_overrides(tmp_path: Path) -> None:
@@ -189,8 +190,27 @@ def test_repository_configs_load() -> None:
         cfg = load_config(path)
         assert isinstance(cfg, Config), path
     tiny = load_config(ROOT / "configs" / "tiny_synthetic.yaml")
-    assert tiny.model.preset == "tiny" and tiny.model.clip.stem == "conv"
+    assert tiny.model.preset == "tiny" and tiny.train.icl_weight == 1.0
     assert tiny.train.lr == 0.001 and tiny.eval.splits[0] == "synthetic:val"
+
+
+def test_tiny_preset_differs_from_the_paper_model_only_in_sizes() -> None:
+    """Same freezing, stem and prompting as ``vit_b``; pretrained base weights (the committed
+    miniature foundations) instead of random ones."""
+    paper, tiny = load_config(None).model, load_config({"model": {"preset": "tiny"}}).model
+    for section in ("clip", "sam", "prompts"):
+        for field in dataclasses.fields(getattr(paper, section)):
+            name = field.name
+            if name in {"freeze", "stem", "fast_attention"} or name.startswith(
+                ("freeze_", "use_", "drop_", "gumbel")
+            ):
+                assert getattr(getattr(tiny, section), name) == getattr(
+                    getattr(paper, section), name
+                ), f"model.{section}.{name}"
+    assert tiny.clip.pretrained == "checkpoints/tiny_synthetic/clip_tiny_synthetic.pt"
+    assert tiny.sam.checkpoint == "checkpoints/tiny_synthetic/sam_tiny_synthetic.pth"
+    for path in (tiny.clip.pretrained, tiny.sam.checkpoint):
+        assert (ROOT / path).is_file(), path
 
 
 # --------------------------------------------------------------------------------------------

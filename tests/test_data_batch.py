@@ -13,6 +13,7 @@ from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, ModelInputs, random_batch
 from prompt_ris.data.loader import collate
 from prompt_ris.data.text import EOT_TOKEN, SOT_TOKEN
+from tiny_random import TINY_RANDOM_ARGS
 
 
 def _item(image: int, texts: list[str], orig_masks: bool) -> dict:
@@ -90,7 +91,7 @@ def test_to_moves_every_tensor_and_shares_the_rest(tiny_cfg: Config) -> None:
 
 
 def test_random_batch_follows_the_batch_contract() -> None:
-    cfg = load_config(overrides=["model.preset=tiny"])
+    cfg = load_config(overrides=TINY_RANDOM_ARGS)
     batch = random_batch(cfg, 3, 2)
     length = cfg.model.clip.text_length
     assert isinstance(batch, Batch) and (batch.num_images, batch.num_expressions) == (3, 6)

@@ -89,7 +89,8 @@ def test_sdpa_sam_encoder_bf16_autocast_within_bf16_tolerance() -> None:
 
 
 def test_sdpa_sam_encoder_gradients_match() -> None:
-    """The tiny preset trains SAM from scratch: gradients must match upstream's too."""
+    """SAM's encoder is trained when unfrozen (and by the foundation pretraining): gradients
+    must match upstream's too."""
     reference = _tiny_encoder(seed=2).train()
     fast = use_sdpa_in_sam_encoder(copy.deepcopy(reference))
     images = torch.randn(2, 3, 64, 64)

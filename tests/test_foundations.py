@@ -24,6 +24,7 @@ from prompt_ris.data.synthetic import COLOURS, SHAPES
 from prompt_ris.data.text import tokenize
 from prompt_ris.foundations.clip_pretrain import encode_text
 from prompt_ris.foundations.sam_pretrain import PROMPT_KINDS, decode, encode_prompts
+from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import build_clip, build_sam
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _load_script():
 
 
 def _tiny_cfg():
-    return load_config({"model": {"preset": "tiny", "clip": {"stem": "patch"}}}).model
+    return load_config({"model": {"preset": "tiny"}}).model
 
 
 def test_captions_name_every_word_held_out_shapes_included() -> None:
@@ -159,9 +160,6 @@ def test_quick_pretraining_is_deterministic(tmp_path: Path) -> None:
             torch.testing.assert_close(second[key], value, rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.skipif(
-    not (COMMITTED / "clip_tiny_synthetic.pt").is_file(), reason="no committed foundations"
-)
 def test_committed_foundations_load_with_the_tiny_preset() -> None:
     cfg = _tiny_cfg()
     clip = build_clip(cfg.clip, str(COMMITTED / "clip_tiny_synthetic.pt")).eval()
@@ -176,3 +174,23 @@ def test_committed_foundations_load_with_the_tiny_preset() -> None:
     with torch.no_grad():
         assert torch.isfinite(clip.encode_image(images)).all()
         assert torch.isfinite(sam.image_encoder(torch.zeros(1, 3, 256, 256))).all()
+
+
+def test_the_tiny_preset_builds_prompt_ris_on_the_committed_foundations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preset's own paths, from the repository root; CLIP at another image size too (its
+    fp16 position embeddings are resized in float32)."""
+    monkeypatch.chdir(COMMITTED.parents[1])
+    model = build_prompt_ris(_tiny_cfg())
+    stored = torch.load(COMMITTED / "sam_tiny_synthetic.pth", weights_only=True)
+    decoder = model.sam.mask_decoder.state_dict()
+    for key, value in decoder.items():
+        torch.testing.assert_close(value, stored[f"mask_decoder.{key}"].float(), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in model.sam.parameters())  # SAM frozen whole
+    assert not any(p.requires_grad for p in model.clip.clip.parameters())  # CLIP frozen
+    small = build_prompt_ris(
+        load_config({"model": {"preset": "tiny", "clip": {"image_size": 64}}}).model
+    )
+    grid = small.clip.clip.visual.positional_embedding
+    assert grid.shape == (1 + 8 * 8, 64) and grid.dtype == torch.float32

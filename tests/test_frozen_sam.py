@@ -143,7 +143,7 @@ def test_embed_mask_uses_no_mask_embed_where_dropped(tiny_cfg: Config) -> None:
 
 
 def test_embed_prompts_layout_and_padding(tiny_cfg: Config) -> None:
-    """[P_point; pad; P_text] with the text positions after [EOS] set to SAM's padding token."""
+    """[P_point; pad; P_text] with the text positions after [EOS] left out (sparse_keep)."""
     sam = _frozen_sam(tiny_cfg).eval()
     torch.manual_seed(1)
     coarse = torch.randn(2, 1, 64, 64)
@@ -155,13 +155,13 @@ def test_embed_prompts_layout_and_padding(tiny_cfg: Config) -> None:
             coarse, use_point=True, text_prompts=text, text_pad_mask=pad_mask, keep=PromptKeep()
         )
         point = sam.embed_point(coarse)
-    assert prompts.sparse.shape == (2, 2 + 5, 64) and prompts.sparse_keep is None
+    assert prompts.sparse.shape == (2, 2 + 5, 64)
     torch.testing.assert_close(prompts.sparse[:, 0], point)
     torch.testing.assert_close(prompts.sparse[:, 1], pad.expand(2, 64))
-    for b in range(2):
-        for k in range(5):
-            want = pad if pad_mask[b, k] else text[b, k]
-            torch.testing.assert_close(prompts.sparse[b, 2 + k], want)
+    torch.testing.assert_close(prompts.sparse[:, 2:], text)
+    assert prompts.sparse_keep.tolist() == [
+        [True, True, True, True, False, False, False], [True] * 6 + [False]
+    ]
     torch.testing.assert_close(prompts.dense, sam.embed_mask(coarse, None))
 
     with torch.no_grad():
@@ -177,8 +177,9 @@ def test_embed_prompts_layout_and_padding(tiny_cfg: Config) -> None:
             keep=PromptKeep(mask=torch.tensor([False, False])),
         )  # fmt: skip
     torch.testing.assert_close(point_only.sparse, prompts.sparse[:, :2])
+    assert point_only.sparse_keep is None  # nothing dropped, no text: one batch
     torch.testing.assert_close(text_only.sparse, prompts.sparse[:, 2:])
-    assert text_only.sparse_keep.tolist() == [[True] * 5, [False] * 5]
+    assert text_only.sparse_keep.tolist() == [[True, True, False, False, False], [False] * 5]
     assert nothing.sparse.shape == (2, 0, 64) and nothing.sparse_keep is None
     no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, 64, 1, 1).expand(2, 64, 16, 16)
     torch.testing.assert_close(nothing.dense, no_mask)
@@ -247,7 +248,8 @@ def test_sam_path_matches_sam_predictor(tiny_cfg: Config, tmp_path: Path) -> Non
 
 
 def test_decode_mixed_prompt_patterns_match_single_rows(tiny_model: PromptRIS) -> None:
-    """Rows with different kept tokens (prompt dropout) decode as if each were alone."""
+    """Rows with different kept tokens (prompt dropout, expression lengths) decode as if each
+    were alone."""
     sam = tiny_model.sam.eval()
     torch.manual_seed(0)
     c, h = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size[0]
@@ -258,7 +260,7 @@ def test_decode_mixed_prompt_patterns_match_single_rows(tiny_model: PromptRIS) -
             torch.randn(4, 1, 4 * h, 4 * h),
             use_point=True,
             text_prompts=torch.randn(4, 3, c),
-            text_pad_mask=torch.zeros(4, 3, dtype=torch.bool),
+            text_pad_mask=torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 1], [0, 0, 0]]).bool(),
             keep=PromptKeep(
                 point=torch.tensor([True, False, True, False]),
                 text=torch.tensor([True, True, False, False]),
@@ -273,7 +275,7 @@ def test_decode_mixed_prompt_patterns_match_single_rows(tiny_model: PromptRIS) -
             first = torch.zeros(1, dtype=torch.long)
             alone = sam.decode(embed[image_index[i : i + 1]], first, single)
             torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-5, atol=1e-5)
-    assert [int(k.sum()) for k in prompts.sparse_keep] == [5, 3, 2, 0]
+    assert [int(k.sum()) for k in prompts.sparse_keep] == [5, 2, 2, 0]
     assert batched.shape == (4, 1, 4 * h, 4 * h)
 
 

@@ -31,6 +31,7 @@ from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.engine.trainer import train
 from prompt_ris.models import build_prompt_ris
+from tiny_random import tiny_random
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = 1e-3
@@ -55,7 +56,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
     )
     config = {
-        "model": {"preset": "tiny", "clip": {"image_size": 64}, "sam": {"image_size": 128}},
+        "model": tiny_random(clip={"image_size": 64}, sam={"image_size": 128}),
         "data": {
             "prepared": str(root / "prepared"), "train": "synthetic:train", "val": "synthetic:val",
             "images_per_step": 16, "expressions_per_image": 2, "num_workers": 0,

@@ -270,7 +270,7 @@ def test_load_to_dtype(tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path) 
 
 
 def test_conv_stem_roundtrip(tiny_cfg: Config, synthetic_batch: Batch, tmp_path: Path) -> None:
-    """The demo's CNN stem (models/conv_stem.py) is saved and loaded with the model."""
+    """The CNN stem (models/conv_stem.py) is saved and loaded with the model."""
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.clip.stem = "conv"
     torch.manual_seed(8)

@@ -329,7 +329,10 @@ def test_prediction_from_logits_thresholds_strictly_above() -> None:
 # --------------------------------------------------------------------------------------------
 def test_from_config_accepts_yaml_config_and_model_config(tmp_path: Path) -> None:
     path = tmp_path / "tiny.yaml"
-    path.write_text("model:\n  preset: tiny\n  cmp:\n    num_prompts: 2\n")
+    path.write_text(
+        "model:\n  preset: tiny\n  clip:\n    pretrained: null\n  sam:\n    checkpoint: null\n"
+        "  cmp:\n    num_prompts: 2\n"
+    )
     cfg = load_config(path)
     for source in (path, str(path), cfg, cfg.model):
         model = PromptRIS.from_config(source)

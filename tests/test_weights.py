@@ -13,6 +13,7 @@ from prompt_ris import weights
 from prompt_ris.config import Config, load_config
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import base_weight_problems
+from tiny_random import TINY_RANDOM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_model_builds_offline_from_the_weights_folder_by_file_name(
 ) -> None:
     """Real file formats under the real names (tiny sizes): the config names only the files."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": {"preset": "tiny"}}).model)
+    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
     folder = tmp_path / "weights"
     folder.mkdir()
     torch.save(base.clip.clip.state_dict(), folder / weights.CLIP_FILE)  # open_clip state dict

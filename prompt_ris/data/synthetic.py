@@ -9,8 +9,9 @@ referred object gets up to three short expressions of the chosen kinds (``kinds`
 - position: "the leftmost shape", "the blue shape on the right", "the top square";
 - relation: "the square above the blue star", "the shape left of the green cross".
 
-The CPU demo uses attribute expressions only (like RefCOCO+, which bans location words): its tiny
-model trained from scratch does not learn positions and relations in a CPU budget (README).
+The CPU demo uses attribute expressions only (like RefCOCO+, which bans location words): its
+miniature CLIP learnt no position words in pretraining (checkpoints/tiny_synthetic/report.md), and
+positions and relations are reported as a separate run (README).
 
 An expression is kept only if its meaning, evaluated on the scene (``denotation``), is exactly
 its object. Positions use the centroid of the visible mask; a superlative or relation needs a

@@ -10,8 +10,10 @@ an open_clip tag such as "openai". Modules never read files themselves: this fil
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, fields
 from functools import partial
+from pathlib import Path
 
 import open_clip
 import torch
@@ -84,7 +86,7 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
     if names_a_file(pretrained):
         path = locate_weights(pretrained, "model.clip.pretrained")
         model = _clip_from_fields(cfg)
-        open_clip.load_checkpoint(model, str(path))
+        _load_clip_file(model, path)
         logger.info("loaded CLIP weights from %s", path)
         return model
     problem = _clip_tag_problem(pretrained, cfg.model_name, "model.clip.pretrained")
@@ -105,6 +107,21 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
         ) from err
     _check_clip_matches(model, cfg)
     return model
+
+
+def _load_clip_file(model: CLIP, path: Path) -> None:
+    """open_clip's ``load_checkpoint``; a file stored in half precision (the miniature
+    foundations are fp16) is widened to float32 first, so that its position embeddings are
+    resized in float32 (CPU interpolation has no fp16 kernel) and load as they would anyway."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    narrow = [key for key, value in state.items() if value.dtype in (torch.float16, torch.bfloat16)]
+    if not narrow:
+        open_clip.load_checkpoint(model, str(path))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        widened = Path(tmp) / path.name
+        torch.save({k: v.float() if k in narrow else v for k, v in state.items()}, widened)
+        open_clip.load_checkpoint(model, str(widened))
 
 
 def _stem_problem(stem: str, pretrained: str) -> str:

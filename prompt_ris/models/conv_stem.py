@@ -13,9 +13,10 @@ of ``synthetic:val`` after 800 stage-1 steps of 8 images x 4 expressions): 48.8 
 embedding alone (lr 2e-3; shape-only expressions such as "the cross" 17.5), 58.3 with this stem
 (lr 1e-3; shape-only 49.7). BatchNorm in place of GroupNorm reached 67.8 (shape-only 51.0), but
 its batch statistics differ between DDP processes (and SyncBatchNorm needs a GPU), so the stem
-uses GroupNorm. Used by the tiny demo model (``configs/tiny_synthetic.yaml``); pretrained CLIP
-weights carry the patch embedding they were trained with, so ``build_clip`` refuses the
-combination.
+uses GroupNorm. The demo used it while it trained CLIP from random weights; it now builds on a
+pretrained miniature CLIP (docs/design.md, "The embedded default") and no shipped config uses
+the stem. Pretrained CLIP weights carry the patch embedding they were trained with, so
+``build_clip`` refuses the combination.
 """
 
 from __future__ import annotations

@@ -254,7 +254,9 @@ class FrozenSAM(nn.Module):
 
         A point is followed by SAM's padding token (``not_a_point_embed``), as SAM's prompt
         encoder does for point prompts given without a box, so that a point-only prompt
-        reproduces SAM; text positions after [EOS] become that padding token too.
+        reproduces SAM. P_text has the expression's own L + 2 tokens ([SOS], words, [EOS]): the
+        positions after [EOS] are left out of the token list (``sparse_keep`` False), so an
+        expression's prompts do not depend on the fixed tokenised length.
 
         Args:
             coarse_lowres: S_C, (B, 1, H_lr, W_lr) logits in the low-res frame.
@@ -267,23 +269,21 @@ class FrozenSAM(nn.Module):
         batch, dim = dense.shape[0], dense.shape[1]
         pad = self.pad_embed.reshape(1, 1, dim).to(dense.dtype)  # (1, 1, D_S)
         tokens = [dense.new_zeros(batch, 0, dim)]
-        keep_parts: list[tuple[torch.Tensor | None, int]] = []
+        keep_parts: list[torch.Tensor | None] = []  # (B, width) flags per part; None = all kept
         if use_point:
             point = self.embed_point(coarse_lowres).unsqueeze(1).to(dense.dtype)  # (B, 1, D_S)
             tokens += [point, pad.expand(batch, 1, dim)]  # (B, 2, D_S)
-            keep_parts.append((keep.point, 2))
+            keep_parts.append(None if keep.point is None else keep.point[:, None].expand(-1, 2))
         if text_prompts is not None:
-            text = torch.where(text_pad_mask.unsqueeze(-1), pad, text_prompts.to(dense.dtype))
-            tokens.append(text)  # (B, L, D_S)
-            keep_parts.append((keep.text, text.shape[1]))
+            tokens.append(text_prompts.to(dense.dtype))  # (B, L, D_S)
+            words = ~text_pad_mask  # (B, L): [SOS], words, [EOS]
+            keep_parts.append(words if keep.text is None else words & keep.text[:, None])
         sparse_keep = None
-        if any(flags is not None for flags, _ in keep_parts):
+        if any(flags is not None for flags in keep_parts):
             sparse_keep = torch.cat(
                 [
-                    (flags if flags is not None else dense.new_ones(batch, dtype=torch.bool))
-                    .unsqueeze(1)
-                    .expand(batch, width)
-                    for flags, width in keep_parts
+                    flags if flags is not None else dense.new_ones(batch, 2, dtype=torch.bool)
+                    for flags in keep_parts  # only the point part (width 2) can be None
                 ],
                 dim=1,
             )  # (B, k)
@@ -297,8 +297,8 @@ class FrozenSAM(nn.Module):
     ) -> torch.Tensor:
         """Eq. (4): S' = D_sam([T_iou; T_out; P_point; P_text], P_mask + F_IS), first mask.
 
-        Expressions whose prompts were dropped differently have different token counts; each
-        pattern of kept tokens is decoded as one batch (at most a few per step).
+        Expressions whose prompts were dropped differently, or whose expressions differ in
+        length, have different token counts; each pattern of kept tokens is decoded as one batch.
 
         Args:
             sam_img_embed: F_IS, (I, D_S, h_s, w_s).
@@ -309,7 +309,9 @@ class FrozenSAM(nn.Module):
             (B, 1, 4 h_s, 4 w_s) mask logits in the low-res frame.
         """
         keep = prompts.sparse_keep
-        if keep is None:  # no dropout: one batch, no data-dependent grouping
+        # Every token in one batch when nothing is left out, and on the meta device, which has
+        # no values to group by (shapes and costs only: every token counts, an upper bound).
+        if keep is None or keep.device.type == "meta":
             src = sam_img_embed[image_index]  # (B, D_S, h_s, w_s)
             return self._predict_first_mask(src, prompts.dense, prompts.sparse)
         patterns, group = torch.unique(keep.long(), dim=0, return_inverse=True)
