@@ -44,7 +44,7 @@ FORM_EXAMPLES = {
     "position": "the leftmost shape",
     "relation": "the square above the blue star",
 }
-# The paper's claims in miniature, each with its target (README, "What the demo shows").
+# The paper's claims in miniature, each with its target (README: "What the demo does").
 TARGET_MIOU, TARGET_RATIO = 75.0, 2.5  # final mask on the test split, and its ratio to random
 TARGET_REFINE, TARGET_P90_RATIO = 5.0, 2.0  # final - coarse mIoU; final P@0.9 / coarse P@0.9
 TARGET_UNSEEN_RATIO = 2.0  # final mIoU on the held-out shapes / their random baseline

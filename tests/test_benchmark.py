@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -16,18 +14,12 @@ import torch
 from prompt_ris.config import load_config
 from prompt_ris.data.batch import Batch, random_batch
 from tiny_random import TINY_RANDOM_ARGS
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from repo_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("prompt_ris_benchmark_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield load_script("scripts/benchmark.py")
 
 
 def test_benchmark_tiny_cpu_writes_all_fields(

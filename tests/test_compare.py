@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from repo_scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_cli(name: str) -> ModuleType:
-    """evaluation/<name>.py as a module (the folder is a set of scripts, not a package)."""
-    path = ROOT / "evaluation" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"evaluation_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_cli("compare")
+compare = load_script("evaluation/compare.py")
 
 
 def test_compare_prints_differences(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import struct
@@ -22,8 +21,8 @@ from prompt_ris.data.refer import (
     segmentation_to_rle,
     split_matches,
 )
+from repo_scripts import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SQUARE = [2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]  # x, y pairs of a 10x10 square
 OVERLAP = [8.0, 8.0, 18.0, 8.0, 18.0, 18.0, 8.0, 18.0]  # overlaps SQUARE on [8, 12]^2
 NON_ASCII = "the café chair — 左边的椅子"
@@ -280,9 +279,7 @@ def test_prepare_data_script_prints_counts_table(
     fixture_root: tuple[Path, dict], capsys: pytest.CaptureFixture
 ) -> None:
     root, _ = fixture_root
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPTS / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/prepare_data.py")
     module.main(["--root", str(root), "--out", str(root / "prepared_cli")])
     out = capsys.readouterr().out
     assert "fixture      unc      train           2        2         3" in out
@@ -322,9 +319,7 @@ def test_crafted_refs_file_is_refused_without_running_anything(
     assert "could run code" in str(err.value) and "download it again" in str(err.value)
     assert not marker.exists()
     # The preparation script stops with one line, before anything is written.
-    spec = importlib.util.spec_from_file_location("prepare_data", SCRIPTS / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/prepare_data.py")
     with pytest.raises(SystemExit) as stop:
         module.main(["--root", str(data_root), "--out", str(tmp_path / "prepared")])
     assert stop.value.code == 1 and not marker.exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import filecmp
-import importlib.util
 import json
 import random
 import re
@@ -17,8 +16,8 @@ from pycocotools import mask as mask_utils
 from prompt_ris.data.prepare import open_prepared
 from prompt_ris.data.refer import Refer
 from prompt_ris.data.synthetic import COLOURS, SHAPES, generate_synthetic, render_scene
+from repo_scripts import load_script
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NUM_IMAGES = 24
 _NP = r"(?:(red|green|blue|yellow) )?(\w+)"
 PATTERNS = {  # expression grammar, written independently of the generator
@@ -168,9 +167,7 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_make_synthetic_script_writes_prepared_data(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_synthetic", SCRIPTS / "make_synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("scripts/make_synthetic.py")
     summary = module.main(["--out", str(tmp_path), "--num-images", "10", "--seed", "5"])
     table = open_prepared(tmp_path / "prepared", "synthetic", "unc")
     assert len(table) == summary.num_refs

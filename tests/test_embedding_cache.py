@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 from prompt_ris.config import Config
 from prompt_ris.data.batch import random_batch
@@ -20,30 +19,7 @@ from prompt_ris.models.embedding_cache import (
     encoder_fingerprint,
     sam_cache_prefix,
 )
-
-
-def _tiny_encoder(seed: int = 0) -> ImageEncoderViT:
-    """Real SAM encoder, 8x8 tokens: block 0 windowed (3x3 windows, padded to 9x9), block 1 global.
-
-    Every parameter is random, the relative-position tables included (upstream zero-inits them,
-    which would make the bias path untested).
-    """
-    torch.manual_seed(seed)
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        out_chans=16,
-        use_rel_pos=True,
-        window_size=3,
-        global_attn_indexes=(1,),
-    )
-    with torch.no_grad():
-        for param in encoder.parameters():
-            param.normal_(0.0, 0.5 if param.dim() < 2 else 0.2)
-    return encoder.eval()
+from tiny_random import tiny_sam_encoder
 
 
 def test_cache_roundtrips_embeddings(tmp_path: Path) -> None:
@@ -69,8 +45,8 @@ def test_cache_roundtrips_embeddings(tmp_path: Path) -> None:
 
 
 def test_cache_keys_differ_with_preprocessing(tmp_path: Path) -> None:
-    encoder = _tiny_encoder(seed=7)
-    other = _tiny_encoder(seed=8)
+    encoder = tiny_sam_encoder(seed=7)
+    other = tiny_sam_encoder(seed=8)
     prefix = sam_cache_prefix(encoder, 64)
     assert prefix == sam_cache_prefix(copy.deepcopy(encoder), 64)  # same weights, same prefix
     assert len({prefix, sam_cache_prefix(encoder, 128), sam_cache_prefix(other, 64)}) == 3
@@ -85,7 +61,7 @@ def test_cache_keys_differ_with_preprocessing(tmp_path: Path) -> None:
 
 
 def test_cache_encode_computes_only_missing_rows(tmp_path: Path) -> None:
-    encoder = _tiny_encoder(seed=9)
+    encoder = tiny_sam_encoder(seed=9)
     cache = SamEmbeddingCache(tmp_path, sam_cache_prefix(encoder, 64))
     images = torch.randn(3, 3, 64, 64)
     seen: list[int] = []

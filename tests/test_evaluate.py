@@ -3,14 +3,12 @@ ablation, and (slow) a 2-process run equal to a 1-process one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -23,20 +21,12 @@ from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, gen
 from prompt_ris.metrics import summarize
 from prompt_ris.models import build_prompt_ris
 from tiny_random import TINY_RANDOM_ARGS
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_cli(name: str) -> ModuleType:
-    """evaluation/<name>.py as a module (the folder is a set of scripts, not a package)."""
-    path = ROOT / "evaluation" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"evaluation_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_cli("compare")
+compare = load_script("evaluation/compare.py")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +44,7 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, Path]) -> None:
-    evaluate_cli = _load_cli("evaluate")
+    evaluate_cli = load_script("evaluation/evaluate.py")
     splits = ["synthetic:val", "synthetic:testB"]
     out = synthetic_run["out"]
     results = evaluate_cli.main(
@@ -131,7 +121,8 @@ def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -
         "eval.random_baseline=false",
     ]
     one, two = synthetic_run["out"].with_name("one"), synthetic_run["out"].with_name("two")
-    _load_cli("evaluate").main([*common, "--output", str(one), "eval.batch_images=3"])
+    evaluate_cli = load_script("evaluation/evaluate.py")
+    evaluate_cli.main([*common, "--output", str(one), "eval.batch_images=3"])
     launch = [
         sys.executable,
         "-m",
@@ -164,7 +155,7 @@ def test_two_process_launch_equals_one_process(synthetic_run: dict[str, Path]) -
 def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    evaluate_cli = _load_cli("evaluate")
+    evaluate_cli = load_script("evaluation/evaluate.py")
     common = [
         "--checkpoint", str(synthetic_run["checkpoint"]), "--splits", "synthetic:val",
         "--output", str(tmp_path), f"data.prepared={synthetic_run['prepared']}",
@@ -192,7 +183,7 @@ def test_every_split_is_checked_before_the_model_loads(
     synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    evaluate_cli = _load_cli("evaluate")
+    evaluate_cli = load_script("evaluation/evaluate.py")
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the splits were checked")
@@ -218,7 +209,7 @@ def test_every_split_is_checked_before_the_model_loads(
 def test_each_split_is_written_as_soon_as_it_is_scored(
     synthetic_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    evaluate_cli = _load_cli("evaluate")
+    evaluate_cli = load_script("evaluation/evaluate.py")
     real = evaluate_cli.evaluate_split
 
     def crash_on_the_second(model, cfg, split, accelerator):  # noqa: ANN001, ANN202
@@ -250,7 +241,7 @@ def test_default_output_is_beside_the_exports_and_survives_a_new_export(
     from prompt_ris.engine.checkpointing import export_pretrained
     from prompt_ris.models import PromptRIS
 
-    evaluate_cli = _load_cli("evaluate")
+    evaluate_cli = load_script("evaluation/evaluate.py")
     run = tmp_path / "run"
     model = PromptRIS.from_pretrained(synthetic_run["checkpoint"])
     export_pretrained(model, model.config, run / "best")

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT
+from segment_anything.modeling.image_encoder import Attention
 from torch.profiler import ProfilerActivity, profile
 
 from prompt_ris.models import fast_attention
@@ -16,30 +16,7 @@ from prompt_ris.models.fast_attention import (
     sam_encoder_uses_sdpa,
     use_sdpa_in_sam_encoder,
 )
-
-
-def _tiny_encoder(seed: int = 0) -> ImageEncoderViT:
-    """Real SAM encoder, 8x8 tokens: block 0 windowed (3x3 windows, padded to 9x9), block 1 global.
-
-    Every parameter is random, the relative-position tables included (upstream zero-inits them,
-    which would make the bias path untested).
-    """
-    torch.manual_seed(seed)
-    encoder = ImageEncoderViT(
-        img_size=64,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        out_chans=16,
-        use_rel_pos=True,
-        window_size=3,
-        global_attn_indexes=(1,),
-    )
-    with torch.no_grad():
-        for param in encoder.parameters():
-            param.normal_(0.0, 0.5 if param.dim() < 2 else 0.2)
-    return encoder.eval()
+from tiny_random import tiny_sam_encoder
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +24,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_sdpa_sam_encoder_matches_segment_anything_fp32() -> None:
-    reference = _tiny_encoder()
+    reference = tiny_sam_encoder()
     fast = use_sdpa_in_sam_encoder(copy.deepcopy(reference))
     assert sam_encoder_uses_sdpa(fast) and not sam_encoder_uses_sdpa(reference)
     assert [type(b.attn) for b in fast.blocks] == [SDPAAttention, SDPAAttention]
@@ -73,7 +50,7 @@ def test_sdpa_sam_encoder_matches_segment_anything_fp32() -> None:
 
 
 def test_sdpa_sam_encoder_bf16_autocast_within_bf16_tolerance() -> None:
-    reference = _tiny_encoder(seed=1)
+    reference = tiny_sam_encoder(seed=1)
     fast = use_sdpa_in_sam_encoder(copy.deepcopy(reference))
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -91,7 +68,7 @@ def test_sdpa_sam_encoder_bf16_autocast_within_bf16_tolerance() -> None:
 def test_sdpa_sam_encoder_gradients_match() -> None:
     """SAM's encoder is trained when unfrozen (and by the foundation pretraining): gradients
     must match upstream's too."""
-    reference = _tiny_encoder(seed=2).train()
+    reference = tiny_sam_encoder(seed=2).train()
     fast = use_sdpa_in_sam_encoder(copy.deepcopy(reference))
     images = torch.randn(2, 3, 64, 64)
     weights = torch.randn(2, 16, 8, 8)
@@ -105,7 +82,7 @@ def test_sdpa_sam_encoder_gradients_match() -> None:
 
 
 def test_sdpa_batch_chunking_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = _tiny_encoder(seed=3)
+    reference = tiny_sam_encoder(seed=3)
     fast = use_sdpa_in_sam_encoder(copy.deepcopy(reference))
     # One image's global bias is 2 heads x 64^2 x 4 bytes = 32 KiB: force chunks of one image.
     monkeypatch.setattr(fast_attention, "MAX_BIAS_BYTES", 40_000)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +24,10 @@ from prompt_ris.foundations.clip_pretrain import encode_text
 from prompt_ris.foundations.sam_pretrain import PROMPT_KINDS, decode, encode_prompts
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import build_clip, build_sam
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "checkpoints" / "tiny_synthetic"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_foundations", ROOT / "scripts" / "pretrain_foundations.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_cfg():
@@ -117,7 +106,7 @@ def _assert_same_weights(module: torch.nn.Module, trained: torch.nn.Module) -> N
 
 
 def test_quick_pretraining_files_load_through_build(tmp_path: Path) -> None:
-    script = _load_script()
+    script = load_script("scripts/pretrain_foundations.py")
     result = script.main(["--quick", "--out", str(tmp_path)])
     cfg = _tiny_cfg()
     clip = build_clip(cfg.clip, str(tmp_path / script.CLIP_FILE)).eval()
@@ -150,7 +139,7 @@ def test_quick_pretraining_files_load_through_build(tmp_path: Path) -> None:
 
 
 def test_quick_pretraining_is_deterministic(tmp_path: Path) -> None:
-    script = _load_script()
+    script = load_script("scripts/pretrain_foundations.py")
     runs = [
         script.main(["--quick", "--no-eval", "--out", str(tmp_path / str(i))]) for i in range(2)
     ]

@@ -3,7 +3,6 @@ config names, where download_weights.py writes, and loading from there with no o
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,7 @@ from prompt_ris.config import Config, load_config
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import base_weight_problems
 from tiny_random import TINY_RANDOM
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from repo_scripts import load_script
 
 
 def test_weights_folder_env_then_xdg_then_home(
@@ -67,7 +58,7 @@ def test_default_config_names_the_files_download_weights_writes_there(
     assert model.clip.pretrained == weights.CLIP_FILE == "clip_vit_b16_openai.pt"
     assert model.sam.checkpoint == weights.SAM_FILE == "sam_vit_b_01ec64.pth"
     assert load_config(overrides=["model.clip.pretrained=openai"]).model.clip.pretrained == "openai"
-    download = _script("download_weights")
+    download = load_script("scripts/download_weights.py")
     written: list[Path] = []
     monkeypatch.setattr(download, "download_sam", lambda out, force: written.append(out) or out)
     monkeypatch.setattr(download, "download_clip", lambda out, force: written.append(out) or out)
