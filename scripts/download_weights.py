@@ -2,7 +2,7 @@
 
     python scripts/download_weights.py            # SAM ViT-B and CLIP ViT-B/16 (openai)
     python scripts/download_weights.py --only sam
-    python scripts/download_weights.py --out-dir /shared/weights   # then PROMPT_RIS_WEIGHTS=...
+    python scripts/download_weights.py --out-dir /data/weights   # then PROMPT_RIS_WEIGHTS=...
 
 SAM: ``sam_vit_b_01ec64.pth`` from Meta's public URL (segment_anything's checkpoint, ~375 MB).
 CLIP: open_clip's ``ViT-B-16`` / ``openai`` weights, fetched by open_clip and saved as a plain

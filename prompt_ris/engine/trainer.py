@@ -334,7 +334,8 @@ def check_resume_config(cfg: Config, checkpoint: Path) -> None:
     if saved.get("model") != current["model"]:
         raise ConfigError(
             f"--resume {checkpoint}: its run was trained with another model config "
-            f"({saved_path}); resume with the same --config and model overrides"
+            f"({saved_path}); give --resume without --config (the run's config.yaml is used), "
+            "or the same --config and model overrides"
         )
     changed = [
         f"{section}.{key}"
