@@ -21,7 +21,6 @@ Everything is a function of the ``random.Random`` passed in.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from prompt_ris.data.synthetic import COLOURS, IMAGE_SIDES, OBJECT_SIDE, SHAPES, shape_polygon
+from prompt_ris.data.synthetic import (
+    COLOURS,
+    IMAGE_SIDES,
+    OBJECT_SIDE,
+    SHAPES,
+    place_discs,
+    shape_polygon,
+)
 
 CAPTION_KINDS = ("single", "pair", "listing", "extremes")
 OBJECTS_PER_KIND = {"single": (1, 1), "pair": (2, 2), "listing": (3, 5), "extremes": (3, 5)}
 POSITION_WORDS = ("left", "right", "top", "bottom", "leftmost", "rightmost", "above", "below")
-MIN_GAP = 0.85  # centres at least this x (r1 + r2) apart, as in synthetic.py
 NOISE_STD = 6.0  # background noise (grey levels), as in synthetic.py
 TINT_JITTER = 12.0  # per-object tint offset (grey levels), as in synthetic.py
 OFF_CENTRE = 0.3  # "on the left" when the centre is in the outer 30% of the width
@@ -79,36 +84,6 @@ class CaptionedScene:
     pixels: np.ndarray
     masks: list[np.ndarray]
     caption: str
-
-
-def place_discs(
-    rng: random.Random,
-    width: int,
-    height: int,
-    count: int,
-    side: tuple[float, float] = OBJECT_SIDE,
-) -> list[tuple[float, float, float]] | None:
-    """Centres and radii of ``count`` discs that overlap slightly at most (None if none fit).
-
-    Args:
-        rng: the random source.
-        width: image width.
-        height: image height.
-        count: number of discs.
-        side: range of the disc diameter as a share of the short image side.
-    """
-    short = min(width, height)
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(count):
-        for _attempt in range(200):
-            r = rng.uniform(*side) * short / 2
-            cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
-            if all(math.hypot(cx - x, cy - y) >= MIN_GAP * (r + q) for x, y, q in placed):
-                placed.append((cx, cy, r))
-                break
-        else:
-            return None
-    return placed
 
 
 def sample_scene(

@@ -267,13 +267,27 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[float]:
     return [v for x, y in pts for v in (cx + x, cy + y)]
 
 
-def _place(rng: random.Random, width: int, height: int, count: int) -> list[tuple] | None:
-    """Centres and radii of ``count`` non-overlapping discs (slight overlap at most)."""
+def place_discs(
+    rng: random.Random,
+    width: int,
+    height: int,
+    count: int,
+    side: tuple[float, float] = OBJECT_SIDE,
+) -> list[tuple[float, float, float]] | None:
+    """Centres and radii of ``count`` discs that overlap slightly at most (None if none fit).
+
+    Args:
+        rng: the random source.
+        width: image width.
+        height: image height.
+        count: number of discs.
+        side: range of the disc diameter as a share of the short image side.
+    """
     short = min(width, height)
     placed: list[tuple[float, float, float]] = []
     for _ in range(count):
         for _attempt in range(200):
-            r = rng.uniform(*OBJECT_SIDE) * short / 2
+            r = rng.uniform(*side) * short / 2
             cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
             if all(math.hypot(cx - x, cy - y) >= _MIN_GAP * (r + q) for x, y, q in placed):
                 placed.append((cx, cy, r))
@@ -302,7 +316,7 @@ def render_scene(
     """Draw one image; returns (H, W, 3) uint8 pixels and its objects, back to front."""
     while True:
         count = rng.randint(*NUM_OBJECTS)
-        placed = _place(rng, width, height, count)
+        placed = place_discs(rng, width, height, count)
         if placed is not None:
             break
     np_rng = np.random.default_rng(rng.getrandbits(32))
