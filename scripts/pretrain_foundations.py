@@ -228,6 +228,16 @@ def evaluate_files(
     return result
 
 
+def _row_table(title: str, values: dict[str, float], fmt: str = "{:.1f}") -> list[str]:
+    """A blank line and a one-row markdown table: ``title`` then one column per key."""
+    return [
+        "",
+        f"| {title} | " + " | ".join(values) + " |",
+        "|---" * (len(values) + 1) + "|",
+        "| | " + " | ".join(fmt.format(v) for v in values.values()) + " |",
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as markdown tables."""
     lines = ["# Miniature foundations: what they learnt", ""]
@@ -253,20 +263,12 @@ def format_report(report: dict[str, Any]) -> str:
                 if "text_to_image" in v:
                     lines.append(f"| {k} | {v['text_to_image']:.1f} | {v['image_to_text']:.1f} |")
             for key in ("shape/per_word", "colour/per_word"):
-                words = clip["hard_pairs"][key]
-                lines += ["", f"| {key} (hard-pair accuracy, %) | " + " | ".join(words) + " |"]
-                lines += ["|---" * (len(words) + 1) + "|"]
-                lines += ["| | " + " | ".join(f"{v:.1f}" for v in words.values()) + " |"]
+                lines += _row_table(f"{key} (hard-pair accuracy, %)", clip["hard_pairs"][key])
             for key in ("shape_auc", "shape_top1", "colour_auc", "colour_top1"):
-                words = clip["word_auc"][key]
-                lines += ["", f"| single objects: {key} | " + " | ".join(words) + " |"]
-                lines += ["|---" * (len(words) + 1) + "|"]
                 fmt = "{:.3f}" if "auc" in key else "{:.1f}"
-                lines += ["| | " + " | ".join(fmt.format(v) for v in words.values()) + " |"]
+                lines += _row_table(f"single objects: {key}", clip["word_auc"][key], fmt)
             for key, recall in clip["patch_probe"].items():
-                lines += ["", f"| patch probe {key} (%) | " + " | ".join(recall) + " |"]
-                lines += ["|---" * (len(recall) + 1) + "|"]
-                lines += ["| | " + " | ".join(f"{v:.1f}" for v in recall.values()) + " |"]
+                lines += _row_table(f"patch probe {key} (%)", recall)
     sam = report.get("sam")
     if sam:
         t = sam["training"]
