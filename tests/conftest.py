@@ -28,6 +28,17 @@ def empty_weights_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         os.environ["PROMPT_RIS_WEIGHTS"] = previous
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine, 2 OpenMP threads competing with another busy process make small
+    training steps up to 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_cfg() -> Config:
     """The ``tiny`` preset on random base weights (frozen as the preset freezes them)."""

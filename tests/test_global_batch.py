@@ -38,12 +38,7 @@ LR = 1e-3
 STEPS = 2  # 35 training images // 16 per step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -57,14 +57,7 @@ SMALL = [  # the demo's config on random base weights at half its image sizes, 2
 SAM_SIDE = ("sam.", "text_prompter.")  # unused when with_sam=False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads competing with another
-    busy process make these small steps up to 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
