@@ -113,8 +113,9 @@ def _load_clip_file(model: CLIP, path: Path) -> None:
     """open_clip's ``load_checkpoint``; a file stored in half precision (the miniature
     foundations are fp16) is widened to float32 first, so that its position embeddings are
     resized in float32 (CPU interpolation has no fp16 kernel) and load as they would anyway."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    narrow = [key for key, value in state.items() if value.dtype in (torch.float16, torch.bfloat16)]
+    state = _mapped_state_dict(path) or {}
+    half = (torch.float16, torch.bfloat16)
+    narrow = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dtype in half}
     if not narrow:
         open_clip.load_checkpoint(model, str(path))
         return
@@ -122,6 +123,16 @@ def _load_clip_file(model: CLIP, path: Path) -> None:
         widened = Path(tmp) / path.name
         torch.save({k: v.float() if k in narrow else v for k, v in state.items()}, widened)
         open_clip.load_checkpoint(model, str(widened))
+
+
+def _mapped_state_dict(path: Path) -> dict | None:
+    """The file's state dict, memory-mapped (its tensors are read only when used), or None for
+    any other kind of file, which open_clip's loader then reads (and reports on) itself."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (legacy or foreign formats: open_clip's loader decides)
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _stem_problem(stem: str, pretrained: str) -> str:
