@@ -139,6 +139,18 @@ def _save(state_dict: dict[str, torch.Tensor], path: Path, fp32: bool) -> None:
     logger.info("saved %s (%.1f MB)", path, path.stat().st_size / 1e6)
 
 
+# The preset's weight files and freezing are how Prompt-RIS uses these models, not how they are
+# pretrained (from random weights, every parameter trained): the report leaves them out.
+PROMPT_RIS_ONLY = {"pretrained", "checkpoint", "freeze"}
+
+
+def _architecture(fields: Any) -> dict[str, Any]:
+    """A model config section without the fields that only Prompt-RIS reads."""
+    return {
+        k: v for k, v in asdict(fields).items() if k.split("_")[0] not in PROMPT_RIS_ONLY
+    }
+
+
 def _num_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> FoundationsResult:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "model": {"clip": asdict(model_cfg.clip), "sam": asdict(model_cfg.sam)},
+        "model": {"clip": _architecture(model_cfg.clip), "sam": _architecture(model_cfg.sam)},
     }
     if args.evaluate:
         result = evaluate_files(model_cfg, out, sizes or EvalSizes(), eval_seed, report)

@@ -17,11 +17,19 @@ from prompt_ris.data.captions import (
     hard_variants,
     paint_scene,
     sample_captioned_spec,
+    sample_scene,
 )
 from prompt_ris.data.synthetic import COLOURS, SHAPES
 from prompt_ris.data.text import tokenize
 from prompt_ris.foundations.clip_pretrain import encode_text
-from prompt_ris.foundations.sam_pretrain import PROMPT_KINDS, decode, encode_prompts
+from prompt_ris.foundations.sam_pretrain import (
+    PROMPT_KINDS,
+    decode,
+    encode_prompts,
+    make_sample,
+    pad_clicks,
+    random_clicks,
+)
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import build_clip, build_sam
 from repo_scripts import load_script
@@ -85,16 +93,37 @@ def test_batched_decode_equals_sam_mask_decoder() -> None:
     points = torch.tensor([[10.0, 20.0], [100.0, 50.0], [200.0, 240.0]])
     boxes = torch.tensor([[5.0, 5.0, 60.0, 80.0]]).expand(3, 4)
     masks = torch.randn(3, 1, size // 4, size // 4)
+    clicks = pad_clicks([[(1.0, 2.0, 1)], [(3.0, 4.0, 1), (5.0, 6.0, 0)], [(7.0, 8.0, 0)] * 3])
     with torch.no_grad():
         embedding = sam.image_encoder(torch.randn(1, 3, size, size))  # (1, C, h, w)
         for kind in PROMPT_KINDS:
-            sparse, dense = encode_prompts(sam, kind, points, boxes, masks)
+            sparse, dense = encode_prompts(sam, kind, points, boxes, masks, clicks)
             ours = decode(sam, embedding.expand(3, -1, -1, -1), sparse, dense)
             upstream = sam.mask_decoder(
                 embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False
             )
             for a, b in zip(ours, upstream):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_clicks_fall_on_the_object_or_off_it_by_label_and_pad_with_minus_one() -> None:
+    rng = random.Random(3)
+    sample = make_sample(sample_scene(rng), 256)
+    rows = [random_clicks(sample, k, rng, 3, 3) for k in range(len(sample.masks))] * 20
+    for k, clicks in enumerate(rows):
+        mask = sample.masks[k % len(sample.masks)]
+        labels = [label for _, _, label in clicks]
+        assert 1 <= labels.count(1) <= 3 and labels.count(0) <= 3
+        for x, y, label in clicks:
+            # back to the original pixel the click was drawn from
+            col, row = round((x + 0.5) / sample.scale - 0.5), round((y + 0.5) / sample.scale - 0.5)
+            assert bool(mask[row, col]) == (label == 1)
+    coords, labels = pad_clicks(rows)
+    longest = max(len(c) for c in rows)
+    assert coords.shape == (len(rows), longest, 2) and labels.shape == (len(rows), longest)
+    for clicks, row in zip(rows, labels):
+        assert row[: len(clicks)].tolist() == [label for _, _, label in clicks]
+        assert (row[len(clicks) :] == -1).all()
 
 
 def _assert_same_weights(module: torch.nn.Module, trained: torch.nn.Module) -> None:

@@ -41,6 +41,9 @@ def test_frozen_weights_unchanged_after_step(tiny_cfg: Config, synthetic_batch: 
     cfg = _frozen_like_vit_b(tiny_cfg)
     torch.manual_seed(0)
     model = build_prompt_ris(cfg.model).train()
+    # A text prompter past its start (at its start only its last LayerNorm gets a gradient:
+    # test_text_prompter checks that step).
+    torch.nn.init.ones_(model.text_prompter.out_norm.weight)
     learnable = model.learnable_state_dict()
     assert learnable and all(not n.startswith(("clip.clip.", "sam.")) for n in learnable)
     assert any(n.startswith("clip.v2l.") for n in learnable)

@@ -79,6 +79,35 @@ def test_gradients_reach_every_parameter() -> None:
         assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
 
 
+def test_start_from_a_token_then_every_parameter_learns() -> None:
+    prompter = _prompter().train()
+    token = torch.randn(C)
+    prompter.start_from(token)
+    text, pad, embed, index, pe = _inputs()
+    out = prompter(text, pad, embed, index, pe)
+    torch.testing.assert_close(out, token.expand(3, L, C), rtol=0, atol=0)
+    target = torch.randn(3, L, C)
+    (out - target).square().sum().backward()
+    for name, param in prompter.named_parameters():
+        moved = float(param.grad.abs().sum()) > 0 if param.grad is not None else False
+        assert moved == name.startswith("out_norm."), name  # first step: the last norm only
+    torch.optim.SGD(prompter.parameters(), lr=0.1).step()
+    prompter.zero_grad()
+    (prompter(text, pad, embed, index, pe) - target).square().sum().backward()
+    for name, param in prompter.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, name
+
+
+def test_model_starts_its_text_prompts_as_sam_padding(tiny_model: PromptRIS) -> None:
+    _, pad, _, index, _ = _inputs()
+    prompter, sam = tiny_model.text_prompter, tiny_model.sam
+    width = prompter.in_proj.in_features
+    embed = torch.randn(2, *sam.dense_pe().shape[1:])  # (I, D_S, h_s, w_s)
+    with torch.no_grad():
+        out = prompter(torch.randn(3, L, width), pad, embed, index, sam.dense_pe())
+    torch.testing.assert_close(out, sam.pad_embed.expand(3, L, -1), rtol=0, atol=0)
+
+
 def test_model_builds_it_at_clip_and_sam_widths(tiny_model: PromptRIS, tiny_cfg: Config) -> None:
     prompter = tiny_model.text_prompter
     assert prompter.in_proj.in_features == tiny_cfg.model.clip.text_width

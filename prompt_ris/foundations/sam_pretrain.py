@@ -9,7 +9,11 @@ encoder and mask decoder (``multimask_output=False``: the first mask, the one Pr
 - ``mask``: a coarse mask, the kind Prompt-RIS feeds SAM: the ground truth pooled to a coarse grid
   (the CLIP patch grid and its neighbours), blurred, shifted, sometimes leaking onto another
   object, turned into logits of random confidence and upsampled bilinearly to the low-res frame;
-- ``point+mask``: a click and a coarse mask together, the combination Prompt-RIS uses.
+- ``point+mask``: a click and a coarse mask together, the combination Prompt-RIS uses;
+- ``clicks+mask``: a coarse mask with several positive and negative clicks, as in SAM's own
+  interactive training rounds (the previous mask plus the clicks so far). Each prompt set has its
+  own number of clicks, padded with SAM's ``not_a_point`` label (-1), so the frozen decoder meets
+  sparse token lists of varying length and content, as Prompt-RIS's point and text prompts are.
 
 Loss: BCE + Dice on the low-res logits against the low-res ground truth (the frames of
 ``prompt_ris.data.transforms``), plus SAM's IoU-prediction MSE.
@@ -34,7 +38,7 @@ from prompt_ris.data.transforms import letterbox_sam, lowres_mask
 
 logger = logging.getLogger(__name__)
 
-PROMPT_KINDS = ("point", "box", "mask", "point+mask")
+PROMPT_KINDS = ("point", "box", "mask", "point+mask", "clicks+mask")
 COARSE_GRIDS = (8, 16, 16, 32)  # coarse-mask resolutions drawn (the tiny CLIP grid is 16 x 16)
 
 
@@ -50,6 +54,8 @@ class SamPretrainConfig:
     weight_decay: float = 0.01
     box_jitter: float = 0.1  # box sides move by up to this share of the box side
     leak_prob: float = 0.3  # share of coarse masks that also cover part of another object
+    max_positive_clicks: int = 3  # clicks+mask: 1 to this many clicks on the object
+    max_negative_clicks: int = 3  # clicks+mask: 0 to this many clicks off it
     seed: int = 0
     log_every: int = 50
 
@@ -143,6 +149,35 @@ def coarse_mask_logits(
     return F.interpolate(logits, (side, side), mode="bilinear", align_corners=False)[0]
 
 
+def random_clicks(
+    sample: SamSample, k: int, rng: random.Random, max_positive: int, max_negative: int
+) -> list[tuple[float, float, int]]:
+    """Clicks (x, y, label) for object ``k``: 1 to ``max_positive`` on it (label 1) and 0 to
+    ``max_negative`` off it (label 0), most on the other objects (where a coarse mask leaks)."""
+    clicks = [
+        (*random_point(sample.masks[k], sample.scale, rng), 1)
+        for _ in range(rng.randint(1, max_positive))
+    ]
+    others = [m for j, m in enumerate(sample.masks) if j != k]
+    background = ~np.logical_or.reduce(sample.masks)
+    for _ in range(rng.randint(0, max_negative)):
+        region = rng.choice(others) if others and rng.random() < 0.7 else background
+        clicks.append((*random_point(region, sample.scale, rng), 0))
+    return clicks
+
+
+def pad_clicks(clicks: list[list[tuple[float, float, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Click lists of any lengths -> coords (N, P, 2) and labels (N, P), padded with label -1."""
+    count = max(len(c) for c in clicks)
+    coords = torch.zeros(len(clicks), count, 2)
+    labels = torch.full((len(clicks), count), -1, dtype=torch.long)
+    for row, group in enumerate(clicks):
+        for col, (x, y, label) in enumerate(group):
+            coords[row, col] = torch.tensor([x, y])
+            labels[row, col] = label
+    return coords, labels
+
+
 def random_coarse_mask(
     sample: SamSample, k: int, rng: random.Random, generator: torch.Generator, leak_prob: float
 ) -> torch.Tensor:
@@ -172,6 +207,7 @@ def encode_prompts(
     points: torch.Tensor | None,
     boxes: torch.Tensor | None,
     masks: torch.Tensor | None,
+    clicks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM's prompt encoder for one prompt kind.
 
@@ -181,14 +217,17 @@ def encode_prompts(
         points: (N, 2) positive clicks (x, y) in the SAM frame.
         boxes: (N, 4) boxes in the SAM frame.
         masks: (N, 1, S/4, S/4) coarse-mask logits.
+        clicks: for ``clicks+mask``: coords (N, P, 2) and labels (N, P) from ``pad_clicks``.
 
     Returns:
         sparse (N, k, C) and dense (N, C, S/16, S/16) embeddings.
     """
     point_arg = None
-    if "point" in kind:
+    if kind.startswith("point"):
         labels = torch.ones(points.shape[0], 1, dtype=torch.long)
         point_arg = (points[:, None, :], labels)  # (N, 1, 2), (N, 1)
+    elif kind.startswith("clicks"):
+        point_arg = clicks  # (N, P, 2), (N, P)
     return sam.prompt_encoder(
         points=point_arg,
         boxes=boxes if kind == "box" else None,
@@ -264,7 +303,7 @@ def step_loss(
     """BCE + Dice + IoU-MSE of every prompt kind for up to ``objects_per_image`` objects of
     each scene."""
     embeddings = sam.image_encoder(torch.stack([s.image for s in samples]))  # (I, C, h, w)
-    rows, points, boxes, coarse, targets = [], [], [], [], []
+    rows, points, boxes, coarse, clicks, targets = [], [], [], [], [], []
     for i, sample in enumerate(samples):
         count = min(cfg.objects_per_image, len(sample.masks))
         for k in rng.sample(range(len(sample.masks)), count):
@@ -272,14 +311,18 @@ def step_loss(
             points.append(random_point(sample.masks[k], sample.scale, rng))
             boxes.append(object_box(sample.masks[k], sample.scale, rng, cfg.box_jitter))
             coarse.append(random_coarse_mask(sample, k, rng, generator, cfg.leak_prob))
+            clicks.append(
+                random_clicks(sample, k, rng, cfg.max_positive_clicks, cfg.max_negative_clicks)
+            )
             targets.append(sample.gt_lowres[k])
     image_embeddings = embeddings[torch.tensor(rows)]  # (N, C, h, w)
     target = torch.stack(targets).unsqueeze(1)  # (N, 1, S/4, S/4)
     points_t, boxes_t = torch.tensor(points).float(), torch.tensor(boxes).float()
     masks_t = torch.stack(coarse)  # (N, 1, S/4, S/4)
+    clicks_t = pad_clicks(clicks)  # (N, P, 2), (N, P)
     losses = []
     for kind in PROMPT_KINDS:
-        sparse, dense = encode_prompts(sam, kind, points_t, boxes_t, masks_t)
+        sparse, dense = encode_prompts(sam, kind, points_t, boxes_t, masks_t, clicks_t)
         logits, iou_pred = decode(sam, image_embeddings, sparse, dense)
         iou = mask_iou(logits.detach(), target)  # (N,)
         losses.append(bce_dice(logits, target) + F.mse_loss(iou_pred[:, 0], iou))

@@ -8,7 +8,8 @@ size, threshold at logit 0). Prompts:
 - ``coarse``: the ground truth pooled to the coarse grid (16 x 16, the tiny CLIP's patch grid) as
   clean logits, the best coarse mask Prompt-RIS could hand over; ``coarse_degraded``: a coarse
   mask degraded at random as in training (blur, shift, leak onto another object, noise);
-- ``point+coarse``, ``point+coarse_degraded``: a click and that coarse mask together.
+- ``point+coarse``, ``point+coarse_degraded``: a click and that coarse mask together;
+- ``clicks+coarse_degraded``: 1-3 clicks on the object and 0-3 off it, with a degraded coarse mask.
 
 ``*_prompt_only`` rows score the coarse mask itself (its logits thresholded at 0), so the
 difference is what SAM adds.
@@ -31,6 +32,8 @@ from prompt_ris.foundations.sam_pretrain import (
     encode_prompts,
     make_sample,
     object_box,
+    pad_clicks,
+    random_clicks,
     random_coarse_mask,
     random_point,
 )
@@ -76,6 +79,7 @@ def prompt_miou(sam: Sam, rng: random.Random, scenes: int = 150) -> dict[str, fl
         degraded = torch.stack(
             [random_coarse_mask(sample, k, rng, generator, 0.3) for k in range(n)]
         )
+        clicks = pad_clicks([random_clicks(sample, k, rng, 3, 3) for k in range(n)])
         runs = {
             "point": ("point", None),
             "box": ("box", None),
@@ -83,9 +87,10 @@ def prompt_miou(sam: Sam, rng: random.Random, scenes: int = 150) -> dict[str, fl
             "coarse_degraded": ("mask", degraded),
             "point+coarse": ("point+mask", clean),
             "point+coarse_degraded": ("point+mask", degraded),
+            "clicks+coarse_degraded": ("clicks+mask", degraded),
         }
         for name, (kind, masks) in runs.items():
-            sparse, dense = encode_prompts(sam, kind, points, boxes, masks)
+            sparse, dense = encode_prompts(sam, kind, points, boxes, masks, clicks)
             logits, _ = decode(sam, embedding.expand(n, -1, -1, -1), sparse, dense)
             ious.setdefault(name, []).extend(_ious(logits, sample, sam_size))
         ious.setdefault("coarse_prompt_only", []).extend(_ious(clean, sample, sam_size))

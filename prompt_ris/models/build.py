@@ -379,6 +379,8 @@ def build_parts(
         num_blocks=prompt_cfg.text_blocks,
         num_heads=prompt_cfg.text_heads,
     )
+    # P_text starts as SAM's padding token, one the frozen decoder knows (design.md, Text prompts).
+    text_prompter.start_from(frozen_sam.pad_embed[0])
     return PromptRISParts(
         clip=prompted_clip,
         decoder=decoder,

@@ -4,6 +4,10 @@ Two blocks of self-attention over the expression's tokens and cross-attention to
 embedding F_IS of its image turn F_T (width D_T) into tokens in SAM's prompt space (width D_S). It
 is the only prompt maker with weights of its own: the mask and point prompts are made with SAM's
 frozen prompt encoder (``frozen_sam.FrozenSAM``).
+
+The prompter starts at SAM's padding token (``TextPrompter.start_from``): the frozen decoder first
+sees text tokens it knows from its pretraining as "no prompt here", and learns from there what the
+words add.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ class TextPrompter(nn.Module):
 
     F_T is projected to D_S and passed through ``num_blocks`` blocks of self-attention (padding
     after [EOS] masked), cross-attention to the SAM image embedding of the expression's image
-    (keys carry SAM's dense position encoding) and an MLP. The positions after [EOS] are left as
-    they come out: ``FrozenSAM.embed_prompts`` puts SAM's padding token there.
+    (keys carry SAM's dense position encoding) and an MLP, then a final LayerNorm. The positions
+    after [EOS] are left as they come out: ``FrozenSAM.embed_prompts`` leaves them out.
 
     Args:
         text_dim: D_T of the CLIP text tokens.
@@ -62,6 +66,17 @@ class TextPrompter(nn.Module):
             _TextPromptBlock(dim, num_heads, mlp_ratio) for _ in range(num_blocks)
         )
         self.out_norm = nn.LayerNorm(dim)
+
+    @torch.no_grad()
+    def start_from(self, token: torch.Tensor) -> None:
+        """Make every output token equal ``token`` (D_S,) until training moves it: the final
+        LayerNorm's scale is set to 0 and its shift to ``token``.
+
+        ``build_parts`` passes SAM's padding token ``not_a_point_embed``. Only the final
+        LayerNorm receives a gradient in the first step; the layers below it do from the second.
+        """
+        self.out_norm.weight.zero_()
+        self.out_norm.bias.copy_(token.reshape(-1))
 
     def forward(
         self,
