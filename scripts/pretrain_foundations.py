@@ -146,9 +146,7 @@ PROMPT_RIS_ONLY = {"pretrained", "checkpoint", "freeze"}
 
 def _architecture(fields: Any) -> dict[str, Any]:
     """A model config section without the fields that only Prompt-RIS reads."""
-    return {
-        k: v for k, v in asdict(fields).items() if k.split("_")[0] not in PROMPT_RIS_ONLY
-    }
+    return {k: v for k, v in asdict(fields).items() if k.split("_")[0] not in PROMPT_RIS_ONLY}
 
 
 def _num_params(module: torch.nn.Module) -> int:
