@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from prompt_ris.weights import CLIP_FILE, SAM_FILE, TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
+
 
 # --------------------------------------------------------------------------------------------
 # Model
@@ -36,7 +38,7 @@ class ClipConfig:
 
     # A file in the weights folder (prompt_ris/weights.py), a path, an open_clip tag ("openai"),
     # or None for random weights.
-    pretrained: str | None = "clip_vit_b16_openai.pt"
+    pretrained: str | None = CLIP_FILE
     model_name: str = "ViT-B-16"  # open_clip architecture the pretrained weights belong to
     image_size: int = 480  # CLIP input side, letterboxed (H_C = W_C = image_size / patch_size)
     patch_size: int = 16
@@ -78,7 +80,7 @@ class DecoderConfig:
 class SAMConfig:
     """SAM (segment_anything). Defaults: ViT-B at 1024."""
 
-    checkpoint: str | None = "sam_vit_b_01ec64.pth"  # weights folder file, a path; None = random
+    checkpoint: str | None = SAM_FILE  # weights folder file, a path; None = random
     image_size: int = 1024  # SAM input side, letterboxed; embedding is image_size / 16
     encoder_embed_dim: int = 768
     encoder_depth: int = 12
@@ -201,7 +203,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # by scripts/pretrain_foundations.py); tests override them with random weights (null).
     "tiny": {
         "clip": {
-            "pretrained": "checkpoints/tiny_synthetic/clip_tiny_synthetic.pt",
+            "pretrained": f"{TINY_FOLDER}/{TINY_CLIP_FILE}",
             "model_name": "tiny",
             "image_size": 128,
             "patch_size": 8,
@@ -219,7 +221,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "cmp": {"num_prompts": 4, "num_heads": 2},
         "decoder": {"dim": 64, "num_heads": 2},
         "sam": {
-            "checkpoint": "checkpoints/tiny_synthetic/sam_tiny_synthetic.pth",
+            "checkpoint": f"{TINY_FOLDER}/{TINY_SAM_FILE}",
             "image_size": 256,
             "encoder_embed_dim": 64,
             "encoder_depth": 2,

@@ -32,8 +32,9 @@ SAM_FILE = "sam_vit_b_01ec64.pth"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
 # The miniature foundations of the ``tiny`` preset, committed with the repository (the demo's).
-TINY_FOLDER = "checkpoints/tiny_synthetic"
-TINY_FILES = ("clip_tiny_synthetic.pt", "sam_tiny_synthetic.pth")
+TINY_FOLDER = "checkpoints/tiny_synthetic"  # written by scripts/pretrain_foundations.py
+TINY_CLIP_FILE, TINY_SAM_FILE = "clip_tiny_synthetic.pt", "sam_tiny_synthetic.pth"
+TINY_FILES = (TINY_CLIP_FILE, TINY_SAM_FILE)
 
 
 def weights_dir() -> Path:

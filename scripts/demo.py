@@ -29,7 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny_synthetic.yaml"
-FOUNDATIONS = REPO / "checkpoints" / "tiny_synthetic"
 TEST_SPLIT = "synthetic:test"
 SEEN_SPLIT, UNSEEN_SPLIT = "synthetic:test_seen", "synthetic:test_unseen"
 OUTPUTS = {
@@ -238,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     # The foundations by absolute path, so that the exports load from any folder of this machine
     # (elsewhere, the same file names in the weights folder).
+    from prompt_ris.weights import TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
+
     foundations = [
-        f"model.clip.pretrained={FOUNDATIONS / 'clip_tiny_synthetic.pt'}",
-        f"model.sam.checkpoint={FOUNDATIONS / 'sam_tiny_synthetic.pth'}",
+        f"model.clip.pretrained={REPO / TINY_FOLDER / TINY_CLIP_FILE}",
+        f"model.sam.checkpoint={REPO / TINY_FOLDER / TINY_SAM_FILE}",
     ]
     accelerate_launch(
         "scripts/train.py", "--config", str(CONFIG), f"data.prepared={prepared}",

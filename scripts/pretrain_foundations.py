@@ -44,11 +44,11 @@ from prompt_ris.foundations import clip_probes, sam_probes
 from prompt_ris.foundations.clip_pretrain import ClipPretrainConfig, pretrain_clip
 from prompt_ris.foundations.sam_pretrain import SamPretrainConfig, pretrain_sam
 from prompt_ris.models.build import build_clip, build_sam
+from prompt_ris.weights import TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
 
 logger = logging.getLogger("pretrain_foundations")
 
-CLIP_FILE = "clip_tiny_synthetic.pt"
-SAM_FILE = "sam_tiny_synthetic.pth"
+CLIP_FILE, SAM_FILE = TINY_CLIP_FILE, TINY_SAM_FILE  # the names the tiny preset loads
 TEST_SEED_OFFSET = 2000  # held-out measurement scenes: their own random streams
 VALIDATION_SEED_OFFSET = 1000  # scenes for choosing settings (--eval-split val)
 
@@ -81,7 +81,7 @@ class FoundationsResult:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="checkpoints/tiny_synthetic", help="output folder")
+    parser.add_argument("--out", default=TINY_FOLDER, help="output folder")
     parser.add_argument("--only", choices=("clip", "sam"), default=None, help="train one model")
     parser.add_argument("--quick", action="store_true", help="a few steps and tiny evaluations")
     parser.add_argument("--clip-low-steps", type=int, default=None, help="CLIP phase 1 (64 px)")
