@@ -9,7 +9,8 @@ size, threshold at logit 0). Prompts:
   clean logits, the best coarse mask Prompt-RIS could hand over; ``coarse_degraded``: a coarse
   mask degraded at random as in training (blur, shift, leak onto another object, noise);
 - ``point+coarse``, ``point+coarse_degraded``: a click and that coarse mask together;
-- ``clicks+coarse_degraded``: 1-3 clicks on the object and 0-3 off it, with a degraded coarse mask.
+- ``clicks+coarse_degraded``: clicks on and off the object, drawn as in pretraining, with a degraded
+  coarse mask.
 
 ``*_prompt_only`` rows score the coarse mask itself (its logits thresholded at 0), so the
 difference is what SAM adds.
@@ -26,6 +27,7 @@ from segment_anything.modeling import Sam
 
 from prompt_ris.data.captions import sample_scene
 from prompt_ris.foundations.sam_pretrain import (
+    SamPretrainConfig,
     SamSample,
     coarse_mask_logits,
     decode,
@@ -40,6 +42,7 @@ from prompt_ris.foundations.sam_pretrain import (
 
 EVAL_GRID = 16  # coarse grid of the clean coarse mask (tiny CLIP: 128 / 8)
 EVAL_CONFIDENCE = 8.0
+TRAINING = SamPretrainConfig()  # degraded masks and clicks are drawn as in pretraining
 
 
 def to_original(logits: torch.Tensor, sample: SamSample, sam_size: int) -> torch.Tensor:
@@ -77,9 +80,10 @@ def prompt_miou(sam: Sam, rng: random.Random, scenes: int = 150) -> dict[str, fl
             [coarse_mask_logits(g, EVAL_GRID, EVAL_CONFIDENCE) for g in sample.gt_lowres]
         )  # (N, 1, s, s)
         degraded = torch.stack(
-            [random_coarse_mask(sample, k, rng, generator, 0.3) for k in range(n)]
+            [random_coarse_mask(sample, k, rng, generator, TRAINING.leak_prob) for k in range(n)]
         )
-        clicks = pad_clicks([random_clicks(sample, k, rng, 3, 3) for k in range(n)])
+        most = (TRAINING.max_positive_clicks, TRAINING.max_negative_clicks)
+        clicks = pad_clicks([random_clicks(sample, k, rng, *most) for k in range(n)])
         runs = {
             "point": ("point", None),
             "box": ("box", None),
