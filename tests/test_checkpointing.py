@@ -191,7 +191,7 @@ def test_export_loads_for_inference_with_identical_outputs(
 
 
 # --------------------------------------------------------------------------------------------
-# Damaged checkpoints and file permissions (issue 17)
+# Damaged checkpoints and file permissions
 # --------------------------------------------------------------------------------------------
 def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()

@@ -205,7 +205,7 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Arguments refused before loading, outputs that never collide, NaN, export (issue 17)
+# Arguments refused before loading, outputs that never collide, NaN, export
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:

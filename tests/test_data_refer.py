@@ -288,7 +288,7 @@ def test_prepare_data_script_prints_counts_table(
 
 
 # --------------------------------------------------------------------------------------------
-# A refs file from the internet must not run code (issue 17)
+# A refs file from the internet must not run code
 # --------------------------------------------------------------------------------------------
 class _RunsACommand:
     """What a crafted refs file holds: unpickling it calls os.system."""

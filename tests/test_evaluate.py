@@ -177,7 +177,7 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
 
 
 # --------------------------------------------------------------------------------------------
-# Checked first, written as it goes, outside the exports (issue 17)
+# Checked first, written as it goes, outside the exports
 # --------------------------------------------------------------------------------------------
 def test_every_split_is_checked_before_the_model_loads(
     synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],

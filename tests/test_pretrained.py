@@ -351,7 +351,7 @@ def test_load_into_checks_before_loading(
 
 
 # --------------------------------------------------------------------------------------------
-# Configs of another version, run folders, NaN weights (issue 17)
+# Configs of another version, run folders, NaN weights
 # --------------------------------------------------------------------------------------------
 def test_config_of_a_later_version_loads_with_a_warning_outside_the_model(
     tiny_model: PromptRIS, tiny_cfg: Config, synthetic_batch: Batch, tmp_path: Path

@@ -109,7 +109,7 @@ def test_overlay_panels_show_input_truth_coarse_final(
 
 
 # --------------------------------------------------------------------------------------------
-# Throughput, ETA and trackers (issue 17)
+# Throughput, ETA and trackers
 # --------------------------------------------------------------------------------------------
 class FakeClock:
     def __init__(self) -> None:

@@ -319,7 +319,7 @@ def test_two_process_ddp_run_on_cpu_keeps_processes_identical(
 
 
 # --------------------------------------------------------------------------------------------
-# Launcher choices, throughput, trackers, checks before the wait (issue 17)
+# Launcher choices, throughput, trackers, checks before the wait
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_accelerate_state() -> Iterator[None]:

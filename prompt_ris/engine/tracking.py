@@ -43,8 +43,8 @@ TRACKERS = (TENSORBOARD, "wandb", "all", "none")  # train.tracker choices (accel
 PROJECT_NAME = "prompt-ris"  # the trackers' project
 TENSORBOARD_DIRNAME = "tensorboard"  # <output_dir>/tensorboard/<PROJECT_NAME>/events...
 # Cost of a stage-2 optimizer step in stage-1 steps, for the ETA until stage 2 has been measured
-# (issue 17: a stage-2 step, with SAM's encoder, prompts and decoder, took about twice a stage-1
-# step); the measured cost replaces it as soon as a stage-2 step has run.
+# (a stage-2 step also runs SAM's encoder, prompts and decoder: about twice a stage-1 step); the
+# measured cost replaces it as soon as a stage-2 step has run.
 STAGE2_STEP_COST = 2.0
 
 
