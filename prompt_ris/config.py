@@ -253,21 +253,6 @@ class ConfigError(ValueError):
         self.key = key
 
 
-# Keys that no longer exist: what to write instead (one line each). Saved configs (exports,
-# run folders) that still hold them load without them: they never described the model.
-RETIRED_KEYS: dict[str, str] = {
-    "data.images_per_batch": (
-        "data.images_per_batch (images per process) is gone: set data.images_per_step to the "
-        "images of one optimizer step over all processes (paper: 16), and optionally "
-        "data.images_per_process to the micro-batch (accumulation follows)"
-    ),
-    "train.gradient_accumulation_steps": (
-        "train.gradient_accumulation_steps is gone: it follows from data.images_per_step / "
-        "(processes x data.images_per_process); set data.images_per_process instead"
-    ),
-}
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -327,8 +312,6 @@ def _merge(
     for key, value in diff.items():
         path = f"{where}.{key}" if where else key
         try:
-            if key not in types_ and path in RETIRED_KEYS:
-                raise ConfigError(RETIRED_KEYS[path])
             if key not in types_:
                 close = difflib.get_close_matches(key, list(types_), n=1)
                 prefix = f"{where}." if where else ""
@@ -485,9 +468,8 @@ def config_from_dict(data: dict[str, Any], source: str = "a saved config") -> Co
     """Rebuild a Config from ``config_to_dict`` output (a checkpoint's config.json, a run's
     config.yaml).
 
-    Keys of ``RETIRED_KEYS`` are dropped, so that configs saved by earlier versions load. The
-    model section is read strictly. Any other unknown key or invalid value (a setting of a later
-    or earlier version) is skipped with a warning naming ``source``, keeping the default.
+    The model section is read strictly. Any other unknown key or invalid value (a setting of a
+    later or earlier version) is skipped with a warning naming ``source``, keeping the default.
 
     Raises:
         ConfigError: the model section (or the mapping itself) is invalid.
@@ -496,24 +478,12 @@ def config_from_dict(data: dict[str, Any], source: str = "a saved config") -> Co
         raise ConfigError(f"a config holds a mapping of sections, got {type(data).__name__}")
     cfg = Config()
     errors: list[ConfigError] = []
-    _merge(cfg, _without_retired(data), "", errors)
+    _merge(cfg, data, "", errors)
     for err in errors:
         if (err.key or "").split(".")[0] in STRICT_SECTIONS:
             raise err
         warnings.warn(f"{source}: {err}; ignored (written by another version?)", stacklevel=2)
     return cfg
-
-
-def _without_retired(data: Any) -> Any:
-    """A copy of a config dict without the ``RETIRED_KEYS`` (anything else is left as it is)."""
-    if not isinstance(data, dict):
-        return data
-    out = {section: dict(v) if isinstance(v, dict) else v for section, v in data.items()}
-    for path in RETIRED_KEYS:
-        section, key = path.split(".")
-        if isinstance(out.get(section), dict):
-            out[section].pop(key, None)
-    return out
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -55,14 +55,22 @@ def test_plan_refuses_what_does_not_divide_in_one_line_that_names_the_fix() -> N
         _plan(1, images=0)
 
 
-def test_retired_batch_keys_say_what_replaces_them() -> None:
-    with pytest.raises(ConfigError, match="data.images_per_batch .* is gone: set data.images_"):
+def test_the_batch_is_set_by_images_per_step_and_images_per_process_only() -> None:
+    # Any other batch key is an unknown key, named with the nearest one.
+    nearest = r"^unknown config key 'data.images_per_batch'; did you mean 'data.images_per_step'\?$"
+    with pytest.raises(ConfigError, match=nearest):
         load_config(overrides=["data.images_per_batch=8"])
-    with pytest.raises(ConfigError, match="set data.images_per_process instead"):
+    no_hint = r"^unknown config key 'train.gradient_accumulation_steps'$"
+    with pytest.raises(ConfigError, match=no_hint):
         load_config(overrides=["train.gradient_accumulation_steps=2"])
-    # A config saved by an earlier version (an export's config.json) still loads.
-    old = {"data": {"images_per_batch": 8}, "train": {"gradient_accumulation_steps": 2}}
-    cfg = config_from_dict(old)
+    # A saved config (an export's config.json) holding them loads, warning, with the defaults.
+    saved = {"data": {"images_per_batch": 8}, "train": {"gradient_accumulation_steps": 2}}
+    with pytest.warns(UserWarning) as caught:
+        cfg = config_from_dict(saved)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "unknown config key 'data.images_per_batch'" in messages[0]
+    assert "unknown config key 'train.gradient_accumulation_steps'; ignored" in messages[1]
     assert cfg.data.images_per_step == 16 and cfg.data.images_per_process is None
 
 
