@@ -26,41 +26,33 @@ class CrossAttention(nn.Module):
     ``context = query`` it is plain self-attention.
 
     Args:
-        dim: width of the query tokens (and of the output).
+        dim: width of the query and context tokens (and of the output).
         num_heads: attention heads; must divide ``dim``.
-        context_dim: width of the context tokens (defaults to ``dim``).
         dropout: attention dropout.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
-        context_dim = context_dim or dim
         self.norm_q = nn.LayerNorm(dim)
-        self.norm_kv = nn.LayerNorm(context_dim)
-        self.attn = nn.MultiheadAttention(
-            dim, num_heads, dropout=dropout, kdim=context_dim, vdim=context_dim, batch_first=True
-        )
+        self.norm_kv = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
 
     def forward(
         self,
         query: torch.Tensor,
         context: torch.Tensor,
         context_pad_mask: torch.Tensor | None = None,
-        query_pos: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``context``.
 
         Args:
             query: (B, Q, dim).
-            context: (B, K, context_dim).
+            context: (B, K, dim).
             context_pad_mask: (B, K) bool, True where a context token is padding (ignored).
-            query_pos: optional (B or 1, Q, dim) position embedding added to the queries.
-            context_pos: optional (B or 1, K, context_dim) position embedding added to the keys.
+            context_pos: optional (B or 1, K, dim) position embedding added to the keys.
 
         Returns:
             (B, Q, dim).
@@ -68,6 +60,4 @@ class CrossAttention(nn.Module):
         q = self.norm_q(query)
         kv = self.norm_kv(context)
         k = kv if context_pos is None else kv + context_pos
-        if query_pos is not None:
-            q = q + query_pos
         return self.attn(q, k, kv, key_padding_mask=context_pad_mask, need_weights=False)[0]
