@@ -34,15 +34,13 @@ def _match_size(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(target.float(), size=size, mode="area")
 
 
-def dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH
-) -> torch.Tensor:
-    """V-Net Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)``, mean over the batch.
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """V-Net Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)``, mean over the batch,
+    with ``s = DICE_SMOOTH``.
 
     Args:
         logits: (B, 1, h, w) mask logits.
         target: (B, 1, h, w) ground truth in [0, 1], same size as ``logits``.
-        smooth: additive smoothing ``s``.
 
     Returns:
         Scalar tensor.
@@ -51,7 +49,7 @@ def dice_loss(
     target = target.float().flatten(1)  # (B, h*w)
     inter = (probs * target).sum(-1)  # (B,)
     denom = probs.square().sum(-1) + target.square().sum(-1)  # (B,)
-    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+    return (1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)).mean()
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
