@@ -239,16 +239,14 @@ def select_refs(
 
 def heldout_image_ids(
     sources: dict[tuple[str, str], tuple[Sequence[str], Sequence[int]]],
-    heldout: dict[tuple[str, str], tuple[str, ...]] = PAPER_HELDOUT_SPLITS,
 ) -> set[int]:
-    """Image ids that appear in any held-out (val/test) split.
+    """Image ids that appear in any held-out (val/test) split of ``PAPER_HELDOUT_SPLITS``.
 
     Args:
         sources: (dataset, split_by) -> (ref splits, ref image ids) for every held-out source.
-        heldout: (dataset, split_by) -> the splits whose images are removed from training.
     """
     ids: set[int] = set()
-    for key, splits in heldout.items():
+    for key, splits in PAPER_HELDOUT_SPLITS.items():
         if key not in sources:
             raise KeyError(f"{key[0]}({key[1]}) is needed to remove its {splits} images")
         ref_splits, image_ids = sources[key]
