@@ -215,9 +215,10 @@ def count_inference(model: PromptRIS, batch: Batch) -> Count:
 # --------------------------------------------------------------------------------------------
 # What the counts imply
 # --------------------------------------------------------------------------------------------
-def expressions_per_second(count: Count, peak_tflops: float, utilization: float = 1.0) -> float:
-    """Expressions/s a GPU of ``peak_tflops`` sustains at ``utilization`` for these FLOPs."""
-    return peak_tflops * 1e12 * utilization / count.flops_per_expression
+def expressions_per_second(count: Count, peak_tflops: float) -> float:
+    """Expressions/s a GPU of ``peak_tflops`` sustains at full utilization for these FLOPs (an
+    upper bound)."""
+    return peak_tflops * 1e12 / count.flops_per_expression
 
 
 def paper_run_hours(
