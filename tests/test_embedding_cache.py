@@ -44,13 +44,13 @@ def test_cache_roundtrips_embeddings(tmp_path: Path) -> None:
     assert len(files) == 3 and all(name.endswith(".safetensors") for name in files)
 
 
-def test_cache_keys_differ_with_preprocessing(tmp_path: Path) -> None:
+def test_cache_keys_differ_with_size_and_weights(tmp_path: Path) -> None:
     encoder = tiny_sam_encoder(seed=7)
     other = tiny_sam_encoder(seed=8)
     prefix = sam_cache_prefix(encoder, 64)
     assert prefix == sam_cache_prefix(copy.deepcopy(encoder), 64)  # same weights, same prefix
     assert len({prefix, sam_cache_prefix(encoder, 128), sam_cache_prefix(other, 64)}) == 3
-    assert sam_cache_prefix(encoder, 64, preprocess="stretch") != prefix
+    assert prefix.startswith("sam64-letterbox-")  # the preprocessing is named in every key
     assert encoder_fingerprint(encoder) != encoder_fingerprint(other)
 
     small = SamEmbeddingCache(tmp_path, sam_cache_prefix(encoder, 64))

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "1"  # bump when the stored layout or the meaning of a key changes
 TENSOR_NAME = "sam_img_embed"  # tensor name inside each safetensors file
+PREPROCESS = "letterbox"  # the SAM image preprocessing, in every key prefix: change it with it
 STORAGE_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -61,20 +62,17 @@ def encoder_fingerprint(image_encoder: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def sam_cache_prefix(
-    image_encoder: nn.Module, image_size: int, preprocess: str = "letterbox"
-) -> str:
+def sam_cache_prefix(image_encoder: nn.Module, image_size: int) -> str:
     """Key prefix naming everything besides the image that F_IS depends on.
 
     Args:
         image_encoder: the SAM image encoder whose outputs are cached (its weights are hashed).
         image_size: ``model.sam.image_size``, the side of the letterboxed SAM frame.
-        preprocess: name of the image preprocessing (change it when the preprocessing changes).
 
     Returns:
         e.g. ``"sam1024-letterbox-3f2a9c0d1e2b4a5c-v1"``.
     """
-    return f"sam{image_size}-{preprocess}-{encoder_fingerprint(image_encoder)[:16]}-v{CACHE_FORMAT}"
+    return f"sam{image_size}-{PREPROCESS}-{encoder_fingerprint(image_encoder)[:16]}-v{CACHE_FORMAT}"
 
 
 def batch_image_keys(batch: Batch, namespace: str = "") -> list[str]:
