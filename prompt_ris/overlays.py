@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 PREDICTION_COLOR = (30, 144, 255)  # segment_anything's show_mask colour
 GROUND_TRUTH_COLOR = (255, 40, 220)  # magenta, apart from the prediction's blue
 COARSE_COLOR = (255, 150, 20)  # orange: CLIP's coarse mask S_C
-OVERLAY_ALPHA = 0.5
+OVERLAY_ALPHA = 0.5  # opacity of the mask tint
 MIN_FONT_SIZE = 10  # pixels; the caption scales with the image above this
 
 
@@ -26,7 +26,6 @@ def draw_overlay(
     text: str | None = None,
     *,
     color: tuple[int, int, int] = PREDICTION_COLOR,
-    alpha: float = OVERLAY_ALPHA,
 ) -> Image.Image:
     """The mask tinted over the image with its outline, and the expression written at the top.
 
@@ -35,7 +34,6 @@ def draw_overlay(
         mask: (H, W) bool, same frame.
         text: written in white on a dark band at the top-left, wrapped to the image width.
         color: RGB tint of the mask.
-        alpha: opacity of the tint.
 
     Returns:
         An RGB PIL image of size (W, H).
@@ -45,7 +43,7 @@ def draw_overlay(
         raise ValueError(f"mask of shape {mask.shape} does not match image {rgb.shape[:2]}")
     out = rgb.astype(np.float32)
     tint = np.asarray(color, dtype=np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * tint
+    out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * tint
     out[_outline(mask)] = tint
     canvas = Image.fromarray(out.round().astype(np.uint8))
     if text:

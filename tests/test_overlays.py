@@ -9,6 +9,7 @@ from PIL import Image
 from prompt_ris.overlays import (
     COARSE_COLOR,
     GROUND_TRUTH_COLOR,
+    OVERLAY_ALPHA,
     PREDICTION_COLOR,
     draw_overlay,
     mask_panels,
@@ -25,8 +26,9 @@ def _box_mask() -> np.ndarray:
 def test_draw_overlay_by_hand() -> None:
     image = np.full((40, 50, 3), 100, np.uint8)
     mask = _box_mask()
-    out = np.asarray(draw_overlay(image, mask, None, color=(0, 200, 250), alpha=0.5))
+    out = np.asarray(draw_overlay(image, mask, None, color=(0, 200, 250)))
     assert out.shape == (40, 50, 3)
+    assert OVERLAY_ALPHA == 0.5
     np.testing.assert_array_equal(out[25, 15], [50, 150, 175])  # inside: 0.5 * 100 + 0.5 * c
     np.testing.assert_array_equal(out[20, 15], [0, 200, 250])  # outline
     np.testing.assert_array_equal(out[5, 5], [100, 100, 100])  # outside
