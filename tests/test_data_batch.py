@@ -131,5 +131,5 @@ def test_random_batch_is_seeded_and_sized(tiny_cfg: Config) -> None:
     c = random_batch(tiny_cfg, 2, 2, seed=4)
     assert not torch.equal(a.clip_images, c.clip_images)
     assert not torch.equal(a.text_tokens, c.text_tokens)
-    tall = random_batch(tiny_cfg, 1, 1, orig_size=(100, 50))
-    assert tall.orig_sizes.tolist() == [[100, 50]] and tall.input_sizes.tolist() == [[256, 128]]
+    # A 480 x 640 original, letterboxed into the 256-pixel SAM frame of the tiny preset.
+    assert a.orig_sizes.tolist() == [[480, 640]] * 2 and a.input_sizes.tolist() == [[192, 256]] * 2

@@ -102,9 +102,9 @@ def random_batch(
     expressions_per_image: int,
     *,
     seed: int = 0,
-    orig_size: tuple[int, int] = RANDOM_ORIG_SIZE,
 ) -> Batch:
-    """A seeded batch of random images and tokens with box-shaped ground truths (CPU).
+    """A seeded batch of random images and tokens with box-shaped ground truths (CPU), every
+    original image of size ``RANDOM_ORIG_SIZE``.
 
     For tests and ``scripts/benchmark.py``: speed and shapes do not depend on what the pixels
     show. Every expression has a random number of random BPE words (``[SOS] words [EOS] 0 ...``
@@ -116,7 +116,6 @@ def random_batch(
         num_images: I.
         expressions_per_image: b.
         seed: the generator seed.
-        orig_size: (H, W) of every original image.
     """
     gen = torch.Generator().manual_seed(seed)
     num, length = num_images * expressions_per_image, cfg.model.clip.text_length
@@ -132,7 +131,7 @@ def random_batch(
     for row in range(num):
         y0, x0 = torch.randint(0, lowres // 2, (2,), generator=gen).tolist()
         gt[row, 0, y0 : y0 + lowres // 3, x0 : x0 + lowres // 2] = 1.0
-    input_size = resized_shape(*orig_size, s_s)
+    input_size = resized_shape(*RANDOM_ORIG_SIZE, s_s)
     ids = torch.arange(num)
     return Batch(
         clip_images=torch.randn(num_images, 3, s_c, s_c, generator=gen),
@@ -142,7 +141,7 @@ def random_batch(
         object_ids=image_index * 10 + ids % 2,
         gt_masks=gt,
         input_sizes=torch.tensor([list(input_size)] * num_images),
-        orig_sizes=torch.tensor([list(orig_size)] * num_images),
+        orig_sizes=torch.tensor([list(RANDOM_ORIG_SIZE)] * num_images),
         texts=[f"random expression {k}" for k in range(num)],
         ref_ids=ids.clone(),
         sent_ids=ids + 100,
