@@ -1,4 +1,5 @@
-"""Training losses: BCE + Dice segmentation, Instance Contrastive Learning (eqs. 7-8), eq. (9).
+"""The training stages and their losses: BCE + Dice segmentation, Instance Contrastive Learning
+(eqs. 7-8), eq. (9).
 
 Conventions (docs/design.md, "Losses"):
 
@@ -17,11 +18,22 @@ Conventions (docs/design.md, "Losses"):
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 import torch.nn.functional as F
 
 from prompt_ris.data.batch import Batch
 from prompt_ris.models import PromptRISOutput
+
+
+class Stage(IntEnum):
+    """The two training stages (Sec. 4.2); ``train.stage1_epochs`` / ``stage2_epochs`` count
+    their epochs."""
+
+    COARSE = 1  # CLIP + CMP + ICL: the coarse mask S_C only, SAM not run
+    FULL = 2  # end to end: the final mask through the prompts and the frozen SAM too
+
 
 DICE_SMOOTH = 1.0  # additive smoothing of the segmentation Dice (numerator and denominator)
 ICL_EPS = 1e-6  # O_ij is clamped to [eps, 1 - eps] before the logs of eq. (8)
@@ -156,19 +168,19 @@ def _icl(
 
 
 def stage_loss(
-    out: PromptRISOutput, batch: Batch, stage: int, icl_weight: float = 1.0
+    out: PromptRISOutput, batch: Batch, stage: Stage, icl_weight: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total training loss of a stage (eq. 9) and its terms for logging.
 
-    Stage 1 (CLIP + CMP + ICL): ``L_clipseg + icl_weight * L_icl(coarse)``.
-    Stage 2 (whole model): ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``.
+    ``Stage.COARSE``: ``L_clipseg + icl_weight * L_icl(coarse)``.
+    ``Stage.FULL``: ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``.
     The coarse terms read S_C (``out.coarse_lowres``, the low-res frame of ``batch.gt_masks``).
 
     Args:
         out: model output with ``coarse_lowres`` (B, 1, S_s/4, S_s/4) and ``mask_logits``
             (B, 1, S_s/4, S_s/4) or None (stage 1).
         batch: the batch with ``gt_masks``, ``object_ids`` and ``image_index``.
-        stage: 1 or 2.
+        stage: a ``Stage`` (or its number, 1 or 2).
         icl_weight: weight of the ICL terms (1.0 in the paper).
 
     Returns:
@@ -177,8 +189,8 @@ def stage_loss(
         ``clipseg``, ``icl_coarse`` and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms
         already multiplied by ``icl_weight``, so the terms sum to the total), plus ``total``.
     """
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
+    if stage not in tuple(Stage):
+        raise ValueError(f"stage must be 1 or 2 (a Stage), got {stage!r}")
     gt = batch.gt_masks.float()  # (B, 1, S_s/4, S_s/4)
     object_ids, image_index = batch.object_ids, batch.image_index
     coarse = out.coarse_lowres.float()  # S_C: (B, 1, S_s/4, S_s/4)
@@ -189,7 +201,7 @@ def stage_loss(
         return icl_weight * instance_contrastive_loss(logits, object_ids, image_index, gt)
 
     terms = {"clipseg": bce_dice_loss(coarse, gt), "icl_coarse": icl(coarse)}
-    if stage == 2:
+    if stage == Stage.FULL:
         if out.mask_logits is None:
             raise ValueError(
                 "stage 2 loss needs out.mask_logits, but the model ran without SAM; "

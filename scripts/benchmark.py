@@ -49,7 +49,7 @@ import torch
 
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, ModelInputs, random_batch
-from prompt_ris.losses import stage_loss
+from prompt_ris.losses import Stage, stage_loss
 from prompt_ris.models import PromptRIS, PromptRISOutput, build_prompt_ris
 from prompt_ris.models.embedding_cache import SamEmbeddingCache
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
@@ -316,7 +316,7 @@ def measure_training(
     batch: Batch,
     variant: Variant,
     ctx: Context,
-    stage: int,
+    stage: Stage,
     cache: SamEmbeddingCache | None = None,
 ) -> dict[str, Any]:
     """Expressions/s of full optimizer steps (forward, eq. 9 loss, backward, AdamW)."""
@@ -334,7 +334,8 @@ def measure_training(
         optimizer.zero_grad(set_to_none=True)
         embed = None if cache is None else cache.get(keys, ctx.device, variant.dtype)
         with autocast(variant, ctx.device):
-            out = run_model(runner, model, batch, variant, with_sam=stage == 2, sam_img_embed=embed)
+            full = stage == Stage.FULL
+            out = run_model(runner, model, batch, variant, with_sam=full, sam_img_embed=embed)
         loss, _ = stage_loss(out, batch, stage, ctx.cfg.train.icl_weight)
         loss.backward()
         optimizer.step()
@@ -406,7 +407,7 @@ def measure_cached_training(runner: Runner, batch: Batch, variant: Variant, ctx:
         cache = SamEmbeddingCache(folder, "benchmark", max_memory_items=len(keys))
         with torch.no_grad(), autocast(variant, ctx.device):
             cache.encode(keys, batch.sam_images, model.encode_sam)
-        return measure_training(runner, batch, variant, ctx, 2, cache)
+        return measure_training(runner, batch, variant, ctx, Stage.FULL, cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,8 +424,8 @@ COMPARED_WITH = {"train_stage2_cached": "train_stage2"}  # the reference has no 
 
 
 MEASURES: dict[str, Callable[..., dict[str, Any]]] = {
-    "train_stage1": functools.partial(measure_training, stage=1),
-    "train_stage2": functools.partial(measure_training, stage=2),
+    "train_stage1": functools.partial(measure_training, stage=Stage.COARSE),
+    "train_stage2": functools.partial(measure_training, stage=Stage.FULL),
     "train_stage2_cached": measure_cached_training,
     "inference": measure_inference,
     "latency": measure_latency,

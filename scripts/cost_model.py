@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
 from prompt_ris.data.schedule import EPOCH_UNITS, combined_train_size_bounds
-from prompt_ris.losses import stage_loss
+from prompt_ris.losses import Stage, stage_loss
 from prompt_ris.models import PromptRIS, build_prompt_ris
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM (989.4 TFLOP/s)
@@ -182,10 +182,10 @@ def _by_part(total: int, per_module: dict[str, int]) -> dict[str, int]:
     return parts
 
 
-def count_training_step(model: PromptRIS, batch: Batch, stage: int) -> Count:
+def count_training_step(model: PromptRIS, batch: Batch, stage: Stage) -> Count:
     """Forward, the stage's loss (eq. 9) and backward of one step, as the trainer runs it."""
     model.train()
-    full = stage == 2
+    full = stage == Stage.FULL
 
     def step() -> None:
         out = model(batch, with_sam=full, prompt_dropout=False)  # all prompts: the upper bound
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = random_batch(cfg, args.images, args.expressions).to(DEVICE)
     request = random_batch(cfg, 1, 1, seed=1).to(DEVICE)
     counts = {
-        "stage1": count_training_step(model, batch, stage=1),
-        "stage2": count_training_step(model, batch, stage=2),
+        "stage1": count_training_step(model, batch, stage=Stage.COARSE),
+        "stage2": count_training_step(model, batch, stage=Stage.FULL),
         "inference": count_inference(model, request),
     }
     report: dict[str, Any] = {

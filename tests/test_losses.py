@@ -10,6 +10,7 @@ import torch
 from prompt_ris.data.batch import Batch
 from prompt_ris.losses import (
     ICL_EPS,
+    Stage,
     bce_dice_loss,
     hard_iou,
     instance_contrastive_loss,
@@ -192,7 +193,7 @@ def _stage_inputs(with_sam: bool) -> tuple[PromptRISOutput, Batch]:
 
 def test_stage1_loss_by_hand() -> None:
     out, batch = _stage_inputs(with_sam=False)
-    total, terms = stage_loss(out, batch, stage=1, icl_weight=0.5)
+    total, terms = stage_loss(out, batch, stage=Stage.COARSE, icl_weight=0.5)
     clipseg = -(math.log(0.75) + math.log(0.25)) / 2 + 1 - (2 * 6 + 1) / (16 * 0.5625 + 8 + 1)
     # Both coarse masks are uniform .75: O = 1 -> 1 - eps everywhere; w = IoU(all, half) = .5.
     icl = -(2 * 0.5 * LOG_DIAG + 2 * 0.5 * math.log(ICL_EPS)) / 4
@@ -204,7 +205,7 @@ def test_stage1_loss_by_hand() -> None:
 
 def test_stage2_loss_adds_sam_terms() -> None:
     out, batch = _stage_inputs(with_sam=True)
-    total, terms = stage_loss(out, batch, stage=2)
+    total, terms = stage_loss(out, batch, stage=Stage.FULL)
     assert set(terms) == {"clipseg", "icl_coarse", "samseg", "icl_final", "total"}
     assert float(terms["samseg"]) == pytest.approx(0.0, abs=1e-6)  # perfect final masks
     # Final masks identical and exact, ids differ: O12 = 1 -> 1 - eps with Y = 0; w = 1.
@@ -219,12 +220,12 @@ def test_stage2_loss_adds_sam_terms() -> None:
 def test_coarse_terms_read_the_lowres_coarse_mask() -> None:
     """The coarse terms use S_C (``coarse_lowres``); the CLIP-grid logits are not read."""
     out, batch = _stage_inputs(with_sam=False)
-    total, terms = stage_loss(out, batch, stage=1)
+    total, terms = stage_loss(out, batch, stage=Stage.COARSE)
     out.coarse_logits = torch.full((2, 1, 1, 1), -BIG)  # changes nothing
-    again, _ = stage_loss(out, batch, stage=1)
+    again, _ = stage_loss(out, batch, stage=Stage.COARSE)
     assert torch.equal(total, again)
     out.coarse_lowres = (batch.gt_masks * 2 - 1) * BIG  # a perfect S_C: no segmentation loss
-    _, perfect = stage_loss(out, batch, stage=1)
+    _, perfect = stage_loss(out, batch, stage=Stage.COARSE)
     assert float(perfect["clipseg"]) == pytest.approx(0.0, abs=1e-6)
     assert float(terms["clipseg"]) > 0.5
 
@@ -232,4 +233,4 @@ def test_coarse_terms_read_the_lowres_coarse_mask() -> None:
 def test_stage2_without_sam_output_says_how_to_fix() -> None:
     out, batch = _stage_inputs(with_sam=False)
     with pytest.raises(ValueError, match="with_sam=True"):
-        stage_loss(out, batch, stage=2)
+        stage_loss(out, batch, stage=Stage.FULL)

@@ -26,6 +26,7 @@ from prompt_ris.engine.tracking import (
     tracker_problem,
     trim_metrics,
 )
+from prompt_ris.losses import Stage
 from prompt_ris.models import PromptRIS
 from prompt_ris.overlays import COARSE_COLOR, GROUND_TRUTH_COLOR, PREDICTION_COLOR
 
@@ -136,16 +137,17 @@ def test_loss_meter_counts_training_time_only(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_eta_weights_each_stage_by_its_cost() -> None:
-    zero = {1: 0.0, 2: 0.0}
-    none = {1: 0, 2: 0}
+    coarse, full = Stage.COARSE, Stage.FULL
+    zero = {coarse: 0.0, full: 0.0}
+    none = {coarse: 0, full: 0}
     assert remaining_seconds(0, 10, 4, zero, none) is None  # nothing measured yet
     # Stage 1 measured at 1 s/step; stage 2 estimated at STAGE2_STEP_COST times that.
-    eta = remaining_seconds(2, 10, 4, {1: 2.0, 2: 0.0}, {1: 2, 2: 0})
+    eta = remaining_seconds(2, 10, 4, {coarse: 2.0, full: 0.0}, {coarse: 2, full: 0})
     assert eta == 2 * 1.0 + 6 * STAGE2_STEP_COST * 1.0
     # Once stage 2 has run, its measured cost replaces the estimate.
-    assert remaining_seconds(6, 10, 4, {1: 4.0, 2: 6.0}, {1: 4, 2: 2}) == 4 * 3.0
+    assert remaining_seconds(6, 10, 4, {coarse: 4.0, full: 6.0}, {coarse: 4, full: 2}) == 4 * 3.0
     # A run resumed in stage 2 needs no stage-1 measurement.
-    assert remaining_seconds(8, 10, 4, {1: 0.0, 2: 5.0}, {1: 0, 2: 2}) == 2 * 2.5
+    assert remaining_seconds(8, 10, 4, {coarse: 0.0, full: 5.0}, {coarse: 0, full: 2}) == 2 * 2.5
 
 
 def test_progress_bar_shows_the_stage_weighted_eta() -> None:
@@ -162,7 +164,8 @@ def test_progress_bar_shows_the_stage_weighted_eta() -> None:
     for _ in range(4):  # the rest of stage 1 (1 s), then stage 2 at 3 s per step
         clock.now += 1.0 if bar.n < 4 else 3.0
         bar.update(1)
-    assert bar.measured_steps == {1: 4, 2: 2} and bar.measured_seconds == {1: 4.0, 2: 6.0}
+    assert bar.measured_steps == {Stage.COARSE: 4, Stage.FULL: 2}
+    assert bar.measured_seconds == {Stage.COARSE: 4.0, Stage.FULL: 6.0}
     assert bar.eta_seconds == 4 * 3.0
     bar.close()
     assert "<00:12," in out.getvalue()  # the bar prints the weighted ETA

@@ -25,8 +25,6 @@ from prompt_ris.data.loader import build_train_loader
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.engine.trainer import (
-    STAGE_COARSE,
-    STAGE_FULL,
     check_val_split,
     forward_loss,
     poly_decay,
@@ -34,6 +32,7 @@ from prompt_ris.engine.trainer import (
     stage_of_epoch,
     train,
 )
+from prompt_ris.losses import Stage
 from prompt_ris.models import build_prompt_ris
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +110,9 @@ def test_poly_decay_matches_the_formula_by_hand() -> None:
 
 def test_stage_schedule_and_settings() -> None:
     cfg = load_config(overrides=["train.stage1_epochs=20", "train.stage2_epochs=30"])
-    assert [stage_of_epoch(e, cfg) for e in (0, 19, 20, 49)] == [1, 1, 2, 2]
+    stages = [stage_of_epoch(e, cfg) for e in (0, 19, 20, 49)]
+    assert stages == [Stage.COARSE, Stage.COARSE, Stage.FULL, Stage.FULL]
+    assert [int(s) for s in Stage] == [1, 2]  # the numbers of train.stage1_epochs, stage2_epochs
     if not torch.cuda.is_available():
         assert resolve_mixed_precision("auto") == "no"
     assert resolve_mixed_precision("bf16") == "bf16"
@@ -141,8 +142,8 @@ def test_losses_decrease_on_a_fixed_batch(prepared: Path, tmp_path: Path) -> Non
     batch = next(iter(build_train_loader(cfg)))
     model = initial_model(cfg).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    history: dict[int, list[dict[str, float]]] = {STAGE_COARSE: [], STAGE_FULL: []}
-    for stage, steps in ((STAGE_COARSE, 8), (STAGE_FULL, 12)):
+    history: dict[Stage, list[dict[str, float]]] = {Stage.COARSE: [], Stage.FULL: []}
+    for stage, steps in ((Stage.COARSE, 8), (Stage.FULL, 12)):
         for step in range(steps):
             torch.manual_seed(step)
             loss, terms = forward_loss(model, batch, stage, icl_weight=1.0)
@@ -150,7 +151,7 @@ def test_losses_decrease_on_a_fixed_batch(prepared: Path, tmp_path: Path) -> Non
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             history[stage].append(terms)
-    coarse, full = history[STAGE_COARSE], history[STAGE_FULL]
+    coarse, full = history[Stage.COARSE], history[Stage.FULL]
     assert "samseg" not in coarse[0] and "samseg" in full[0]  # stage 1 has no SAM loss
     assert sum(t["total"] for t in coarse[-3:]) / 3 < 0.6 * coarse[0]["total"], coarse
     assert sum(t["total"] for t in full[-3:]) / 3 < 0.85 * full[0]["total"], full

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.transforms import sam_frame_to_rgb
 from prompt_ris.engine.checkpointing import TrainerState
+from prompt_ris.losses import Stage
 from prompt_ris.models import PromptRIS
 from prompt_ris.overlays import COARSE_COLOR, GROUND_TRUTH_COLOR, PREDICTION_COLOR, mask_panels
 
@@ -207,7 +208,7 @@ def log_overlays(
 # Progress bar
 # --------------------------------------------------------------------------------------------
 def remaining_seconds(
-    done: int, total: int, stage1_steps: int, seconds: dict[int, float], steps: dict[int, int]
+    done: int, total: int, stage1_steps: int, seconds: dict[Stage, float], steps: dict[Stage, int]
 ) -> float | None:
     """Time left: the steps left in each stage times that stage's cost per step.
 
@@ -215,19 +216,22 @@ def remaining_seconds(
         done: optimizer steps done (global).
         total: optimizer steps of the run.
         stage1_steps: global steps that belong to stage 1.
-        seconds: measured training seconds per stage (1, 2).
+        seconds: measured training seconds per stage.
         steps: steps measured per stage.
 
     Returns:
         Seconds, or None before any step has been measured.
     """
-    cost = {stage: seconds[stage] / steps[stage] for stage in (1, 2) if steps[stage]}
-    if 2 not in cost and 1 in cost:
-        cost[2] = STAGE2_STEP_COST * cost[1]
-    left = {1: max(stage1_steps - done, 0), 2: total - max(done, stage1_steps)}
-    if any(left[stage] and stage not in cost for stage in (1, 2)):
+    cost = {stage: seconds[stage] / steps[stage] for stage in Stage if steps[stage]}
+    if Stage.FULL not in cost and Stage.COARSE in cost:
+        cost[Stage.FULL] = STAGE2_STEP_COST * cost[Stage.COARSE]
+    left = {
+        Stage.COARSE: max(stage1_steps - done, 0),
+        Stage.FULL: total - max(done, stage1_steps),
+    }
+    if any(left[stage] and stage not in cost for stage in Stage):
         return None
-    return sum(left[stage] * cost[stage] for stage in (1, 2) if left[stage])
+    return sum(left[stage] * cost[stage] for stage in Stage if left[stage])
 
 
 class StageProgress(tqdm):
@@ -250,15 +254,15 @@ class StageProgress(tqdm):
     ) -> None:
         self.stage1_steps = stage1_steps
         self._clock = clock
-        self.measured_seconds = {1: 0.0, 2: 0.0}
-        self.measured_steps = {1: 0, 2: 0}
+        self.measured_seconds = dict.fromkeys(Stage, 0.0)
+        self.measured_steps = dict.fromkeys(Stage, 0)
         self._last = clock()
         kwargs.setdefault("bar_format", self.BAR_FORMAT)
         super().__init__(*args, **kwargs)
 
     def update(self, n: float | None = 1) -> bool | None:
         now = self._clock()
-        stage = 1 if self.n < self.stage1_steps else 2  # the stage of the step just done
+        stage = Stage.COARSE if self.n < self.stage1_steps else Stage.FULL  # the step just done
         self.measured_seconds[stage] += now - self._last
         self.measured_steps[stage] += int(n or 0)
         self._last = now

@@ -79,13 +79,12 @@ from prompt_ris.engine.tracking import (
     project_config,
     trim_metrics,
 )
-from prompt_ris.losses import stage_loss
+from prompt_ris.losses import Stage, stage_loss
 from prompt_ris.models import PromptSwitches, build_prompt_ris
 from prompt_ris.models.embedding_cache import SamEmbeddingCache, batch_image_keys, sam_cache_prefix
 
 logger = logging.getLogger(__name__)
 
-STAGE_COARSE, STAGE_FULL = 1, 2  # stage 1 (CLIP + CMP + ICL) and stage 2 (end to end)
 MIXED_PRECISION_CHOICES = ("auto", "no", "bf16", "fp16")
 BEST_METRICS = ("oIoU", "mIoU")  # train.best_metric choices (metrics.summarize names)
 RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing the trajectory
@@ -177,9 +176,10 @@ def poly_decay(total_steps: int, power: float) -> Callable[[int], float]:
     return factor
 
 
-def stage_of_epoch(epoch: int, cfg: Config) -> int:
-    """1 for the first ``train.stage1_epochs`` epochs (0-based ``epoch``), then 2."""
-    return STAGE_COARSE if epoch < cfg.train.stage1_epochs else STAGE_FULL
+def stage_of_epoch(epoch: int, cfg: Config) -> Stage:
+    """``Stage.COARSE`` for the first ``train.stage1_epochs`` epochs (0-based ``epoch``), then
+    ``Stage.FULL``."""
+    return Stage.COARSE if epoch < cfg.train.stage1_epochs else Stage.FULL
 
 
 def check_val_split(name: str) -> None:
@@ -427,7 +427,7 @@ def train_one_epoch(run: TrainRun) -> bool:
         seed_micro_step(cfg.train.seed, accelerator.process_index, epoch, micro_step)
         batch = send_to_device(batch, accelerator.device)
         with accelerator.accumulate(run.model):
-            sam_img_embed = cached_sam_embeddings(run, batch) if stage == STAGE_FULL else None
+            sam_img_embed = cached_sam_embeddings(run, batch) if stage == Stage.FULL else None
             loss, terms = forward_loss(
                 run.model, batch, stage, cfg.train.icl_weight, sam_img_embed=sam_img_embed
             )
@@ -472,7 +472,7 @@ def cached_sam_embeddings(run: TrainRun, batch: Batch) -> torch.Tensor | None:
 def forward_loss(
     model: nn.Module,
     batch: Batch,
-    stage: int,
+    stage: Stage,
     icl_weight: float,
     sam_img_embed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -480,12 +480,12 @@ def forward_loss(
 
     ``sam_img_embed`` (I, D_S, h_s, w_s), when given, replaces the SAM image encoder's pass.
     """
-    full = stage == STAGE_FULL
+    full = stage == Stage.FULL
     out = model(batch, with_sam=full, prompt_dropout=full, sam_img_embed=sam_img_embed)
     return stage_loss(out, batch, stage, icl_weight)
 
 
-def after_optimizer_step(run: TrainRun, stage: int) -> bool:
+def after_optimizer_step(run: TrainRun, stage: Stage) -> bool:
     """Progress, logs and requested checkpoints after a step; False to stop the run here."""
     cfg, state = run.cfg, run.state
     run.progress.update(1)
@@ -512,7 +512,7 @@ def agree(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def log_train(run: TrainRun, stage: int) -> None:
+def log_train(run: TrainRun, stage: Stage) -> None:
     """One log line, TensorBoard scalars and a metrics.jsonl record; averages over processes."""
     accelerator, meter, state = run.accelerator, run.meter, run.state
     names = sorted(meter.sums)
@@ -521,7 +521,7 @@ def log_train(run: TrainRun, stage: int) -> None:
     throughput = meter.expressions_per_s * accelerator.num_processes
     lr = run.scheduler.get_last_lr()[0]
     record = {
-        "step": state.global_step, "epoch": state.epoch + 1, "stage": stage, "lr": lr,
+        "step": state.global_step, "epoch": state.epoch + 1, "stage": int(stage), "lr": lr,
         "expressions_per_s": throughput, **{f"loss/{n}": v for n, v in zip(names, means)},
     }  # fmt: skip
     run.meter = LossMeter()
@@ -563,7 +563,7 @@ def end_of_epoch(run: TrainRun) -> None:
     every = cfg.train.val_every
     if every > 0 and ((epoch + 1) % every == 0 or ends_stage):
         validate(run, stage)
-    if stage == STAGE_COARSE and epoch + 1 == cfg.train.stage1_epochs:
+    if stage == Stage.COARSE and epoch + 1 == cfg.train.stage1_epochs:
         export(run, "stage1", stage, epoch + 1)
     state.epoch, state.step_in_epoch = epoch + 1, 0
     save_checkpoint(run)
@@ -571,7 +571,7 @@ def end_of_epoch(run: TrainRun) -> None:
     run.progress.unpause()  # the ETA counts training steps, not the validation
 
 
-def validate(run: TrainRun, stage: int) -> dict[str, float]:
+def validate(run: TrainRun, stage: Stage) -> dict[str, float]:
     """Validation metrics on ``data.val``; exports ``best/`` when the selection score improves.
 
     Returns:
@@ -580,7 +580,7 @@ def validate(run: TrainRun, stage: int) -> dict[str, float]:
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
     prompts = cfg.model.prompts
     switches = PromptSwitches(mask=prompts.use_mask, point=prompts.use_point, text=prompts.use_text)
-    with_sam = stage == STAGE_FULL
+    with_sam = stage == Stage.FULL
     metrics, _ = evaluate(
         run.model, run.val_loader, accelerator, switches, cfg.data.val,
         threshold=cfg.eval.threshold, with_sam=with_sam,
@@ -602,9 +602,9 @@ def validate(run: TrainRun, stage: int) -> dict[str, float]:
         accelerator.log(values, step=state.global_step)
         record = {"step": state.global_step, "epoch": state.epoch + 1, **values}
         append_metrics(run.output_dir, record)
-    state.history.append({"epoch": state.epoch + 1, "stage": stage, "score": score})
+    state.history.append({"epoch": state.epoch + 1, "stage": int(stage), "score": score})
     if improved:
-        state.best_score, state.best_stage = score, stage
+        state.best_score, state.best_stage = score, int(stage)
         export(run, "best", stage, state.epoch + 1, values)
     if cfg.train.num_overlays > 0 and accelerator.is_main_process:
         batch = send_to_device(next(iter(run.val_loader)), accelerator.device)
@@ -615,12 +615,16 @@ def validate(run: TrainRun, stage: int) -> dict[str, float]:
 
 
 def export(
-    run: TrainRun, name: str, stage: int, epochs_done: int, metrics: dict[str, float] | None = None
+    run: TrainRun,
+    name: str,
+    stage: Stage,
+    epochs_done: int,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """Export the learned weights to ``<output_dir>/<name>`` (main process; others wait)."""
     if run.accelerator.is_main_process:
         training = {
-            "stage": stage, "epochs_done": epochs_done, "global_step": run.state.global_step,
+            "stage": int(stage), "epochs_done": epochs_done, "global_step": run.state.global_step,
             "metrics": metrics or {},
         }  # fmt: skip
         checkpointing.export_pretrained(run.unwrapped, run.cfg, run.output_dir / name, training)
