@@ -52,7 +52,6 @@ PROG = "prompt-ris"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OVERLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # Pillow writes
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless: a mask must read back exactly
-DEFAULT_THRESHOLD = 0.5  # prompt_ris.metrics.DEFAULT_THRESHOLD (a test checks they agree)
 SUMMARY_NAME = "predictions.json"
 USER_ERRORS = (OSError, ValueError, RuntimeError)  # reported as one line (see module docstring)
 
@@ -89,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("mask", "point", "text"):
         p.add_argument(f"--no-{name}", action="store_true", help=f"leave out the {name} prompt")
     p.add_argument(
-        "--threshold", type=float, default=DEFAULT_THRESHOLD,
-        help=f"mask probability in (0, 1) (default {DEFAULT_THRESHOLD})",
+        "--threshold", type=float, default=None,
+        help="mask probability in (0, 1) (default: prompt_ris.metrics.DEFAULT_THRESHOLD)",
     )  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -152,12 +151,14 @@ def load_checked(checkpoint: str, clip_weights: str | None, sam_weights: str | N
 def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command: plan the jobs, load the model once, run them."""
     jobs = _plan_jobs(args)
+    from prompt_ris.metrics import DEFAULT_THRESHOLD
     from prompt_ris.models import PromptSwitches
     from prompt_ris.predictor import Predictor
 
     model = load_checked(args.checkpoint, args.clip_weights, args.sam_weights)
     dtype = None if args.dtype == "auto" else args.dtype
-    predictor = Predictor(model, device=args.device, dtype=dtype, threshold=args.threshold)
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    predictor = Predictor(model, device=args.device, dtype=dtype, threshold=threshold)
     default = model.default_switches
     switches = PromptSwitches(
         mask=default.mask and not args.no_mask,
@@ -236,7 +237,7 @@ def _plan_jobs(args: argparse.Namespace) -> list[Job]:
     """Check the arguments and list the jobs (before any model is loaded): the argument
     combination, the threshold, the output file types, and that no two outputs share a file."""
     _require(
-        0.0 < args.threshold < 1.0,
+        args.threshold is None or 0.0 < args.threshold < 1.0,
         f"--threshold {args.threshold} is not a probability in (0, 1); e.g. --threshold 0.5",
     )
     jobs = _jobs(args)

@@ -20,11 +20,8 @@ import logging
 import sys
 from typing import Any
 
-CHECK_IMAGES = ("none", "header", "full")  # prompt_ris.data.prepare.CHECK_IMAGES (a test checks)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="prepare_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="data", help="refer data root")
     parser.add_argument("--out", default="data/prepared", help="prepared root (data.prepared)")
     parser.add_argument(
@@ -37,12 +34,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-dir", default=None, help="image folder (default: refer layout)")
     parser.add_argument(
         "--check-images",
-        choices=CHECK_IMAGES,
         default="header",
+        metavar="MODE",
         help="header: open each image and compare its size (default); full: decode it; none",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    from prompt_ris.data.prepare import CHECK_IMAGES  # after parsing: --help stays instant
+
+    if args.check_images not in CHECK_IMAGES:
+        parser.error(
+            f"argument --check-images: invalid choice: '{args.check_images}' "
+            f"(choose from {', '.join(CHECK_IMAGES)})"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[Any]:

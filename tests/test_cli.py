@@ -14,6 +14,7 @@ from PIL import Image
 
 from prompt_ris.cli import main
 from prompt_ris.config import load_config
+from prompt_ris.metrics import DEFAULT_THRESHOLD
 from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
 from prompt_ris.models.pretrained import save_pretrained
 from prompt_ris.predictor import Predictor
@@ -38,10 +39,15 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def expected_mask(
-    workdir: Path, image: Path, expression: str, switches: PromptSwitches | None = None
+    workdir: Path,
+    image: Path,
+    expression: str,
+    switches: PromptSwitches | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> np.ndarray:
     """The mask the Python API gives for the same checkpoint, image and expression."""
-    predictor = Predictor(PromptRIS.from_pretrained(workdir / "ckpt"), device="cpu")
+    model = PromptRIS.from_pretrained(workdir / "ckpt")
+    predictor = Predictor(model, device="cpu", threshold=threshold)
     predictor.set_image(image)
     return predictor.predict(expression, switches=switches).masks[0]
 
@@ -70,6 +76,18 @@ def test_single_image_writes_mask_and_overlay(workdir: Path, tmp_path: Path) -> 
     np.testing.assert_array_equal(mask, expected_mask(workdir, image, "the man on the left"))
     overlay = Image.open(tmp_path / "overlay.png")
     assert overlay.mode == "RGB" and overlay.size == (47, 31)
+
+
+def test_threshold_default_and_given(workdir: Path, tmp_path: Path) -> None:
+    image = workdir / "photos" / "a.png"
+    argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(image)]
+    argv += ["--text", "the cup", "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "default.png")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "low.png"), "--threshold", "0.1"]) == 0
+    default, low = read_mask(tmp_path / "default_mask.png"), read_mask(tmp_path / "low_mask.png")
+    np.testing.assert_array_equal(default, expected_mask(workdir, image, "the cup"))
+    np.testing.assert_array_equal(low, expected_mask(workdir, image, "the cup", threshold=0.1))
+    assert low.sum() > default.sum()  # the threshold reached the predictor
 
 
 def test_switches_and_several_texts(workdir: Path, tmp_path: Path) -> None:

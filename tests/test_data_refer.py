@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prompt_ris.data.loader import ReferImageDataset, group_by_image
-from prompt_ris.data.prepare import open_prepared, prepare_refer
+from prompt_ris.data.prepare import CHECK_IMAGES, open_prepared, prepare_refer
 from prompt_ris.data.refer import (
     Refer,
     UnsafeRefsError,
@@ -285,6 +285,22 @@ def test_prepare_data_script_prints_counts_table(
     assert "fixture      unc      train           2        2         3" in out
     assert "missing images (image_id): 6" in out
     assert "refs left out with no sentence (ref_id): 9" in out
+
+
+def test_prepare_data_script_offers_the_packages_image_checks(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    module = load_script("scripts/prepare_data.py")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--root", str(tmp_path), "--check-images", "quick"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (
+        "prepare_data.py: error: argument --check-images: invalid choice: 'quick' "
+        f"(choose from {', '.join(CHECK_IMAGES)})"
+    )
+    for mode in CHECK_IMAGES:
+        assert module.parse_args(["--check-images", mode]).check_images == mode
 
 
 # --------------------------------------------------------------------------------------------
