@@ -6,12 +6,14 @@ scripts/, evaluation/) with an empty weights folder and no data: each must get p
 parser and config (flags, config files and keys as written) and stop at the one thing a fresh
 clone lacks (prepared data, base weights, a trained checkpoint), saying so in one line each. The
 paths must agree (what training writes is what evaluation, compare.py and inference read), and
-every command's ``--help`` must answer at once. tests/test_workflow.py runs the same commands for
-real on a tiny model.
+every command's ``--help`` must answer at once. Every repository file the READMEs,
+CONTRIBUTING.md and docs/ name must exist. tests/test_workflow.py runs the same commands for real
+on a tiny model.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import runpy
@@ -184,6 +186,55 @@ def test_paths_agree_between_training_evaluation_and_inference() -> None:
     layout = next(b for b in blocks("README.md", "text") if b.startswith(f"{run}/"))
     entries = {line.split()[0] for line in layout.splitlines()[1:]}
     assert {"best/", "final/", "stage1/", "eval/best/", "config.yaml"} <= entries
+
+
+# The documents a maintainer reads, and how they name the repository's files: a path from one of
+# its folders (``prompt_ris/models/layers.py``, ``checkpoints/tiny_synthetic/``; ``<name>`` is any
+# name), or a bare script or module name (``layers.py`` in a layout tree).
+DOCUMENTS = (*READMES, "CONTRIBUTING.md", "checkpoints/tiny_synthetic/README.md", "docs/*.md")
+REPO_FOLDERS = ("prompt_ris", "configs", "scripts", "evaluation", "tests", "docs", "checkpoints")
+PATH_NAMED = re.compile(rf"(?<![\w/.~$<-])(?:{'|'.join(REPO_FOLDERS)})/[\w./*<>-]*")
+FILE_NAMED = re.compile(r"(?<![\w/.~$<>*-])[\w*<>-]+\.(?:py|sh)\b")
+
+
+def repository_files() -> list[Path]:
+    return [
+        path.relative_to(REPO)
+        for folder in REPO_FOLDERS
+        for path in (REPO / folder).rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    ] + [path.relative_to(REPO) for path in REPO.iterdir() if path.is_file()]
+
+
+def test_files_the_documents_name_exist() -> None:
+    """Every repository path a document names exists, outside the folders training writes."""
+    from prompt_ris.config import load_config
+
+    run_folders = {load_config(c).train.output_dir for c in sorted(REPO.glob("configs/*.yaml"))}
+    files = repository_files()
+    folders = {parent for path in files for parent in path.parents}
+    names = {path.name for path in files}
+    documents = sorted({d for pattern in DOCUMENTS for d in REPO.glob(pattern)})
+    assert len(documents) >= 6, documents
+    missing, checked = [], 0
+    for document in documents:
+        text = document.read_text()
+        for named in PATH_NAMED.findall(text):
+            named = named.rstrip(".")
+            if any(named == run or named.startswith(f"{run}/") for run in run_folders):
+                continue  # written by training and evaluation
+            pattern = re.sub(r"<[^>]*>", "*", named).rstrip("/")
+            found = any(fnmatch.fnmatch(str(path), pattern) for path in [*files, *folders])
+            checked += 1
+            if not found:
+                missing.append(f"{document.relative_to(REPO)}: {named}")
+        for named in FILE_NAMED.findall(text):
+            pattern = re.sub(r"<[^>]*>", "*", named)
+            checked += 1
+            if not any(fnmatch.fnmatch(name, pattern) for name in names):
+                missing.append(f"{document.relative_to(REPO)}: {named}")
+    assert checked > 100, checked  # the patterns still find the documents' file names
+    assert not missing, missing
 
 
 def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
