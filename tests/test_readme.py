@@ -1,4 +1,4 @@
-"""The READMEs' commands, as written, against the code: so that they cannot drift apart again.
+"""The READMEs' commands, as written, against the code: so that they cannot drift apart.
 
 Every shell command in a ```bash block of README.md, evaluation/README.md and
 checkpoints/README.md is run, in-process, from a folder laid out like a fresh clone (configs/,
@@ -38,7 +38,7 @@ FRESH_CLONE_PROBLEMS = (
     r"launch scripts/train\.py",
     r"--resume checkpoints/\S+: no run there \('[^']+/config\.yaml' not found\)",
 )
-HELP_SECONDS = 3.0  # measured 0.05-0.2 s each (7-8 s before the imports moved into main)
+HELP_SECONDS = 3.0  # measured 0.05-0.2 s each
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # subprocesses import this checkout
 
 
@@ -93,7 +93,7 @@ def test_the_readmes_hold_the_workflow() -> None:
         assert needed in programs, needed
     subcommands = {cmd[1] for _, cmd in ALL_COMMANDS if cmd[0] == "prompt-ris"}
     assert subcommands == {"predict", "export"}
-    # What a user needs and found only in docstrings before: documented in the README.
+    # What a user needs to know, documented in the README.
     readme = (REPO / "README.md").read_text()
     for needed in ("PROMPT_RIS_WEIGHTS", "train.save_every_steps", "--save-every-steps",
                    "SIGUSR1", "train.stop_at_step", "tensorboard --logdir", "train.tracker",
