@@ -64,7 +64,7 @@ class TrainerState:
         step_in_epoch: optimizer steps already done in ``epoch``.
         global_step: optimizer steps done since the start of the run.
         best_score: best validation score so far (see ``trainer.validate``), or None.
-        best_stage: the stage in which ``best_score`` was measured.
+        best_stage: the stage (a ``losses.Stage`` number) in which ``best_score`` was measured.
         history: a few per-epoch validation summaries, for humans.
     """
 
