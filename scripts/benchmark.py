@@ -107,7 +107,7 @@ class Context:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", default="vit_b", choices=["vit_b", "tiny"])
+    parser.add_argument("--preset", default="vit_b", choices=sorted(BATCH_DEFAULTS))
     parser.add_argument("--images", type=int, help="I images per batch (vit_b 16, tiny 2)")
     parser.add_argument("--expressions", type=int, help="b per image (vit_b 4, tiny 2)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prompt_ris.config import Config, load_config
+from prompt_ris.config import MODEL_PRESETS, Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
 from prompt_ris.data.schedule import EPOCH_UNITS, combined_train_size_bounds
 from prompt_ris.losses import Stage, stage_loss
@@ -87,7 +87,7 @@ class Count:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="vit_b", choices=["vit_b", "tiny"])
+    parser.add_argument("--preset", default="vit_b", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--images", type=int, default=PAPER_BATCH[0], help="I per step (16)")
     parser.add_argument("--expressions", type=int, default=PAPER_BATCH[1], help="b (4)")
     parser.add_argument(
