@@ -87,7 +87,7 @@ def read_records(records_file: Path, split: str) -> list[dict]:
 
 def form_table(records: list[dict]) -> str:
     """mIoU by expression form ("the red circle", "the red shape", "the circle", ...)."""
-    from prompt_ris.data.synthetic import EXPRESSION_FORMS, expression_form
+    from prompt_ris.miniature.synthetic import EXPRESSION_FORMS, expression_form
     from prompt_ris.metrics import summarize
 
     rows = [
@@ -186,7 +186,7 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
     from PIL import Image
 
     from prompt_ris.data.refer import Refer
-    from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+    from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
     from prompt_ris.overlays import draw_overlay
 
     scene_root = out / "new_scene"

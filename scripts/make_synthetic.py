@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Any:
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from prompt_ris.data.prepare import format_counts_table, prepare_refer
-    from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+    from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed, kinds=kinds)

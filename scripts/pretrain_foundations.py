@@ -40,9 +40,9 @@ from open_clip.model import CLIP
 from segment_anything.modeling import Sam
 
 from prompt_ris.config import load_config
-from prompt_ris.foundations import clip_probes, sam_probes
-from prompt_ris.foundations.clip_pretrain import ClipPretrainConfig, pretrain_clip
-from prompt_ris.foundations.sam_pretrain import SamPretrainConfig, pretrain_sam
+from prompt_ris.miniature import clip_probes, sam_probes
+from prompt_ris.miniature.clip_pretrain import ClipPretrainConfig, pretrain_clip
+from prompt_ris.miniature.sam_pretrain import SamPretrainConfig, pretrain_sam
 from prompt_ris.models.build import build_clip, build_sam
 from prompt_ris.weights import TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import Sam
 
-from prompt_ris.data.captions import SceneSpec, paint_scene, sample_scene
+from prompt_ris.miniature.captions import SceneSpec, paint_scene, sample_scene
 from prompt_ris.data.transforms import letterbox_sam, lowres_mask
 
 logger = logging.getLogger(__name__)
