@@ -207,12 +207,9 @@ def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
 def test_command_line_copies_of_package_constants_agree() -> None:
     """The command lines keep a few package constants (so that --help imports nothing heavy)."""
     from prompt_ris import cli, metrics
-    from prompt_ris.data import prepare, synthetic
+    from prompt_ris.data import prepare
 
     assert cli.DEFAULT_THRESHOLD == metrics.DEFAULT_THRESHOLD
     assert runpy.run_path(str(REPO / "scripts/prepare_data.py"))["CHECK_IMAGES"] == (
         prepare.CHECK_IMAGES
-    )
-    assert runpy.run_path(str(REPO / "scripts/make_synthetic.py"))["EXPRESSION_KINDS"] == (
-        synthetic.EXPRESSION_KINDS
     )

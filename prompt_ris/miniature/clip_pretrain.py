@@ -240,7 +240,7 @@ def pretrain_clip(model_cfg: ClipConfig, cfg: ClipPretrainConfig) -> tuple[CLIP,
     ``resize_pos_embed``, the step ``build_clip`` applies from 224 to 480 for ViT-B/16).
 
     Args:
-        model_cfg: the CLIP section of the model config (``stem`` must be "patch").
+        model_cfg: the CLIP section of the model config.
         cfg: the pretraining settings.
 
     Returns:
