@@ -4,8 +4,9 @@
 the sources it is given) through :class:`~prompt_ris.data.refer.Refer` and writes
 ``<out>/<dataset>_<splitBy>/`` with ``Dataset.save_to_disk``, plus ``<out>/manifest.json`` (counts
 and problems per source). A dataset's ``<root>/<dataset>/category_split.json`` (its own
-seen/unseen categories, read by ``splits.category_split_of``) is copied into each of its sources. Training and evaluation open these memory-mapped Arrow files with
-``load_from_disk``; the workers of a DataLoader share them, and no pickle or lmdb is involved.
+seen/unseen categories, read by ``splits.category_split_of``) is copied into each of its sources.
+Training and evaluation open these memory-mapped Arrow files with ``load_from_disk``; the workers
+of a DataLoader share them, and no pickle or lmdb is involved.
 
 A record (``PREPARED_FEATURES``) holds the identities (dataset, split_by, ref_id, ann_id,
 image_id, category_id, the raw refer split), the image (file_name from instances.json, the

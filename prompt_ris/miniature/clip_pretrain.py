@@ -33,6 +33,8 @@ from open_clip.model import CLIP, resize_pos_embed
 from PIL import Image
 
 from prompt_ris.config import ClipConfig
+from prompt_ris.data.text import tokenize
+from prompt_ris.data.transforms import letterbox_clip
 from prompt_ris.miniature.captions import (
     SceneSpec,
     caption_scene,
@@ -41,8 +43,6 @@ from prompt_ris.miniature.captions import (
     sample_captioned_spec,
 )
 from prompt_ris.miniature.synthetic import IMAGE_SIDES, OBJECT_SIDE
-from prompt_ris.data.text import tokenize
-from prompt_ris.data.transforms import letterbox_clip
 from prompt_ris.models.build import build_clip
 
 logger = logging.getLogger(__name__)
