@@ -204,7 +204,8 @@ def category_split_of(prepared_dir: str | Path, dataset: str, split_by: str) -> 
     raise ValueError(
         f"no seen/unseen category split for dataset '{dataset}': '{path}' does not exist; "
         f'put {{"seen": [category ids], "unseen": [category ids]}} in '
-        f"<data root>/{dataset}/{CATEGORY_SPLIT_FILE} and prepare the data again"
+        f"<data root>/{dataset}/{CATEGORY_SPLIT_FILE} and prepare the data again "
+        "(scripts/make_synthetic.py writes it for the synthetic data)"
     )
 
 
