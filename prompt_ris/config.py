@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from prompt_ris.weights import CLIP_FILE, SAM_FILE, TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
+from prompt_ris.weights import CLIP_FILE, SAM_FILE
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,8 +42,6 @@ class ClipConfig:
     model_name: str = "ViT-B-16"  # open_clip architecture the pretrained weights belong to
     image_size: int = 480  # CLIP input side, letterboxed (H_C = W_C = image_size / patch_size)
     patch_size: int = 16
-    stem: str = "patch"  # "patch" (CLIP's) or "conv" (models/conv_stem.py; from scratch only)
-    stem_channels: int = 64  # width of the convolutional stem (stem: conv)
     vision_width: int = 768  # D_IC
     vision_layers: int = 12
     vision_heads: int = 12
@@ -203,7 +201,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # by scripts/pretrain_foundations.py); tests override them with random weights (null).
     "tiny": {
         "clip": {
-            "pretrained": f"{TINY_FOLDER}/{TINY_CLIP_FILE}",
+            "pretrained": "checkpoints/tiny_synthetic/clip_tiny_synthetic.pt",
             "model_name": "tiny",
             "image_size": 128,
             "patch_size": 8,
@@ -221,7 +219,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "cmp": {"num_prompts": 4, "num_heads": 2},
         "decoder": {"dim": 64, "num_heads": 2},
         "sam": {
-            "checkpoint": f"{TINY_FOLDER}/{TINY_SAM_FILE}",
+            "checkpoint": "checkpoints/tiny_synthetic/sam_tiny_synthetic.pth",
             "image_size": 256,
             "encoder_embed_dim": 64,
             "encoder_depth": 2,

@@ -11,7 +11,9 @@ Conventions (docs/design.md, "Losses"):
   the same way, so this is a pure resampling.
 - Dice follows V-Net [36] (the paper's Dice reference, and the form of eq. 7): squared sums in the
   denominator, ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)`` per mask with smoothing ``s = 1``
-  (so an empty prediction of an empty target costs 0), averaged over the batch.
+  (so an empty prediction of an empty target costs 0), averaged over the batch. ``dice_loss``
+  also has the plain-sum form (``squared=False``: ``sum p + sum t``), which the miniature SAM's
+  pretraining uses.
 - ICL's weight ``w_i`` is the hard IoU of ``sigmoid(S_i) > 0.5`` (i.e. ``logits > 0``) with
   ``target > 0.5``; it carries no gradient. An empty prediction of an empty target has IoU 1.
 """
@@ -46,13 +48,18 @@ def _match_size(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(target.float(), size=size, mode="area")
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """V-Net Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)``, mean over the batch,
-    with ``s = DICE_SMOOTH``.
+def dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    squared: bool = True,
+) -> torch.Tensor:
+    """Dice loss ``1 - (2 sum(p t) + s) / (sum p^2 + sum t^2 + s)`` (V-Net), mean over the batch,
+    with ``s = DICE_SMOOTH``; with ``squared=False`` the denominator is ``sum p + sum t + s``.
 
     Args:
         logits: (B, 1, h, w) mask logits.
         target: (B, 1, h, w) ground truth in [0, 1], same size as ``logits``.
+        squared: squared sums in the denominator (V-Net, eq. 7's form), else plain sums.
 
     Returns:
         Scalar tensor.
@@ -60,7 +67,10 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     probs = logits.float().sigmoid().flatten(1)  # (B, h*w)
     target = target.float().flatten(1)  # (B, h*w)
     inter = (probs * target).sum(-1)  # (B,)
-    denom = probs.square().sum(-1) + target.square().sum(-1)  # (B,)
+    if squared:
+        denom = probs.square().sum(-1) + target.square().sum(-1)  # (B,)
+    else:
+        denom = probs.sum(-1) + target.sum(-1)  # (B,)
     return (1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)).mean()
 
 

@@ -31,10 +31,6 @@ CLIP_FILE = "clip_vit_b16_openai.pt"  # written by scripts/download_weights.py
 SAM_FILE = "sam_vit_b_01ec64.pth"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DOWNLOAD_COMMAND = "python scripts/download_weights.py"
-# The miniature foundations of the ``tiny`` preset, committed with the repository (the demo's).
-TINY_FOLDER = "checkpoints/tiny_synthetic"  # written by scripts/pretrain_foundations.py
-TINY_CLIP_FILE, TINY_SAM_FILE = "clip_tiny_synthetic.pt", "sam_tiny_synthetic.pth"
-TINY_FILES = (TINY_CLIP_FILE, TINY_SAM_FILE)
 
 
 def weights_dir() -> Path:
@@ -82,11 +78,12 @@ def missing_weights_message(value: str, what: str) -> str:
         where = f"not found in {folder}"
     else:
         where = f"not found (nor '{Path(value).name}' in {folder})"
-    if Path(value).name in TINY_FILES:
+    if not is_bare_name(value) and not Path(value).expanduser().is_absolute():
         return (
-            f"{what}='{value}' {where}; it is one of the miniature foundations committed in "
-            f"{TINY_FOLDER}/ of the repository: run from the repository root, copy the file "
-            f"into the weights folder, or remake it with `python scripts/pretrain_foundations.py`"
+            f"{what}='{value}' {where}; the path is relative to the current directory "
+            f"'{Path.cwd()}': run from the folder it is relative to (the repository root for "
+            f"files committed in checkpoints/), give its absolute path, or put the file in the "
+            f"weights folder (`{DOWNLOAD_COMMAND}` writes {CLIP_FILE} and {SAM_FILE} there)"
         )
     return (
         f"{what}='{value}' {where}; run `{DOWNLOAD_COMMAND}` (it writes {CLIP_FILE} and "

@@ -87,7 +87,7 @@ def read_records(records_file: Path, split: str) -> list[dict]:
 
 def form_table(records: list[dict]) -> str:
     """mIoU by expression form ("the red circle", "the red shape", "the circle", ...)."""
-    from prompt_ris.data.synthetic import EXPRESSION_FORMS, expression_form
+    from prompt_ris.miniature.synthetic import EXPRESSION_FORMS, expression_form
     from prompt_ris.metrics import summarize
 
     rows = [
@@ -186,7 +186,11 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
     from PIL import Image
 
     from prompt_ris.data.refer import Refer
-    from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+    from prompt_ris.miniature.synthetic import (
+        SYNTHETIC_DATASET,
+        SYNTHETIC_SPLIT_BY,
+        generate_synthetic,
+    )
     from prompt_ris.overlays import draw_overlay
 
     scene_root = out / "new_scene"
@@ -237,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     # The foundations by absolute path, so that the exports load from any folder of this machine
     # (elsewhere, the same file names in the weights folder).
-    from prompt_ris.weights import TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
+    from prompt_ris.config import load_config
 
+    tiny = load_config(CONFIG).model  # the preset's foundation files, relative to the repository
     foundations = [
-        f"model.clip.pretrained={REPO / TINY_FOLDER / TINY_CLIP_FILE}",
-        f"model.sam.checkpoint={REPO / TINY_FOLDER / TINY_SAM_FILE}",
+        f"model.clip.pretrained={REPO / tiny.clip.pretrained}",
+        f"model.sam.checkpoint={REPO / tiny.sam.checkpoint}",
     ]
     accelerate_launch(
         "scripts/train.py", "--config", str(CONFIG), f"data.prepared={prepared}",

@@ -18,8 +18,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-EXPRESSION_KINDS = ("attribute", "position", "relation")  # data.synthetic's (a test checks)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,8 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--kinds",
-        default=",".join(EXPRESSION_KINDS),
-        help="comma-separated expression kinds to write (default: all)",
+        default=None,
+        help="comma-separated expression kinds to write (default: all of "
+        "prompt_ris.miniature.synthetic.EXPRESSION_KINDS; an unknown kind lists them)",
     )
     parser.add_argument("--no-prepare", action="store_true", help="skip the Arrow preparation")
     return parser.parse_args(argv)
@@ -39,10 +38,17 @@ def main(argv: list[str] | None = None) -> Any:
     """Write the data (and prepare it); returns the SyntheticSummary."""
     args = parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Imported here, after the arguments are read: --help stays fast.
     from prompt_ris.data.prepare import format_counts_table, prepare_refer
-    from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+    from prompt_ris.miniature.synthetic import (
+        EXPRESSION_KINDS,
+        SYNTHETIC_DATASET,
+        SYNTHETIC_SPLIT_BY,
+        generate_synthetic,
+    )
 
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    given = args.kinds.split(",") if args.kinds is not None else EXPRESSION_KINDS
+    kinds = [k.strip() for k in given if k.strip()]
     summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed, kinds=kinds)
     print(
         f"synthetic data: {summary.num_images} images, {summary.num_refs} refs, "

@@ -15,7 +15,7 @@ overrides. Writes into ``--out`` (default ``checkpoints/tiny_synthetic``):
 - ``sam_tiny_synthetic.pth``: segment_anything ``Sam`` state dict (the format of
   ``sam_vit_b_01ec64.pth``), for ``model.sam.checkpoint``;
 - ``report.json`` and ``report.md``: settings, wall time and what each model learnt, measured
-  on held-out scenes (``prompt_ris/foundations/*_probes.py``).
+  on held-out scenes (``prompt_ris/miniature/*_probes.py``).
 
 Tensors are stored in fp16 unless ``--fp32``. The run is a function of ``--seed`` (and of the
 thread count only through floating-point summation order): it runs single-threaded by default.
@@ -39,16 +39,18 @@ import torch
 from open_clip.model import CLIP
 from segment_anything.modeling import Sam
 
-from prompt_ris.config import load_config
-from prompt_ris.foundations import clip_probes, sam_probes
-from prompt_ris.foundations.clip_pretrain import ClipPretrainConfig, pretrain_clip
-from prompt_ris.foundations.sam_pretrain import SamPretrainConfig, pretrain_sam
+from prompt_ris.config import MODEL_PRESETS, load_config
+from prompt_ris.miniature import clip_probes, sam_probes
+from prompt_ris.miniature.clip_pretrain import ClipPretrainConfig, pretrain_clip
+from prompt_ris.miniature.sam_pretrain import SamPretrainConfig, pretrain_sam
 from prompt_ris.models.build import build_clip, build_sam
-from prompt_ris.weights import TINY_CLIP_FILE, TINY_FOLDER, TINY_SAM_FILE
 
 logger = logging.getLogger("pretrain_foundations")
 
-CLIP_FILE, SAM_FILE = TINY_CLIP_FILE, TINY_SAM_FILE  # the names the tiny preset loads
+# The files the tiny preset loads (model.clip.pretrained, model.sam.checkpoint), in one folder.
+_TINY = MODEL_PRESETS["tiny"]
+CLIP_PATH, SAM_PATH = Path(_TINY["clip"]["pretrained"]), Path(_TINY["sam"]["checkpoint"])
+FOLDER, CLIP_FILE, SAM_FILE = CLIP_PATH.parent, CLIP_PATH.name, SAM_PATH.name
 TEST_SEED_OFFSET = 2000  # held-out measurement scenes: their own random streams
 VALIDATION_SEED_OFFSET = 1000  # scenes for choosing settings (--eval-split val)
 
@@ -81,7 +83,7 @@ class FoundationsResult:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=TINY_FOLDER, help="output folder")
+    parser.add_argument("--out", default=str(FOLDER), help="output folder")
     parser.add_argument("--only", choices=("clip", "sam"), default=None, help="train one model")
     parser.add_argument("--quick", action="store_true", help="a few steps and tiny evaluations")
     parser.add_argument("--clip-low-steps", type=int, default=None, help="CLIP phase 1 (64 px)")
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> FoundationsResult:
         level=logging.INFO,
     )
     torch.set_num_threads(args.threads)
-    overrides = ["model.preset=tiny", "model.clip.stem=patch", *args.overrides]
+    overrides = ["model.preset=tiny", *args.overrides]
     bad = [o for o in args.overrides if not o.startswith("model.")]
     if bad:
         raise SystemExit(f"only model.* overrides apply here, got {bad}")

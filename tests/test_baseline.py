@@ -14,13 +14,13 @@ from prompt_ris.data.loader import build_eval_loader
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.rle import decode_rle, encode_rle
 from prompt_ris.data.splits import load_split
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.engine.baseline import (
     dataset_expressions,
     iter_expressions,
     random_object_baseline,
     referred_objects,
 )
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from tiny_random import TINY_RANDOM_ARGS
 
 

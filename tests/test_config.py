@@ -195,13 +195,13 @@ def test_repository_configs_load() -> None:
 
 
 def test_tiny_preset_differs_from_the_paper_model_only_in_sizes() -> None:
-    """Same freezing, stem and prompting as ``vit_b``; pretrained base weights (the committed
+    """Same freezing and prompting as ``vit_b``; pretrained base weights (the committed
     miniature foundations) instead of random ones."""
     paper, tiny = load_config(None).model, load_config({"model": {"preset": "tiny"}}).model
     for section in ("clip", "sam", "prompts"):
         for field in dataclasses.fields(getattr(paper, section)):
             name = field.name
-            if name in {"freeze", "stem", "fast_attention"} or name.startswith(
+            if name in {"freeze", "fast_attention"} or name.startswith(
                 ("freeze_", "use_", "drop_", "gumbel")
             ):
                 assert getattr(getattr(tiny, section), name) == getattr(

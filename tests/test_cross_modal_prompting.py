@@ -14,7 +14,6 @@ from prompt_ris.data.text import tokenize
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import build_clip
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP, causal_mask
-from prompt_ris.models.conv_stem import ConvStem
 
 TEXTS = ["the red car", "a man on the left holding a cup", "dog"]
 
@@ -87,6 +86,31 @@ def test_pos_embed_resized_bicubic_when_loading(tiny_cfg: Config, tmp_path: Path
     assert big.visual.grid_size == (16, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_clip_file_loads_as_its_float32_widening(
+    tiny_cfg: Config, tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """Any CLIP file stored in half precision loads as the same file widened to float32 would,
+    position-embedding resize (8x8 -> 16x16) included, into float32 parameters."""
+    small_cfg = copy.deepcopy(tiny_cfg.model.clip)
+    small_cfg.image_size = 64  # 8 x 8 patches
+    torch.manual_seed(0)
+    state = build_clip(small_cfg, None).state_dict()
+    half = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(half, tmp_path / "clip_half.pt")
+    widened = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
+    torch.save(widened, tmp_path / "clip_widened.pt")
+
+    got = build_clip(tiny_cfg.model.clip, str(tmp_path / "clip_half.pt")).state_dict()
+    want = build_clip(tiny_cfg.model.clip, str(tmp_path / "clip_widened.pt")).state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    assert got["visual.positional_embedding"].shape == (1 + 16 * 16, small_cfg.vision_width)
+    assert got["visual.positional_embedding"].dtype == torch.float32
+
+
 def _prompted(cfg: Config) -> PromptedCLIP:
     torch.manual_seed(0)
     return build_prompt_ris(cfg.model).clip.eval()
@@ -155,38 +179,3 @@ def test_images_embedded_once_match_rows_per_expression(tiny_cfg: Config) -> Non
         per_row = clip(images[image_index], tokens)
     torch.testing.assert_close(once.img_tokens, per_row.img_tokens)
     torch.testing.assert_close(once.text_tokens, per_row.text_tokens)
-
-
-def test_conv_stem_starts_as_the_patch_embedding_on_the_patch_grid(tiny_cfg: Config) -> None:
-    clip_cfg = copy.deepcopy(tiny_cfg.model.clip)
-    clip_cfg.stem = "conv"
-    torch.manual_seed(0)
-    visual = build_clip(clip_cfg, None).visual
-    assert isinstance(visual.conv1, ConvStem)
-    size, patch = clip_cfg.image_size, clip_cfg.patch_size
-    images = torch.randn(2, 3, size, size)
-    out = visual.conv1(images)
-    assert out.shape == (2, clip_cfg.vision_width, size // patch, size // patch)
-    # The CNN branch's output projection starts at zero: the tower starts as the plain ViT.
-    torch.testing.assert_close(out, visual.conv1.patch(images))
-    convs = [m for m in visual.conv1.branch.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert [c.stride[0] for c in convs] == [2, 2, 2, 1, 1, 1, 1]  # log2(8) halvings, then 1x1
-    # ... and the zero projection still gets a gradient, so the branch learns.
-    loss = visual.conv1(images).square().mean()
-    loss.backward()
-    assert convs[-1].weight.grad.abs().sum() > 0
-
-
-def test_conv_stem_refuses_pretrained_clip_and_odd_patches(
-    tiny_cfg: Config, tmp_path: Path
-) -> None:
-    clip_cfg = copy.deepcopy(tiny_cfg.model.clip)
-    clip_cfg.stem = "conv"
-    with pytest.raises(ValueError, match="model.clip.stem=patch"):
-        build_clip(clip_cfg, str(tmp_path / "clip.pt"))
-    clip_cfg.patch_size, clip_cfg.image_size = 6, 96
-    with pytest.raises(ValueError, match="power-of-two patch_size"):
-        build_clip(clip_cfg, None)
-    clip_cfg.stem = "resnet"
-    with pytest.raises(ValueError, match="model.clip.stem='resnet' is unknown"):
-        build_clip(clip_cfg, None)

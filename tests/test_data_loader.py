@@ -24,9 +24,9 @@ from prompt_ris.data.loader import (
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split
-from prompt_ris.data.synthetic import generate_synthetic
 from prompt_ris.data.text import tokenize
 from prompt_ris.data.transforms import lowres_mask
+from prompt_ris.miniature.synthetic import generate_synthetic
 
 CLIP, SAM, LENGTH = 32, 64, 12
 

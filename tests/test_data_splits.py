@@ -11,7 +11,7 @@ import pytest
 
 from prompt_ris.data.loader import group_by_image
 from prompt_ris.data.prepare import PREPARED_FEATURES, prepare_refer, source_name
-from prompt_ris.data.refer import load_refs, refs_path
+from prompt_ris.data.refer import CATEGORY_SPLIT_FILE, load_refs, refs_path
 from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import (
     COCO_SEEN,
@@ -20,12 +20,13 @@ from prompt_ris.data.splits import (
     PUBLISHED_COUNTS,
     PUBLISHED_SEEN_UNSEEN_REFS,
     SplitSpec,
+    category_split_of,
     count_refs,
     load_split,
     parse_split,
     select_refs,
 )
-from prompt_ris.data.synthetic import SYNTHETIC_SEEN, SYNTHETIC_UNSEEN, generate_synthetic
+from prompt_ris.miniature.synthetic import SYNTHETIC_SEEN, SYNTHETIC_UNSEEN, generate_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 # The 80 COCO ids, and CRIS's contiguous 0..79 seen/unseen lists (docs/design.md, "Data and
@@ -60,7 +61,6 @@ def test_parse_split_names() -> None:
         ("refcoco", "malformed"),
         ("refcoco:validation", "not a refer split"),
         ("mydata:val", "no default splitBy"),
-        ("mydata@x:val_seen", "no seen/unseen category split"),
     ]:
         with pytest.raises(ValueError, match=message):
             parse_split(bad)
@@ -75,6 +75,10 @@ def test_select_refs_by_split_and_category() -> None:
     assert select_refs(splits, cats, "test").tolist() == [5, 6, 7, 8]
     assert select_refs(splits, cats, "testB", "seen").tolist() == [7]
     assert select_refs(splits, cats, "test", "unseen").tolist() == [6]  # 67 is in neither set
+    own = (frozenset({10, 67}), frozenset({1}))  # a dataset's own split: ids mean other things
+    assert select_refs(splits, cats, "train", "seen", own).tolist() == [2]
+    assert select_refs(splits, cats, "test", "seen", own).tolist() == [8]
+    assert select_refs(splits, cats, "test", "unseen", own).tolist() == [5]
 
 
 def _write_source(root: Path, dataset: str, split_by: str, refs: list[tuple]) -> None:
@@ -144,10 +148,38 @@ def test_per_dataset_splits_from_prepared(four_sources: Path) -> None:
         load_split(four_sources, "refcoco:testA_unseen")
 
 
+def test_a_dataset_of_its_own_reads_its_category_split_file(tmp_path: Path) -> None:
+    _write_source(tmp_path, "mydata", "x", [
+        (1, 1, "val", 1), (2, 2, "val", 2), (3, 3, "val", 3), (4, 4, "train", 2),
+    ])  # fmt: skip
+    with pytest.raises(ValueError, match=r"no seen/unseen category split .*category_split\.json"):
+        load_split(tmp_path, "mydata@x:val_seen")
+    assert load_split(tmp_path, "mydata@x:val")["ref_id"][:] == [1, 2, 3]  # no split needed
+    path = tmp_path / source_name("mydata", "x") / CATEGORY_SPLIT_FILE
+    path.write_text('{"seen": [2, 3], "unseen": [1]}')
+    assert category_split_of(tmp_path, "mydata", "x") == (frozenset({2, 3}), frozenset({1}))
+    assert load_split(tmp_path, "mydata@x:val_seen")["ref_id"][:] == [2, 3]
+    assert load_split(tmp_path, "mydata@x:val_unseen")["ref_id"][:] == [1]
+    path.write_text('{"seen": ["star"], "unseen": []}')
+    with pytest.raises(ValueError, match="is not a category split"):
+        category_split_of(tmp_path, "mydata", "x")
+
+
+def test_coco_datasets_fall_back_to_the_coco_split(four_sources: Path) -> None:
+    seen, unseen = category_split_of(four_sources, "refcocog", "google")
+    assert (seen, unseen) == (frozenset(COCO_SEEN), frozenset(COCO_UNSEEN))
+
+
 def test_synthetic_seen_unseen(tmp_path: Path) -> None:
     generate_synthetic(tmp_path, num_images=30, seed=2)
     prepare_refer(tmp_path, tmp_path / "prepared", check_images="none")
     prepared = tmp_path / "prepared"
+    written = (tmp_path / "synthetic" / CATEGORY_SPLIT_FILE).read_bytes()
+    assert (prepared / "synthetic_unc" / CATEGORY_SPLIT_FILE).read_bytes() == written
+    assert category_split_of(prepared, "synthetic", "unc") == (
+        frozenset(SYNTHETIC_SEEN),
+        frozenset(SYNTHETIC_UNSEEN),
+    )
     val = load_split(prepared, "synthetic:val")
     seen = load_split(prepared, "synthetic:val_seen")
     unseen = load_split(prepared, "synthetic:val_unseen")
@@ -205,7 +237,7 @@ def test_published_seen_unseen_counts(real_refs: dict[tuple[str, str], list[dict
         splits, cats, _, _ = _columns(real_refs[key])
         for name, expected in table.items():
             spec = parse_split(f"{key[0]}@{key[1]}:{name}")
-            got = len(select_refs(splits, cats, spec.split, spec.categories, key[0]))
+            got = len(select_refs(splits, cats, spec.split, spec.categories))
             if got != expected:
                 wrong.append(f"{key} {name}: {got} refs != {expected}")
     assert not wrong, "\n".join(wrong)

@@ -17,8 +17,8 @@ from prompt_ris.config import load_config
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.metrics import summarize
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import build_prompt_ris
 from tiny_random import TINY_RANDOM_ARGS
 from repo_scripts import load_script

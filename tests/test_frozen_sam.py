@@ -11,14 +11,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from prompt_ris.config import Config
 from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import tokenize
 from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
 from prompt_ris.models.build import build_sam
-from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep, SAMPrompts, point_grid_coords
+from prompt_ris.models.frozen_sam import (
+    FrozenSAM,
+    PromptKeep,
+    SAMPrompts,
+    point_grid_coords,
+    predict_first_mask,
+)
 
 
 def _tiny_sam_file(cfg: Config, path: Path) -> Sam:
@@ -284,3 +290,33 @@ def test_missing_sam_checkpoint_names_file_and_fix(tiny_cfg: Config) -> None:
     cfg.model.sam.checkpoint = "checkpoints/nowhere/sam_vit_b_01ec64.pth"
     with pytest.raises(FileNotFoundError, match=r"sam_vit_b_01ec64\.pth.*download_weights\.py"):
         build_prompt_ris(cfg.model)
+
+
+def test_predict_first_mask_equals_segment_anything_predict_masks() -> None:
+    """On a small random segment_anything decoder: per image, the first mask and the IoU token
+    of ``MaskDecoder.predict_masks``; prompts of two images in one batch."""
+    torch.manual_seed(0)
+    dim, grid = 32, 8
+    decoder = MaskDecoder(
+        transformer_dim=dim,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+        num_multimask_outputs=3,
+        iou_head_depth=3,
+        iou_head_hidden_dim=32,
+    ).eval()
+    prompts = PromptEncoder(dim, (grid, grid), (16 * grid, 16 * grid), mask_in_chans=4)
+    image_pe = prompts.get_dense_pe()  # (1, C, h, w)
+    embeddings = torch.randn(2, dim, grid, grid)  # two images
+    sparse = torch.randn(2, 3, 4, dim)  # three prompt sets of four tokens per image
+    dense = torch.randn(2, 3, dim, grid, grid)
+    with torch.no_grad():
+        rows = torch.tensor([0, 0, 0, 1, 1, 1])
+        ours, iou_token = predict_first_mask(
+            decoder, embeddings[rows], image_pe, sparse.flatten(0, 1), dense.flatten(0, 1)
+        )
+        assert ours.shape == (6, 1, 4 * grid, 4 * grid) and iou_token.shape == (6, dim)
+        for i in range(2):
+            masks, iou = decoder.predict_masks(embeddings[i : i + 1], image_pe, sparse[i], dense[i])
+            torch.testing.assert_close(ours[3 * i : 3 * i + 3], masks[:, :1], rtol=1e-5, atol=1e-5)
+            got_iou = decoder.iou_prediction_head(iou_token[3 * i : 3 * i + 3])
+            torch.testing.assert_close(got_iou, iou, rtol=1e-5, atol=1e-5)

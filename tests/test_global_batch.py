@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from prompt_ris.config import ConfigError, load_config
 from prompt_ris.data.loader import build_train_loader
 from prompt_ris.data.prepare import prepare_refer
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.engine.trainer import train
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import build_prompt_ris
 from tiny_random import tiny_random
 

@@ -12,6 +12,7 @@ from prompt_ris.losses import (
     ICL_EPS,
     Stage,
     bce_dice_loss,
+    dice_loss,
     hard_iou,
     instance_contrastive_loss,
     stage_loss,
@@ -35,6 +36,17 @@ def test_bce_dice_matches_hand_values() -> None:
     denom = 0.25 + 0.5625 + 0.0625 + 0.25 + 2.0
     dice = 1 - (2 * inter + 1) / (denom + 1)
     assert bce_dice_loss(logits, target).item() == pytest.approx(bce + dice, abs=1e-6)
+
+
+def test_dice_plain_sums_form_matches_hand_values() -> None:
+    logits = _masks([0.0, LN3, -LN3, 0.0], [BIG, BIG, -BIG, -BIG])  # p = .5 .75 .25 .5; 1 1 0 0
+    target = _masks([1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0])
+    first = 1 - (2 * (0.5 + 0.75) + 1) / ((0.5 + 0.75 + 0.25 + 0.5) + 2.0 + 1)
+    perfect = 1 - (2 * 2 + 1) / (2 + 2 + 1)  # 0
+    plain = dice_loss(logits, target, squared=False).item()
+    assert plain == pytest.approx((first + perfect) / 2, abs=1e-6)
+    squared = 1 - (2 * (0.5 + 0.75) + 1) / ((0.25 + 0.5625 + 0.0625 + 0.25) + 2.0 + 1)
+    assert dice_loss(logits, target).item() == pytest.approx((squared + perfect) / 2, abs=1e-6)
 
 
 def test_bce_dice_resizes_target_by_area() -> None:

@@ -44,7 +44,7 @@ from safetensors import safe_open
 from segment_anything import sam_model_registry
 
 from prompt_ris.data.refer import REFER_IMAGE_DIR
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 
 pytestmark = pytest.mark.full_size
 

@@ -253,12 +253,3 @@ def test_every_command_answers_help_at_once(fresh_clone: Path) -> None:
             seconds = time.perf_counter() - start
             assert done.returncode == 0 and "usage:" in done.stdout, (program, done.stderr)
             assert seconds < HELP_SECONDS, (program, sub, seconds)
-
-
-def test_command_line_copies_of_package_constants_agree() -> None:
-    """The command lines keep a few package constants (so that --help imports nothing heavy)."""
-    from prompt_ris.data import synthetic
-
-    assert runpy.run_path(str(REPO / "scripts/make_synthetic.py"))["EXPRESSION_KINDS"] == (
-        synthetic.EXPRESSION_KINDS
-    )

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 from prompt_ris.config import Config, ConfigError, load_config
 from prompt_ris.data.loader import build_train_loader
 from prompt_ris.data.prepare import prepare_refer
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.engine.trainer import (
     check_val_split,
     forward_loss,
@@ -33,6 +32,7 @@ from prompt_ris.engine.trainer import (
     train,
 )
 from prompt_ris.losses import Stage
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import build_prompt_ris
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,6 +47,8 @@ def test_bare_names_come_from_the_weights_folder_never_the_current_directory(
     message = weights.missing_weights_message("clip.pt", "model.clip.pretrained")
     assert str(folder) in message and "download_weights.py" in message
     assert "PROMPT_RIS_WEIGHTS" in message and "\n" not in message
+    message = weights.missing_weights_message("checkpoints/x/clip.pt", "model.clip.pretrained")
+    assert f"relative to the current directory '{cwd}'" in message and "\n" not in message
     assert weights.names_a_file("clip.pt") and weights.names_a_file("a/b")
     assert not weights.names_a_file("openai")  # an open_clip tag
 

@@ -29,7 +29,7 @@ from PIL import Image
 from prompt_ris.cli import main as cli
 from prompt_ris.config import load_config
 from prompt_ris.data.prepare import prepare_refer
-from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.weights import CLIP_FILE, SAM_FILE
 from tiny_random import tiny_random

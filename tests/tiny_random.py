@@ -1,6 +1,6 @@
 """Tiny models on random weights: the ``tiny`` preset as most tests build it (the committed
-miniature foundations the preset names are tested by test_foundations.py and test_demo.py), and
-a small SAM image encoder."""
+miniature foundations the preset names are tested by test_miniature_foundations.py and
+test_demo.py), and a small SAM image encoder."""
 
 from __future__ import annotations
 

@@ -3,8 +3,10 @@
 ``prepare_refer(root, out)`` reads every ``<root>/<dataset>/refs(<splitBy>).p`` it finds (or
 the sources it is given) through :class:`~prompt_ris.data.refer.Refer` and writes
 ``<out>/<dataset>_<splitBy>/`` with ``Dataset.save_to_disk``, plus ``<out>/manifest.json`` (counts
-and problems per source). Training and evaluation open these memory-mapped Arrow files with
-``load_from_disk``; the workers of a DataLoader share them, and no pickle or lmdb is involved.
+and problems per source). A dataset's ``<root>/<dataset>/category_split.json`` (its own
+seen/unseen categories, read by ``splits.category_split_of``) is copied into each of its sources.
+Training and evaluation open these memory-mapped Arrow files with ``load_from_disk``; the workers
+of a DataLoader share them, and no pickle or lmdb is involved.
 
 A record (``PREPARED_FEATURES``) holds the identities (dataset, split_by, ref_id, ann_id,
 image_id, category_id, the raw refer split), the image (file_name from instances.json, the
@@ -28,7 +30,7 @@ from typing import Any
 import datasets
 from PIL import Image, UnidentifiedImageError
 
-from prompt_ris.data.refer import Refer
+from prompt_ris.data.refer import CATEGORY_SPLIT_FILE, Refer
 from prompt_ris.data.rle import rle_area
 from prompt_ris.data.transforms import ImageLoadError, load_image
 
@@ -191,7 +193,8 @@ def _count(cols: dict[str, list]) -> dict[str, SplitCounts]:
 
 
 def prepare_source(refer: Refer, out_dir: str | Path, check_images: str = "header") -> SourceReport:
-    """Write one source to ``<out_dir>/<dataset>_<split_by>`` and report what was written.
+    """Write one source to ``<out_dir>/<dataset>_<split_by>`` (with the dataset's
+    ``category_split.json`` when it has one) and report what was written.
 
     Args:
         refer: the loaded refer dataset.
@@ -212,6 +215,9 @@ def prepare_source(refer: Refer, out_dir: str | Path, check_images: str = "heade
     if tmp.exists():
         shutil.rmtree(tmp)
     table.save_to_disk(str(tmp))
+    category_split = refer.root / refer.dataset / CATEGORY_SPLIT_FILE
+    if category_split.is_file():
+        shutil.copyfile(category_split, tmp / CATEGORY_SPLIT_FILE)
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)

@@ -35,6 +35,8 @@ from prompt_ris.data.rle import decode_rle
 logger = logging.getLogger(__name__)
 
 REFER_IMAGE_DIR = Path("images/mscoco/images/train2014")  # relative to the data root
+# Optional, beside refs(<splitBy>).p: a dataset's own seen/unseen category ids (splits.py).
+CATEGORY_SPLIT_FILE = "category_split.json"
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 REFER_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
 _DOWNLOAD_HINT = (

@@ -14,12 +14,15 @@ Split names (``DataConfig.train`` / ``DataConfig.val`` / ``EvalConfig.splits``):
 
 Seen/unseen (Table 2, following CGFormer): the 48 seen / 17 unseen COCO categories of the
 open-vocabulary detection split; refs of the 15 other categories are in neither. Refs are
-filtered by ``category_id`` only; all sentences of a ref stay together. The synthetic data has its
-own category split (``synthetic.SYNTHETIC_SEEN`` / ``SYNTHETIC_UNSEEN``).
+filtered by ``category_id`` only; all sentences of a ref stay together. A dataset with categories
+of its own carries its split as data: ``category_split.json`` (``{"seen": [ids], "unseen":
+[ids]}``) beside its refs file, copied into the prepared source by ``prepare.py`` and read by
+``category_split_of``; RefCOCO, RefCOCO+ and G-Ref fall back to the COCO split above.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,14 +31,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from prompt_ris.data.prepare import open_prepared
-from prompt_ris.data.refer import DEFAULT_SPLIT_BY, REFER_SPLITS, split_matches
-from prompt_ris.data.synthetic import (
-    SYNTHETIC_DATASET,
-    SYNTHETIC_SEEN,
-    SYNTHETIC_SPLIT_BY,
-    SYNTHETIC_UNSEEN,
-)
+from prompt_ris.data.prepare import open_prepared, source_name
+from prompt_ris.data.refer import CATEGORY_SPLIT_FILE, DEFAULT_SPLIT_BY, REFER_SPLITS, split_matches
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +60,11 @@ COCO_UNUSED: dict[int, str] = {  # in neither set: dropped from every seen/unsee
     88: "teddy bear", 89: "hair drier",
 }  # fmt: skip
 
-CATEGORY_SPLITS: dict[str, tuple[frozenset[int], frozenset[int]]] = {  # family -> (seen, unseen)
-    "coco": (frozenset(COCO_SEEN), frozenset(COCO_UNSEEN)),
-    "synthetic": (frozenset(SYNTHETIC_SEEN), frozenset(SYNTHETIC_UNSEEN)),
-}
-DATASET_CATEGORIES = {  # dataset -> category family
-    "refcoco": "coco",
-    "refcoco+": "coco",
-    "refcocog": "coco",
-    SYNTHETIC_DATASET: "synthetic",
-}
-SPLIT_BY_DEFAULTS = {**DEFAULT_SPLIT_BY, SYNTHETIC_DATASET: SYNTHETIC_SPLIT_BY}
+CategorySplit = tuple[frozenset[int], frozenset[int]]  # (seen, unseen) category ids
+COCO_SPLIT: CategorySplit = (frozenset(COCO_SEEN), frozenset(COCO_UNSEEN))
+COCO_DATASETS = frozenset(DEFAULT_SPLIT_BY)  # refcoco, refcoco+, refcocog: COCO's categories
+# splitBy taken when a split name gives none; "synthetic" is the generated demo data (unc).
+SPLIT_BY_DEFAULTS = {**DEFAULT_SPLIT_BY, "synthetic": "unc"}
 DATASET_ALIASES = {
     "refcocog_umd": ("refcocog", "umd"),
     "refcocog_google": ("refcocog", "google"),
@@ -195,19 +186,39 @@ def parse_split(name: str) -> SplitSpec:
             f"dataset '{source}' in '{name}' has no default splitBy; write it as "
             f"'{source}@<splitBy>:{split}' (known: {sorted(SPLIT_BY_DEFAULTS)})"
         )
-    if categories is not None:
-        category_family(dataset)  # fails early for a dataset without a category split
     return SplitSpec(dataset, split_by, split, categories)
 
 
-def category_family(dataset: str) -> str:
-    """Which category split ("coco" or "synthetic") a dataset's category ids follow."""
-    if dataset not in DATASET_CATEGORIES:
+def category_split_of(prepared_dir: str | Path, dataset: str, split_by: str) -> CategorySplit:
+    """The (seen, unseen) category ids of a prepared source: its ``category_split.json`` when it
+    has one, else the COCO split for RefCOCO, RefCOCO+ and G-Ref.
+
+    Raises:
+        ValueError: the source has neither; the message names the file to write.
+    """
+    path = Path(prepared_dir) / source_name(dataset, split_by) / CATEGORY_SPLIT_FILE
+    if path.is_file():
+        return read_category_split(path)
+    if dataset in COCO_DATASETS:
+        return COCO_SPLIT
+    raise ValueError(
+        f"no seen/unseen category split for dataset '{dataset}': '{path}' does not exist; "
+        f'put {{"seen": [category ids], "unseen": [category ids]}} in '
+        f"<data root>/{dataset}/{CATEGORY_SPLIT_FILE} and prepare the data again "
+        "(scripts/make_synthetic.py writes it for the synthetic data)"
+    )
+
+
+def read_category_split(path: str | Path) -> CategorySplit:
+    """(seen, unseen) category ids from a ``category_split.json``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    parts = [data.get(key) if isinstance(data, dict) else None for key in ("seen", "unseen")]
+    if not all(isinstance(p, list) and all(type(i) is int for i in p) for p in parts):
         raise ValueError(
-            f"no seen/unseen category split for dataset '{dataset}'; "
-            f"known: {sorted(DATASET_CATEGORIES)}"
+            f"'{path}' is not a category split; write it as "
+            f'{{"seen": [category ids], "unseen": [category ids]}} (integers)'
         )
-    return DATASET_CATEGORIES[dataset]
+    return frozenset(parts[0]), frozenset(parts[1])
 
 
 def select_refs(
@@ -215,23 +226,23 @@ def select_refs(
     category_ids: Sequence[int],
     split: str,
     categories: str | None = None,
-    dataset: str = "refcoco",
+    category_split: CategorySplit = COCO_SPLIT,
 ) -> np.ndarray:
     """Row indices of the refs in ``split`` (refer semantics), optionally seen/unseen only.
 
     Args:
         ref_splits: the raw ``split`` field of every ref.
-        category_ids: the COCO (or synthetic) category id of every ref.
+        category_ids: the category id of every ref.
         split: refer split name.
         categories: None, "seen" or "unseen".
-        dataset: decides the category split.
+        category_split: (seen, unseen) category ids (``category_split_of``).
 
     Returns:
         (N,) int64 indices in ascending order.
     """
     keep = np.array([split_matches(s, split) for s in ref_splits], dtype=bool)
     if categories is not None:
-        seen, unseen = CATEGORY_SPLITS[category_family(dataset)]
+        seen, unseen = category_split
         allowed = seen if categories == "seen" else unseen
         keep &= np.isin(np.asarray(category_ids, dtype=np.int64), list(allowed))
     return np.flatnonzero(keep)
@@ -273,7 +284,7 @@ def combined_train_rows(
     rows = {}
     for key in PAPER_TRAIN_SOURCES:
         ref_splits, image_ids, category_ids = sources[key]
-        train = select_refs(ref_splits, category_ids, "train", categories, key[0])
+        train = select_refs(ref_splits, category_ids, "train", categories)
         image_ids = np.asarray(image_ids, dtype=np.int64)
         rows[key] = train[~np.isin(image_ids[train], list(removed))]
         logger.info(
@@ -303,8 +314,11 @@ def load_split(prepared_dir: str | Path, name: str) -> datasets.Dataset:
         parts = [tables[key].select(rows[key]) for key in PAPER_TRAIN_SOURCES]
         return datasets.concatenate_datasets(parts)
     table = open_prepared(prepared_dir, spec.dataset, spec.split_by)
+    category_split = COCO_SPLIT
+    if spec.categories is not None:
+        category_split = category_split_of(prepared_dir, spec.dataset, spec.split_by)
     rows = select_refs(
-        table["split"][:], table["category_id"][:], spec.split, spec.categories, spec.dataset
+        table["split"][:], table["category_id"][:], spec.split, spec.categories, category_split
     )
     if len(rows) == 0:
         raise ValueError(f"split '{name}' is empty in '{prepared_dir}'")

@@ -31,7 +31,6 @@ from prompt_ris.config import ClipConfig, ModelConfig, SAMConfig
 from prompt_ris.frames import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
-from prompt_ris.models.conv_stem import ConvStem
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
 from prompt_ris.models.frozen_sam import FrozenSAM, PromptSwitches
 from prompt_ris.models.text_prompter import TextPrompter
@@ -45,8 +44,6 @@ from prompt_ris.weights import (
 )
 
 logger = logging.getLogger(__name__)
-
-CLIP_STEMS = ("patch", "conv")  # model.clip.stem: CLIP's patch embedding, or models/conv_stem.py
 
 # SAM's fixed architecture numbers (segment_anything/build_sam.py).
 SAM_PATCH_SIZE = 16
@@ -72,17 +69,8 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
     Returns:
         An open_clip ``CLIP``.
     """
-    if cfg.stem not in CLIP_STEMS:
-        raise ValueError(f"model.clip.stem='{cfg.stem}' is unknown; choose one of {CLIP_STEMS}")
     if pretrained is None:
-        model = _clip_from_fields(cfg)
-        if cfg.stem == "conv":
-            model.visual.conv1 = ConvStem(
-                out_dim=cfg.vision_width, patch_size=cfg.patch_size, channels=cfg.stem_channels
-            )  # open_clip's _embeds calls conv1: (I, 3, S, S) -> (I, D_IC, h, w)
-        return model
-    if cfg.stem != "patch":
-        raise ValueError(_stem_problem(cfg.stem, pretrained))
+        return _clip_from_fields(cfg)
     if names_a_file(pretrained):
         path = locate_weights(pretrained, "model.clip.pretrained")
         model = _clip_from_fields(cfg)
@@ -110,9 +98,9 @@ def build_clip(cfg: ClipConfig, pretrained: str | None) -> CLIP:
 
 
 def _load_clip_file(model: CLIP, path: Path) -> None:
-    """open_clip's ``load_checkpoint``; a file stored in half precision (the miniature
-    foundations are fp16) is widened to float32 first, so that its position embeddings are
-    resized in float32 (CPU interpolation has no fp16 kernel) and load as they would anyway."""
+    """open_clip's ``load_checkpoint``; a file stored in half precision (fp16 or bf16) is
+    widened to float32 first, so that its position embeddings are resized in float32 (CPU
+    interpolation has no fp16 kernel) and load as they would anyway."""
     state = _mapped_state_dict(path) or {}
     half = (torch.float16, torch.bfloat16)
     narrow = {k for k, v in state.items() if isinstance(v, torch.Tensor) and v.dtype in half}
@@ -135,14 +123,6 @@ def _mapped_state_dict(path: Path) -> dict | None:
     return state if isinstance(state, dict) else None
 
 
-def _stem_problem(stem: str, pretrained: str) -> str:
-    return (
-        f"model.clip.stem='{stem}' replaces CLIP's patch embedding, so pretrained CLIP weights "
-        f"('{pretrained}') cannot load; set model.clip.stem=patch, or model.clip.pretrained=null "
-        "to train from scratch"
-    )
-
-
 def _clip_tag_problem(tag: str, model_name: str, what: str) -> str | None:
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if tag in tags:
@@ -157,7 +137,7 @@ def base_weight_problems(
     model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
 ) -> list[str]:
     """What ``build_parts`` would fail on when it reads the base weights, without reading them:
-    files that do not exist, unknown open_clip tags, pretrained CLIP on the conv stem.
+    files that do not exist, unknown open_clip tags.
 
     Args:
         model_cfg: the model section.
@@ -171,9 +151,7 @@ def base_weight_problems(
     clip = clip_weights if clip_weights is not None else model_cfg.clip.pretrained
     clip_what = "--clip-weights" if clip_weights is not None else "model.clip.pretrained"
     if clip is not None:
-        if model_cfg.clip.stem != "patch":
-            problems.append(_stem_problem(model_cfg.clip.stem, clip))
-        elif names_a_file(clip):
+        if names_a_file(clip):
             if find_weights(clip) is None:
                 problems.append(missing_weights_message(clip, clip_what))
         else:

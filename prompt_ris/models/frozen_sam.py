@@ -313,52 +313,71 @@ class FrozenSAM(nn.Module):
         # no values to group by (shapes and costs only: every token counts, an upper bound).
         if keep is None or keep.device.type == "meta":
             src = sam_img_embed[image_index]  # (B, D_S, h_s, w_s)
-            return self._predict_first_mask(src, prompts.dense, prompts.sparse)
+            return predict_first_mask(
+                self.mask_decoder, src, self.dense_pe(), prompts.sparse, prompts.dense
+            )[0]
         patterns, group = torch.unique(keep.long(), dim=0, return_inverse=True)
         rows_per_group, masks = [], []
         for g, pattern in enumerate(patterns.bool()):
             rows = (group == g).nonzero().squeeze(1)  # (b_g,)
             tokens = prompts.sparse[rows][:, pattern]  # (b_g, k_g, D_S)
             src = sam_img_embed[image_index[rows]]  # (b_g, D_S, h_s, w_s)
-            masks.append(self._predict_first_mask(src, prompts.dense[rows], tokens))
+            dense = prompts.dense[rows]  # (b_g, D_S, h_s, w_s)
+            masks.append(
+                predict_first_mask(self.mask_decoder, src, self.dense_pe(), tokens, dense)[0]
+            )
             rows_per_group.append(rows)
         order = torch.cat(rows_per_group)
         return torch.cat(masks)[torch.argsort(order)]  # (B, 1, 4h_s, 4w_s)
 
-    def _predict_first_mask(
-        self, image_embed: torch.Tensor, dense: torch.Tensor, sparse: torch.Tensor
-    ) -> torch.Tensor:
-        """``MaskDecoder.predict_masks`` for per-expression image embeddings, first mask only.
 
-        Follows segment_anything's ``predict_masks`` step by step, except that the image
-        embedding is already one per prompt set (no ``repeat_interleave``).
+def predict_first_mask(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's mask decoder for N prompt sets, each with its own image embedding: the first mask.
 
-        Args:
-            image_embed: (b, D_S, h_s, w_s) the image embedding of each expression's image.
-            dense: (b, D_S, h_s, w_s) dense prompts.
-            sparse: (b, k, D_S) sparse prompts.
+    segment_anything's ``MaskDecoder.predict_masks`` step by step, with two differences, which
+    are why it is written out here: upstream takes one image's embedding and repeats it for
+    every prompt set (``repeat_interleave``), so prompts on several images cannot run as one
+    batch; and it upscales all four mask tokens. Here the embedding comes one per prompt set, and
+    only the first mask (``multimask_output=False``, the one Prompt-RIS reads) is made. For one
+    image it equals upstream's first mask (tests/test_frozen_sam.py holds it to
+    ``MaskDecoder.predict_masks``).
 
-        Returns:
-            (b, 1, 4 h_s, 4 w_s) logits.
-        """
-        decoder = self.mask_decoder
-        # Concatenate output tokens
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
-        tokens = torch.cat([output_tokens, sparse.to(output_tokens.dtype)], dim=1)  # (b, 5+k, D_S)
+    Args:
+        decoder: SAM's mask decoder.
+        image_embeddings: (N, C, h, w) the image embedding of each prompt set.
+        image_pe: (1, C, h, w) SAM's dense position encoding (``PromptEncoder.get_dense_pe``).
+        sparse: (N, k, C) sparse prompt embeddings.
+        dense: (N, C, h, w) dense prompt embeddings.
 
-        # Image embedding of each expression plus its dense prompt
-        src = image_embed + dense  # (b, D_S, h_s, w_s)
-        pos_src = self.dense_pe().expand_as(src)  # (b, D_S, h_s, w_s)
-        b, c, h, w = src.shape
+    Returns:
+        The mask logits (N, 1, 4h, 4w) and the IoU token's output (N, C), from which
+        ``decoder.iou_prediction_head`` predicts the IoUs.
+    """
+    # Concatenate output tokens
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
+    tokens = torch.cat([output_tokens, sparse.to(output_tokens.dtype)], dim=1)  # (N, 5+k, C)
 
-        # Run the transformer
-        hs, src = decoder.transformer(src, pos_src, tokens)  # (b, 5+k, D_S), (b, h*w, D_S)
-        mask_token_out = hs[:, 1]  # first mask token (multimask off): (b, D_S)
+    # Image embedding of each prompt set plus its dense prompt
+    src = image_embeddings + dense  # (N, C, h, w)
+    pos_src = image_pe.expand_as(src)  # (N, C, h, w)
+    n, c, h, w = src.shape
 
-        # Upscale the embedding and predict the mask with the first hypernetwork MLP
-        src = src.transpose(1, 2).reshape(b, c, h, w)
-        upscaled = decoder.output_upscaling(src)  # (b, D_S/8, 4h, 4w)
-        hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]  # (b, 1, D_S/8)
-        b, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
+    # Run the transformer
+    hs, src = decoder.transformer(src, pos_src, tokens)  # (N, 5+k, C), (N, h*w, C)
+    iou_token_out = hs[:, 0]  # (N, C)
+    mask_token_out = hs[:, 1]  # first mask token (multimask off): (N, C)
+
+    # Upscale the embedding and predict the mask with the first hypernetwork MLP
+    src = src.transpose(1, 2).reshape(n, c, h, w)
+    upscaled = decoder.output_upscaling(src)  # (N, C/8, 4h, 4w)
+    hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]  # (N, 1, C/8)
+    n, c, h, w = upscaled.shape
+    masks = (hyper_in @ upscaled.reshape(n, c, h * w)).reshape(n, 1, h, w)  # (N, 1, 4h, 4w)
+    return masks, iou_token_out

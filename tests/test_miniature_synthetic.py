@@ -15,7 +15,7 @@ from pycocotools import mask as mask_utils
 
 from prompt_ris.data.prepare import open_prepared
 from prompt_ris.data.refer import Refer
-from prompt_ris.data.synthetic import COLOURS, SHAPES, generate_synthetic, render_scene
+from prompt_ris.miniature.synthetic import COLOURS, SHAPES, generate_synthetic, render_scene
 from repo_scripts import load_script
 
 NUM_IMAGES = 24

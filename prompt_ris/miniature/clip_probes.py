@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from prompt_ris.data.captions import (
+from prompt_ris.data.text import tokenize
+from prompt_ris.data.transforms import letterbox_mask
+from prompt_ris.miniature.captions import (
     SceneSpec,
     caption_scene,
     hard_variants,
@@ -33,10 +35,8 @@ from prompt_ris.data.captions import (
     sample_captioned_spec,
     sample_scene,
 )
-from prompt_ris.data.synthetic import COLOURS, SHAPES
-from prompt_ris.data.text import tokenize
-from prompt_ris.data.transforms import letterbox_mask
-from prompt_ris.foundations.clip_pretrain import clip_images, encode_text
+from prompt_ris.miniature.clip_pretrain import clip_images, encode_text
+from prompt_ris.miniature.synthetic import COLOURS, SHAPES
 
 CHUNK = 128  # images encoded per forward pass
 

@@ -1,7 +1,7 @@
 """Contrastive pretraining of the tiny CLIP on synthetic image-caption pairs.
 
 open_clip's ``CLIP`` (built by ``prompt_ris.models.build.build_clip`` from the config numbers) is
-trained with open_clip's ``ClipLoss`` on scenes from ``prompt_ris.data.captions``, letterboxed
+trained with open_clip's ``ClipLoss`` on scenes from ``prompt_ris.miniature.captions``, letterboxed
 into the CLIP frame as Prompt-RIS's data pipeline does it. Two things make it learn shapes:
 
 - *Hard-negative groups.* Colour alone nearly solves the contrastive task on these scenes (four
@@ -33,16 +33,16 @@ from open_clip.model import CLIP, resize_pos_embed
 from PIL import Image
 
 from prompt_ris.config import ClipConfig
-from prompt_ris.data.captions import (
+from prompt_ris.data.text import tokenize
+from prompt_ris.data.transforms import letterbox_clip
+from prompt_ris.miniature.captions import (
     SceneSpec,
     caption_scene,
     hard_variants,
     paint_scene,
     sample_captioned_spec,
 )
-from prompt_ris.data.synthetic import IMAGE_SIDES, OBJECT_SIDE
-from prompt_ris.data.text import tokenize
-from prompt_ris.data.transforms import letterbox_clip
+from prompt_ris.miniature.synthetic import IMAGE_SIDES, OBJECT_SIDE
 from prompt_ris.models.build import build_clip
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def pretrain_clip(model_cfg: ClipConfig, cfg: ClipPretrainConfig) -> tuple[CLIP,
     ``resize_pos_embed``, the step ``build_clip`` applies from 224 to 480 for ViT-B/16).
 
     Args:
-        model_cfg: the CLIP section of the model config (``stem`` must be "patch").
+        model_cfg: the CLIP section of the model config.
         cfg: the pretraining settings.
 
     Returns:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
-from prompt_ris.data.captions import sample_scene
-from prompt_ris.foundations.sam_pretrain import (
+from prompt_ris.miniature.captions import sample_scene
+from prompt_ris.miniature.sam_pretrain import (
     SamPretrainConfig,
     SamSample,
     coarse_mask_logits,

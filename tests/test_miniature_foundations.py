@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from prompt_ris.config import load_config
-from prompt_ris.data.captions import (
+from prompt_ris.data.text import tokenize
+from prompt_ris.miniature.captions import (
     CAPTION_KINDS,
     POSITION_WORDS,
     caption_scene,
@@ -19,10 +20,8 @@ from prompt_ris.data.captions import (
     sample_captioned_spec,
     sample_scene,
 )
-from prompt_ris.data.synthetic import COLOURS, SHAPES
-from prompt_ris.data.text import tokenize
-from prompt_ris.foundations.clip_pretrain import encode_text
-from prompt_ris.foundations.sam_pretrain import (
+from prompt_ris.miniature.clip_pretrain import encode_text
+from prompt_ris.miniature.sam_pretrain import (
     PROMPT_KINDS,
     decode,
     encode_prompts,
@@ -30,6 +29,7 @@ from prompt_ris.foundations.sam_pretrain import (
     pad_clicks,
     random_clicks,
 )
+from prompt_ris.miniature.synthetic import COLOURS, SHAPES
 from prompt_ris.models import build_prompt_ris
 from prompt_ris.models.build import build_clip, build_sam
 from repo_scripts import load_script

@@ -23,8 +23,10 @@ The output is exactly the refer layout, so the real loaders read it:
 ``<out>/images/mscoco/images/train2014/`` (the refer image folder). Unoccluded objects are stored
 as polygons, objects partly hidden by a later one as uncompressed RLE of their visible pixels
 (COCO's two formats). Splits are per image: train / val / testA / testB (70/10/10/10). Shape
-categories ``SYNTHETIC_UNSEEN`` play the role of COCO's unseen classes (splits.py). The output is
-a function of the seed and the kinds only.
+categories ``SYNTHETIC_UNSEEN`` play the role of COCO's unseen classes: the category split is
+written as data, ``<out>/synthetic/category_split.json``, which the prepare step carries into the
+prepared data for ``splits.category_split_of``. The output is a function of the seed and the
+kinds only.
 """
 
 from __future__ import annotations
@@ -43,12 +45,13 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from prompt_ris.data.refer import REFER_IMAGE_DIR
+from prompt_ris.data.refer import CATEGORY_SPLIT_FILE, REFER_IMAGE_DIR
+from prompt_ris.data.splits import SPLIT_BY_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_DATASET = "synthetic"
-SYNTHETIC_SPLIT_BY = "unc"
+SYNTHETIC_SPLIT_BY = SPLIT_BY_DEFAULTS[SYNTHETIC_DATASET]  # "unc"
 SHAPES: dict[str, int] = {  # category name -> category id
     "circle": 1,
     "square": 2,
@@ -380,8 +383,8 @@ def generate_synthetic(
     """Write a synthetic referring dataset in the refer format under ``out_dir``.
 
     Args:
-        out_dir: data root; gets ``synthetic/refs(unc).p``, ``synthetic/instances.json`` and
-            ``images/mscoco/images/train2014/*.png``.
+        out_dir: data root; gets ``synthetic/refs(unc).p``, ``synthetic/instances.json``,
+            ``synthetic/category_split.json`` and ``images/mscoco/images/train2014/*.png``.
         num_images: images to draw (split 70/10/10/10 into train/val/testA/testB in order).
         seed: the output is a function of the seed (and of ``kinds``).
         kinds: the expression kinds to write, a subset of ``EXPRESSION_KINDS``; an object with
@@ -459,6 +462,8 @@ def generate_synthetic(
         json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
     with (ann_dir / f"refs({SYNTHETIC_SPLIT_BY}).p").open("wb") as f:
         pickle.dump(refs, f, protocol=2)  # protocol 2: readable by the Python-2 refer API too
+    category_split = {"seen": list(SYNTHETIC_SEEN), "unseen": list(SYNTHETIC_UNSEEN)}
+    (ann_dir / CATEGORY_SPLIT_FILE).write_text(json.dumps(category_split) + "\n", encoding="utf-8")
     per_split: dict[str, int] = {}
     for ref in refs:
         per_split[ref["split"]] = per_split.get(ref["split"], 0) + 1

@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 from segment_anything.modeling import Sam
 
-from prompt_ris.data.captions import SceneSpec, paint_scene, sample_scene
 from prompt_ris.data.transforms import letterbox_sam, lowres_mask
+from prompt_ris.losses import dice_loss
+from prompt_ris.miniature.captions import SceneSpec, paint_scene, sample_scene
+from prompt_ris.models.frozen_sam import predict_first_mask
 
 logger = logging.getLogger(__name__)
 
@@ -238,12 +240,8 @@ def encode_prompts(
 def decode(
     sam: Sam, image_embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM's mask decoder for N prompt sets, each with its own image embedding; first mask.
-
-    ``MaskDecoder.predict_masks`` step by step, except that the image embedding comes one per
-    prompt set (upstream repeats one image's embedding for all prompt sets), so that the prompts
-    of many images run as one batch. For one image it equals ``sam.mask_decoder(...,
-    multimask_output=False)`` (a test checks it).
+    """SAM's mask decoder for N prompt sets, each with its own image embedding (so the prompts of
+    many images run as one batch): the first mask and its predicted IoU.
 
     Args:
         sam: the model.
@@ -254,28 +252,17 @@ def decode(
     Returns:
         low-res mask logits (N, 1, S/4, S/4) and predicted IoU (N, 1).
     """
+    image_pe = sam.prompt_encoder.get_dense_pe()  # (1, C, S/16, S/16)
     decoder = sam.mask_decoder
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
-    tokens = torch.cat([output_tokens, sparse], dim=1)  # (N, 1 + 4 + k, C)
-    src = image_embeddings + dense  # (N, C, h, w)
-    pos_src = sam.prompt_encoder.get_dense_pe().expand_as(src)  # (N, C, h, w)
-    n, c, h, w = src.shape
-    hs, src = decoder.transformer(src, pos_src, tokens)  # (N, 5 + k, C), (N, h*w, C)
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(n, c, h, w))  # (N, C/8, 4h, 4w)
-    hyper_in = decoder.output_hypernetworks_mlps[0](hs[:, 1]).unsqueeze(1)  # (N, 1, C/8)
-    _, c8, h4, w4 = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(n, c8, h4 * w4)).reshape(n, 1, h4, w4)
-    iou_pred = decoder.iou_prediction_head(hs[:, 0])[:, :1]  # (N, 1)
-    return masks, iou_pred
+    masks, iou_token = predict_first_mask(decoder, image_embeddings, image_pe, sparse, dense)
+    return masks, decoder.iou_prediction_head(iou_token)[:, :1]  # (N, 1, S/4, S/4), (N, 1)
 
 
 def bce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean BCE + Dice over N masks (N, 1, h, w) against soft targets in [0, 1]."""
+    """Mean BCE + Dice over N masks (N, 1, h, w) against soft targets in [0, 1]; Dice with plain
+    sums in the denominator (``losses.dice_loss(..., squared=False)``)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob, flat_t = torch.sigmoid(logits).flatten(1), target.flatten(1)  # (N, h*w)
-    dice = 1 - (2 * (prob * flat_t).sum(1) + 1) / (prob.sum(1) + flat_t.sum(1) + 1)
-    return bce + dice.mean()
+    return bce + dice_loss(logits, target, squared=False)
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from prompt_ris.data.synthetic import (
+from prompt_ris.miniature.synthetic import (
     COLOURS,
     IMAGE_SIDES,
     OBJECT_SIDE,
