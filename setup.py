@@ -19,7 +19,7 @@ setup(
         "torchvision>=0.29.1",
         "open_clip_torch>=2.32.0",  # VisionTransformer._embeds (models/cross_modal_prompting.py)
         "segment-anything>=1.0",  # 1.0 is the only release
-        "accelerate>=0.30.0",
+        "accelerate>=1.1.0",  # loads its RNG states under torch.load(weights_only=True)
         "datasets>=4.0.0",  # datasets.List (data/prepare.py)
         "pycocotools>=2.0.8",  # the first built for numpy 2
         "einops>=0.7.0",
