@@ -14,7 +14,7 @@ setup(
     # Each floor is a version the test suite has passed on (scripts/check_floors.sh installs
     # exactly these and runs the tiny tests; the result is in CONTRIBUTING.md).
     install_requires=[
-        "torch>=2.14.1",
+        "torch>=2.14.1",  # the one release the tests run on
         # segment_anything imports torchvision on import but does not declare it.
         "torchvision>=0.29.1",
         "open_clip_torch>=2.32.0",  # VisionTransformer._embeds (models/cross_modal_prompting.py)
@@ -23,10 +23,10 @@ setup(
         "datasets>=4.0.0",  # datasets.List (data/prepare.py)
         "pycocotools>=2.0.8",  # the first built for numpy 2
         "einops>=0.7.0",
-        "safetensors>=0.4.0",
+        "safetensors>=0.4.3",  # what accelerate 1.1.0 asks for
         "numpy>=2.0.0",  # the pyarrow that datasets gets needs numpy 2
-        "pillow>=10.1.0",
-        "pyyaml>=6.0.1",
+        "pillow>=10.1.0",  # ImageFont.load_default(size=...) (overlays.py)
+        "pyyaml>=6.0.1",  # the first with wheels for Python 3.11
         "tqdm>=4.66.3",  # what datasets 4.0.0 asks for
         "tensorboard>=2.14.0",  # train.tracker's default, through accelerate
     ],
