@@ -26,7 +26,7 @@ setup(
         "safetensors>=0.4.3",  # what accelerate 1.1.0 asks for
         "numpy>=2.0.0",  # the pyarrow that datasets gets needs numpy 2
         "pillow>=10.1.0",  # ImageFont.load_default(size=...) (overlays.py)
-        "pyyaml>=6.0.1",  # the first with wheels for Python 3.11
+        "pyyaml>=6.0.1",
         "tqdm>=4.66.3",  # what datasets 4.0.0 asks for
         "tensorboard>=2.14.0",  # train.tracker's default, through accelerate
     ],
