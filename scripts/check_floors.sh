@@ -41,6 +41,10 @@ for requirement in requirements:
 EOF
 )
 
+if [ -n "$(ls -A "$VENV" 2>/dev/null)" ] && [ ! -f "$VENV/pyvenv.cfg" ]; then
+  echo "[floors] $VENV holds files and is no virtual environment; give another folder" >&2
+  exit 2
+fi
 echo "[floors] fresh environment in $VENV"
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
@@ -54,8 +58,7 @@ echo "[floors] installing" $pins
 quiet "$PY" -m pip install -q $pins
 quiet "$PY" -m pip install -q --no-deps -e .
 "$PY" -m pip check
-# pip may not have kept a pin (a later requirement can move it): the installed versions must be
-# the floors themselves.
+# The installed versions are the floors themselves (nothing in the install moved a pin).
 "$PY" - $pins <<'EOF'
 import sys
 from importlib.metadata import version
@@ -72,7 +75,7 @@ EOF
 "$PY" --version
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"$PY" -c "import prompt_ris, sys; print('[floors] prompt_ris from', prompt_ris.__file__)"
+"$PY" -c "import prompt_ris; print('[floors] prompt_ris from', prompt_ris.__file__)"
 start=$(date +%s)
 "$PY" -m pytest tests -q -rs -p no:cacheprovider "$@"
 echo "[floors] passed at the floors in $(($(date +%s) - start)) s on $(date -u +%Y-%m-%d)"
