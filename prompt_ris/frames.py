@@ -50,7 +50,9 @@ def lowres_to_original(
     """Masks in the low-res frame -> one logit map per expression in its image's original frame.
 
     SAM's ``postprocess_masks``: bilinear to the SAM frame, crop the unpadded ``input_size``,
-    bilinear to the original size. Used for both the final mask S' and the upsampled coarse
+    bilinear to the original size. SAM's own is a ``Sam`` method that takes one image's sizes
+    for a whole batch; here every expression uses its own image's (``tests/test_frames.py``
+    holds it to SAM's per image). Used for both the final mask S' and the upsampled coarse
     mask S_C, by the evaluator and by inference alike.
 
     Args:

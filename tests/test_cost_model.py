@@ -93,3 +93,29 @@ def test_report_arithmetic(report: tuple[dict, Path]) -> None:
     assert (low, high) == smallest.steps_range(4, 16, "expressions") and low < high
     table = out.with_suffix(".md").read_text()
     assert "| stage-2 step |" in table and "| expressions | largest | 38,893 | 321,327 |" in table
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_storage_key_tells_storages_apart_where_data_pointers_cannot(device: str) -> None:
+    """``_storage_key`` is torch's private ``UntypedStorage._cdata`` (the storage object itself):
+    a view shares its base's key, another tensor has its own, on CPU as its data pointer says and
+    on the meta device, where every data pointer is 0."""
+    key = SCRIPT["_storage_key"]
+    first, second = torch.zeros(4, 3, device=device), torch.zeros(4, 3, device=device)
+    assert key(first) == key(first[1:]) == key(first.t())
+    assert key(first) != key(second)
+    pointers = {t.untyped_storage().data_ptr() for t in (first, second)}
+    assert len(pointers) == (2 if device == "cpu" else 1)
+
+
+def test_saved_tensor_bytes_counts_each_storage_once_and_no_parameters() -> None:
+    with torch.device("meta"):
+        layer = torch.nn.Linear(8, 8, bias=False)
+        x = torch.zeros(4, 8, requires_grad=True)
+    with SCRIPT["saved_tensor_bytes"](layer) as saved:
+        layer(x)  # saves x (its weight is a parameter)
+    assert saved["bytes"] == 4 * 8 * 4
+    with SCRIPT["saved_tensor_bytes"](layer) as saved:
+        y = x * 2
+        (y[1:] * y[:-1]).sum()  # saves two views of y: one storage
+    assert saved["bytes"] == 4 * 8 * 4

@@ -110,7 +110,7 @@ def test_use_sdpa_without_sam_attention_raises() -> None:
 
 
 def test_open_clip_resblock_already_dispatches_to_sdpa() -> None:
-    """Why CLIP needs no switch: open_clip 3.3.0 attention runs aten SDPA when training."""
+    """Why CLIP needs no switch: open_clip's attention runs aten SDPA when training."""
     torch.manual_seed(5)
     block = ResidualAttentionBlock(d_model=16, n_head=2).train()
     causal = torch.full((5, 5), float("-inf")).triu(1)

@@ -320,3 +320,23 @@ def test_predict_first_mask_equals_segment_anything_predict_masks() -> None:
             torch.testing.assert_close(ours[3 * i : 3 * i + 3], masks[:, :1], rtol=1e-5, atol=1e-5)
             got_iou = decoder.iou_prediction_head(iou_token[3 * i : 3 * i + 3])
             torch.testing.assert_close(got_iou, iou, rtol=1e-5, atol=1e-5)
+
+
+def test_position_encoding_is_sams_own_computed_in_float32(tiny_cfg: Config) -> None:
+    """``_position_encoding`` is ``PositionEmbeddingRandom._pe_encoding``; with half-precision
+    weights it is SAM's float32 result rounded once, where SAM's own loses the sines' precision."""
+    sam = _frozen_sam(tiny_cfg)
+    coords = torch.rand(5, 7, 2, generator=torch.Generator().manual_seed(0))  # in [0, 1]^2
+    with torch.no_grad():
+        reference = sam.prompt_encoder.pe_layer._pe_encoding(coords)  # (5, 7, D_S)
+        torch.testing.assert_close(sam._position_encoding(coords), reference, rtol=0, atol=0)
+
+        sam.to(torch.bfloat16)
+        pe_layer = sam.prompt_encoder.pe_layer
+        widened = copy.deepcopy(pe_layer).float()  # the bf16 matrix, float32 arithmetic
+        expected = widened._pe_encoding(coords)
+        ours = sam._position_encoding(coords)
+        theirs = pe_layer._pe_encoding(coords.to(torch.bfloat16))  # everything in bf16
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, expected.to(torch.bfloat16), rtol=0, atol=0)
+    assert float((theirs.float() - expected).abs().max()) > 0.05

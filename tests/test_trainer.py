@@ -324,7 +324,9 @@ def test_two_process_ddp_run_on_cpu_keeps_processes_identical(
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def fresh_accelerate_state() -> Iterator[None]:
-    """Accelerate keeps one process-wide state; tests that change its precision reset it."""
+    """Accelerate keeps one process-wide state; tests that change its precision reset it with
+    accelerate's private ``AcceleratorState._reset_state``, as accelerate's own tests do (there is
+    no public reset)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

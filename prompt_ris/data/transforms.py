@@ -232,7 +232,9 @@ def letterbox_sam(img: Image.Image, size: int) -> tuple[torch.Tensor, tuple[int,
     """RGB image -> (3, size, size) SAM frame and its input_size (h', w').
 
     Same as ``ResizeLongestSide.apply_image`` + ``Sam.preprocess``: bilinear resize, pixel
-    mean/std on the 0-255 scale, zero pad bottom/right.
+    mean/std on the 0-255 scale, zero pad bottom/right. SAM's two steps take a numpy array and
+    a ``Sam`` for its statistics; here the SAM frame is made like the CLIP frame, from the PIL
+    image (``tests/test_data_transforms.py`` holds it to SAM's).
     """
     return _letterbox_pil(
         img, size, SAM_PIXEL_MEAN, SAM_PIXEL_STD, 1.0, Image.Resampling.BILINEAR

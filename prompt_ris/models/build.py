@@ -213,7 +213,10 @@ def _check_clip_matches(model: CLIP, cfg: ClipConfig) -> None:
 def build_sam(cfg: SAMConfig, checkpoint: str | None) -> Sam:
     """Build segment_anything's ``Sam`` from the config numbers and load a checkpoint.
 
-    Mirrors ``segment_anything.build_sam._build_sam`` (the vit_b preset gives its exact numbers).
+    Builds what segment_anything's private ``build_sam._build_sam`` builds, from config numbers:
+    ``_build_sam`` fixes the image size, the prompt width and the decoder to ViT-B's, which the
+    tiny preset changes. The vit_b preset gives ``sam_model_registry["vit_b"]`` exactly
+    (``tests/test_build.py``).
 
     Args:
         cfg: the SAM section of the model config.

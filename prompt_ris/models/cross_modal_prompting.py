@@ -11,8 +11,13 @@ next layer's input and its outputs are dropped after the layer (deep prompting):
 
 :class:`PromptedCLIP` runs open_clip's towers layer by layer with these prompts. The open_clip
 ``CLIP`` module is held unchanged as ``PromptedCLIP.clip`` so that open_clip state dicts load into
-it as they are; only the loop over ``transformer.resblocks`` is new. Written against open_clip
-3.3.0 (batch-first blocks, ``VisionTransformer._embeds``).
+it as they are; only the loop over ``transformer.resblocks`` is new.
+
+The image tower's input comes from open_clip's private ``VisionTransformer._embeds`` (patch
+embedding, [CLS], position embedding, patch dropout, ``ln_pre``; open_clip 2.32.0 and later):
+open_clip has no public call that stops before the blocks, and calling it keeps open_clip's own
+handling of those steps instead of a copy. ``tests/test_cross_modal_prompting.py`` holds both
+towers with ``num_prompts = 0`` to open_clip's ``forward_intermediates`` and ``encode_text``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the memory-efficient or cuDNN kernel on a GPU (no softmax intermediates, bf16-fr
 changing their class to the subclass below: the same module objects, parameters, hooks and
 ``state_dict`` keys, so base checkpoints and exports are unaffected and the switch can be undone.
 
-open_clip 3.3.0 needs no such switch: its ``ResidualAttentionBlock`` calls
+open_clip (2.32.0, the floor, to 3.3.0) needs no such switch: its ``ResidualAttentionBlock`` calls
 ``nn.MultiheadAttention(..., need_weights=False)``, which already dispatches to
 ``scaled_dot_product_attention`` when training and to the fused native kernel under
 ``torch.inference_mode``. Modules of this project that use ``nn.MultiheadAttention`` get the

@@ -134,7 +134,8 @@ class FrozenSAM(nn.Module):
     def dense_pe(self) -> torch.Tensor:
         """SAM's dense position encoding of the image embedding grid, (1, D_S, h_s, w_s).
 
-        ``PromptEncoder.get_dense_pe``: the encoding of every cell centre of the grid.
+        ``PromptEncoder.get_dense_pe``: the encoding of every cell centre of the grid, computed
+        here so that it goes through :meth:`_position_encoding`'s float32 arithmetic.
         """
         h, w = self.prompt_encoder.image_embedding_size
         device = self.pad_embed.device
@@ -146,9 +147,9 @@ class FrozenSAM(nn.Module):
     def _position_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         """SAM's random-Fourier encoding of points in [0, 1]^2: (..., 2) -> (..., D_S).
 
-        ``PositionEmbeddingRandom._pe_encoding``, computed in float32 whatever the weights'
-        dtype or the autocast state (sines of arguments of a few tens lose their precision in
-        half precision), then cast to the weights' dtype.
+        SAM's private ``PositionEmbeddingRandom._pe_encoding``, computed in float32 whatever the
+        weights' dtype or the autocast state (sines of arguments of a few tens lose their
+        precision in half precision), then cast to the weights' dtype.
         """
         matrix = self.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix  # (2, D_S/2)
         device_type = "cpu" if coords.device.type == "meta" else coords.device.type
@@ -192,11 +193,14 @@ class FrozenSAM(nn.Module):
     def point_table(self) -> torch.Tensor:
         """E of eq. (3): SAM's embedding of a positive click at every low-res cell centre.
 
-        Computed as ``PromptEncoder._embed_points`` computes a label-1 point: random-Fourier
-        position encoding of (coords + 0.5) in the SAM frame plus the positive-point label
-        embedding, so a one-hot at cell j gives exactly SAM's embedding of a positive click at
-        that cell's centre. Cached while the prompt encoder is frozen; a trainable prompt encoder
-        gets a fresh table each call so that gradients reach it.
+        Computed as SAM's private ``PromptEncoder._embed_points`` computes a label-1 point:
+        random-Fourier position encoding of (coords + 0.5) in the SAM frame plus the
+        positive-point label embedding, so a one-hot at cell j gives exactly SAM's embedding of a
+        positive click at that cell's centre (``tests/test_frozen_sam.py`` holds it to SAM's
+        ``PromptEncoder``). ``_embed_points`` itself is not called, so that the position encoding
+        goes through :meth:`_position_encoding`'s float32 arithmetic. Cached while the prompt
+        encoder is frozen; a trainable prompt encoder gets a fresh table each call so that
+        gradients reach it.
 
         Returns:
             (H_lr * W_lr, D_S).
