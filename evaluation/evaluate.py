@@ -13,15 +13,15 @@ Usage (one CPU, one GPU or many processes, as ``accelerate config`` describes):
 The model (architecture, learned weights, its prompt switches ``model.prompts.switches``) comes
 from the checkpoint; data paths and evaluation settings come from ``--config`` and ``key=value``
 overrides (``data.prepared=...``, ``eval.batch_images=4``); the flags below override ``eval.*``.
-The prompts reaching SAM are the checkpoint's own unless ``--switches`` or ``--no-<prompt>``
-says otherwise. Every sentence of every reference of each split is scored for the coarse (CLIP)
-and the final (SAM) mask, beside the random-object baseline, by
-``prompt_ris.engine.evaluation.evaluate``; metric conventions: evaluation/README.md. Writes ``results.json`` (the schema of
+The prompts reaching SAM are the checkpoint's own unless ``--switches`` or ``--no-<prompt>`` says
+otherwise. Every sentence of every reference of each split is scored for the coarse (CLIP) and the
+final (SAM) mask, beside the random-object baseline, by ``prompt_ris.engine.evaluation.evaluate``;
+metric conventions: evaluation/README.md. Writes ``results.json`` (the schema of
 ``paper_results.json``; compare with ``evaluation/compare.py``), ``results.md`` (also printed),
-``records.jsonl``, and optionally ``masks.jsonl`` (COCO RLE) and ``overlays/``.
-``--prompt-ablation`` also scores every split with each prompt type switched off in turn (the
-paper's Table 5; SAM's prompt and decoder side only run again), under ``"ablation"`` in
-``results.json`` and as a table.
+``records.jsonl``, and optionally ``masks.jsonl`` (COCO RLE) and ``overlays/``. ``--prompt-
+ablation`` also scores every split with each prompt type switched off in turn (the paper's Table 5;
+SAM's prompt and decoder side only run again), under ``"ablation"`` in ``results.json`` and as a
+table.
 
 Before the model is loaded, the checkpoint, its base weights, every split and the output folder
 are checked; each problem is printed as one line with its fix (exit status 1; ``-v`` shows

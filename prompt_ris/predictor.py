@@ -3,9 +3,9 @@
 Shaped like ``segment_anything.SamPredictor``: :meth:`Predictor.set_image` letterboxes the image
 into the CLIP and SAM frames and runs the frozen SAM image encoder once (F_IS);
 :meth:`Predictor.predict` hands any number of expressions to ``PromptRIS.predict`` (the one
-prediction path, which evaluation shares through ``PromptRIS.segment_batch``) in batches that
-share the cached embedding, on the chosen device and precision. The CLIP image tower cannot be cached: its input is prompted by the text
-(L2V, eq. 6), so it runs once per expression.
+prediction path, which evaluation shares through ``PromptRIS.segment_batch``) in batches that share
+the cached embedding, on the chosen device and precision. The CLIP image tower cannot be cached:
+its input is prompted by the text (L2V, eq. 6), so it runs once per expression.
 """
 
 from __future__ import annotations

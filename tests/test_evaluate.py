@@ -19,7 +19,7 @@ from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split
 from prompt_ris.data.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.metrics import summarize
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from tiny_random import TINY_RANDOM_ARGS
 from repo_scripts import load_script
 
@@ -38,7 +38,7 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
     )
     torch.manual_seed(0)
-    model = build_prompt_ris(load_config(overrides=TINY_RANDOM_ARGS).model)
+    model = PromptRIS.from_config(load_config(overrides=TINY_RANDOM_ARGS).model)
     model.save_pretrained(root / "ckpt")
     return {"prepared": root / "prepared", "checkpoint": root / "ckpt", "out": root / "eval"}
 

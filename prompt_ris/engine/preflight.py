@@ -2,8 +2,8 @@
 
 ``scripts/train.py`` and ``evaluation/evaluate.py`` call ``training_problems`` /
 ``evaluation_problems`` right after parsing their arguments and stop when the list is not empty,
-printing each problem (``report``) as one line that says what is wrong and how to fix it. Nothing here builds
-a model or reads a tensor: config keys and values, base-weight files (found as
+printing each problem (``report``) as one line that says what is wrong and how to fix it. Nothing
+here builds a model or reads a tensor: config keys and values, base-weight files (found as
 ``prompt_ris.weights`` finds them), prepared splits, checkpoints (their headers, or the integrity
 of resume checkpoints) and output folders.
 """
