@@ -103,7 +103,8 @@ def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, 
 
 
 def _data_config(synthetic_run: dict[str, Path]) -> Config:
-    return load_config(overrides=[f"data.prepared={synthetic_run['prepared']}", "data.num_workers=0"])
+    prepared = synthetic_run["prepared"]
+    return load_config(overrides=[f"data.prepared={prepared}", "data.num_workers=0"])
 
 
 def test_evaluate_from_python_scores_sub_splits_from_the_whole_split(
