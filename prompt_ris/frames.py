@@ -51,7 +51,7 @@ def lowres_to_original(
 
     SAM's ``postprocess_masks``: bilinear to the SAM frame, crop the unpadded ``input_size``,
     bilinear to the original size. Used for both the final mask S' and the upsampled coarse
-    mask S_C, by the evaluator and by inference alike.
+    mask S_C, by evaluation and by inference alike.
 
     Args:
         logits: (B, 1, s, s) in the low-res frame (or any square frame aligned with the SAM
