@@ -87,6 +87,7 @@ def evaluate_checkpoint(
     )  # fmt: skip
     results.checkpoint = str(checkpoint)
     results.save(out)
+    print(results.table(), flush=True)
     passes = results.passes
     print(
         f"model passes: {passes.encoded} expressions through CLIP, the coarse decoder and SAM's "
