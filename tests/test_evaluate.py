@@ -128,6 +128,10 @@ def test_evaluate_from_python_scores_sub_splits_from_the_whole_split(
         assert set(results.splits[part]) == {"coarse", "final", "random"}
     table = results.table()
     assert "| mask + point | synthetic:test_unseen |" in table and "random object" in table
+    # The whole split named last: the parts still come from it, in the order asked for.
+    last = evaluate(synthetic_run["checkpoint"], [*parts, "synthetic:test"], sets, config=cfg)
+    assert list(last.splits) == [*parts, "synthetic:test"]
+    assert last.passes.encoded == len(whole) and last.metrics == results.metrics
     by_category = results.by_group("synthetic:test", lambda r: r["category_id"], ["final"])
     counts = [m["final"]["num_expressions"] for m in by_category.values()]
     assert len(by_category) > 1 and sum(counts) == len(whole)

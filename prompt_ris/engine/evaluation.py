@@ -325,8 +325,8 @@ def _expression_keys(dataset: Any) -> set[tuple[Any, ...]]:
 def _containing_split(
     split: str, keys: dict[str, set[tuple[Any, ...]]], order: Sequence[str]
 ) -> str | None:
-    """A split of ``order`` that holds every expression of ``split`` and is run itself: the
-    largest such one, the earlier one of two equal ones."""
+    """The largest split of ``order`` that holds every expression of ``split`` (of two equal
+    ones, the earlier holds the later); None when no other split does."""
     best = None
     for other in order:
         if other == split or not keys[split] <= keys[other]:
@@ -417,25 +417,29 @@ def evaluate(
     keys = {split: _expression_keys(loader.dataset) for split, loader in loaders.items()}
     source = {split: _containing_split(split, keys, order) for split in order}
     scored: dict[str, list[list[dict[str, Any]]]] = {}
-    for split in order:
+
+    def score(split: str) -> list[list[dict[str, Any]]]:
+        """The split's records per switch set, run through the model only when no larger
+        split holds them."""
+        if split in scored:
+            return scored[split]
         if source[split] is None:
             scored[split] = score_loader(
                 model, loaders[split], accelerator, split, sets, threshold=ev.threshold,
                 keep_masks=keep_masks, passes=results.passes,
             )  # fmt: skip
-        else:  # every expression of this split was scored with the larger split
+        else:  # every expression of this split is scored with the larger split
             wanted = {k[:2] for k in keys[split]}
             scored[split] = [
-                [
-                    {**r, "split": split}
-                    for r in records
-                    if (r["ref_id"], r["sent_id"]) in wanted
-                ]
-                for records in scored[source[split]]
+                [{**r, "split": split} for r in records if (r["ref_id"], r["sent_id"]) in wanted]
+                for records in score(source[split])
             ]
-        for switches, records in zip(sets, scored[split]):
+        return scored[split]
+
+    for split in order:
+        for switches, records in zip(sets, score(split)):
             results.metrics.setdefault(switches.name, {})[split] = summarize_outputs(records)
-        records = scored[split][0]
+        records = score(split)[0]
         if ev.random_baseline:
             base, base_records = _baseline(cfg, split, loaders[split].dataset)
             results.metrics[sets[0].name][split]["random"] = base
