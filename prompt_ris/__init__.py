@@ -16,15 +16,18 @@ _EXPORTS = {  # public name -> the module that defines it
     "load_config": "prompt_ris.config",
     "Prediction": "prompt_ris.models",
     "PromptRIS": "prompt_ris.models",
-    "PromptSwitches": "prompt_ris.models",
-    "build_prompt_ris": "prompt_ris.models",
+    "PromptSwitches": "prompt_ris.prompt_switches",
     "Predictor": "prompt_ris.predictor",
+    "evaluate": "prompt_ris.engine.evaluation",
+    "EvaluationResults": "prompt_ris.engine.evaluation",
 }
 
 if TYPE_CHECKING:
     from prompt_ris.config import Config, load_config
-    from prompt_ris.models import Prediction, PromptRIS, PromptSwitches, build_prompt_ris
+    from prompt_ris.engine.evaluation import EvaluationResults, evaluate
+    from prompt_ris.models import Prediction, PromptRIS
     from prompt_ris.predictor import Predictor
+    from prompt_ris.prompt_switches import PromptSwitches
 
 
 def __getattr__(name: str) -> Any:
@@ -41,11 +44,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Config",
+    "EvaluationResults",
     "Prediction",
     "Predictor",
     "PromptRIS",
     "PromptSwitches",
-    "build_prompt_ris",
+    "evaluate",
     "load_config",
     "__version__",
 ]

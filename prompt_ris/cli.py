@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from prompt_ris.prompt_switches import PROMPT_TYPES, PromptSwitches, SwitchesError
+
 if TYPE_CHECKING:  # imported in the commands, after the arguments are parsed
-    from prompt_ris.models import PromptSwitches
     from prompt_ris.predictor import Predictor
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,13 @@ class Job:
     outputs: list[tuple[Path, Path]]
 
 
+def _parse_switches(text: str) -> PromptSwitches:
+    try:
+        return PromptSwitches.parse(text)
+    except SwitchesError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="overlay file for a single image (e.g. overlay.png)")
     p.add_argument("--mask-out", type=Path, help="mask file (default: <out stem>_mask.png)")
     p.add_argument("--out-dir", type=Path, help="output folder (folder and --batch modes)")
-    for name in ("mask", "point", "text"):
+    p.add_argument(
+        "--switches", type=_parse_switches, default=None,
+        help="prompts reaching SAM, e.g. 'mask + text' (default: the checkpoint's own)",
+    )  # fmt: skip
+    for name in PROMPT_TYPES:
         p.add_argument(f"--no-{name}", action="store_true", help=f"leave out the {name} prompt")
     p.add_argument(
         "--threshold", type=float, default=None,
@@ -152,18 +164,14 @@ def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command: plan the jobs, load the model once, run them."""
     jobs = _plan_jobs(args)
     from prompt_ris.metrics import DEFAULT_THRESHOLD
-    from prompt_ris.models import PromptSwitches
     from prompt_ris.predictor import Predictor
 
     model = load_checked(args.checkpoint, args.clip_weights, args.sam_weights)
     dtype = None if args.dtype == "auto" else args.dtype
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     predictor = Predictor(model, device=args.device, dtype=dtype, threshold=threshold)
-    default = model.default_switches
-    switches = PromptSwitches(
-        mask=default.mask and not args.no_mask,
-        point=default.point and not args.no_point,
-        text=default.text and not args.no_text,
+    switches = (args.switches or model.default_switches).without(
+        *(name for name in PROMPT_TYPES if getattr(args, f"no_{name}"))
     )
     single = args.image is not None and args.image.is_file()
     records: list[dict[str, Any]] = []

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from prompt_ris.prompt_switches import PromptSwitches, SwitchesError
 from prompt_ris.weights import CLIP_FILE, SAM_FILE
 
 
@@ -99,9 +100,7 @@ class SAMConfig:
 class PromptConfig:
     """CLIP-based prompting of SAM (Sec. 3.1, eq. 3) and prompt dropout (Sec. 4.2)."""
 
-    use_mask: bool = True  # default inference switches (Table 5)
-    use_point: bool = True
-    use_text: bool = True
+    switches: str = "mask + point + text"  # prompt types reaching SAM (Table 5; "none" for none)
     text_blocks: int = 2  # transformer blocks of the text prompter
     text_heads: int = 8
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax
@@ -170,9 +169,6 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["refcoco:val"])
     threshold: float = 0.5  # probability threshold for a foreground pixel
     batch_images: int = 8
-    use_mask: bool = True
-    use_point: bool = True
-    use_text: bool = True
     output_dir: str | None = None  # default <checkpoint's folder>/eval/<checkpoint name>
     save_masks: bool = False
     num_overlays: int = 0
@@ -251,6 +247,16 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _check_switches(value: str) -> None:
+    try:
+        PromptSwitches.parse(value)
+    except SwitchesError as err:
+        raise ConfigError(f"model.prompts.switches: {err}") from None
+
+
+CHECKS = {"model.prompts.switches": _check_switches}  # values a type alone does not check
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -321,7 +327,10 @@ def _merge(
                     raise ConfigError(f"{path}: expected a mapping, got {value!r}")
                 _merge(current, value, path, errors)
             else:
-                setattr(obj, key, _coerce(value, types_[key], path))
+                value = _coerce(value, types_[key], path)
+                if path in CHECKS:
+                    CHECKS[path](value)
+                setattr(obj, key, value)
         except ConfigError as err:
             err.key = err.key or path
             if errors is None:

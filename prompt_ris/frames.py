@@ -53,7 +53,7 @@ def lowres_to_original(
     bilinear to the original size. SAM's own is a ``Sam`` method that takes one image's sizes
     for a whole batch; here every expression uses its own image's (``tests/test_frames.py``
     holds it to SAM's per image). Used for both the final mask S' and the upsampled coarse
-    mask S_C, by the evaluator and by inference alike.
+    mask S_C, by evaluation and by inference alike.
 
     Args:
         logits: (B, 1, s, s) in the low-res frame (or any square frame aligned with the SAM

@@ -2,10 +2,10 @@
 
 Shaped like ``segment_anything.SamPredictor``: :meth:`Predictor.set_image` letterboxes the image
 into the CLIP and SAM frames and runs the frozen SAM image encoder once (F_IS);
-:meth:`Predictor.predict` tokenizes any number of expressions and runs the rest of the model
-(``PromptRIS.segment``) for all of them in batches that share the cached embedding, on the chosen
-device and precision. The CLIP image tower cannot be cached: its input is prompted by the text
-(L2V, eq. 6), so it runs once per expression.
+:meth:`Predictor.predict` hands any number of expressions to ``PromptRIS.predict`` (the one
+prediction path, which evaluation shares through ``PromptRIS.segment_batch``) in batches that share
+the cached embedding, on the chosen device and precision. The CLIP image tower cannot be cached:
+its input is prompted by the text (L2V, eq. 6), so it runs once per expression.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from prompt_ris.data.text import expression_list, tokenize
 from prompt_ris.data.transforms import ImageInput, LetterboxedImage
 from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
-from prompt_ris.models import Prediction, PromptRIS, PromptSwitches
+from prompt_ris.models import Prediction, PromptRIS
+from prompt_ris.prompt_switches import PromptSwitches
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +129,14 @@ class Predictor:
             TypeError: ``expressions`` is not a string or a list of strings.
             NonFiniteOutputError: the model gave NaN or infinite logits (a RuntimeError).
         """
-        texts = expression_list(expressions)
-        tokens = tokenize(texts, self.model.text_length, warn_truncated=True)  # (N, L)
-        logits = self.predict_torch(tokens, switches=switches, with_coarse=return_coarse)
-        return Prediction.from_logits(texts, logits, self.threshold, return_probs)
+        self._check_image_set()
+        with self._autocast():
+            return self.model.predict(
+                self._image, expressions, switches=switches, threshold=self.threshold,
+                return_probs=return_probs, return_coarse=return_coarse,
+                sam_img_embed=self._sam_img_embed, max_batch=self.max_batch,
+            )  # fmt: skip
 
-    @torch.inference_mode()
     def predict_torch(
         self,
         text_tokens: torch.Tensor,
@@ -152,21 +154,16 @@ class Predictor:
         Returns:
             ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
         """
+        self._check_image_set()
+        with self._autocast():
+            return self.model.segment(
+                self._image, text_tokens, sam_img_embed=self._sam_img_embed, switches=switches,
+                with_coarse=with_coarse, max_batch=self.max_batch,
+            )  # fmt: skip
+
+    def _check_image_set(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("no image is set; call set_image(image) before predict()")
-        chunks = []
-        for tokens in text_tokens.split(self.max_batch):
-            with self._autocast():
-                chunks.append(
-                    self.model.segment(
-                        self._image,
-                        tokens,
-                        sam_img_embed=self._sam_img_embed,
-                        switches=switches,
-                        with_coarse=with_coarse,
-                    )
-                )
-        return {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
     # ---------------------------------------------------------------------------------------
     # Helpers

@@ -50,7 +50,7 @@ import torch
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, ModelInputs, random_batch
 from prompt_ris.losses import Stage, stage_loss
-from prompt_ris.models import PromptRIS, PromptRISOutput, build_prompt_ris
+from prompt_ris.models import PromptRIS, PromptRISOutput
 from prompt_ris.models.embedding_cache import SamEmbeddingCache
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
 
@@ -162,7 +162,7 @@ def slice_images(batch: Batch, images: int, expressions: int) -> Batch:
 # --------------------------------------------------------------------------------------------
 def build_model(cfg: Config, variant: Variant, device: torch.device) -> PromptRIS:
     torch.manual_seed(SEED)  # the same weights for both variants
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     use_sdpa_in_sam_encoder(model, enabled=variant.sdpa)
     return model.to(device)
 

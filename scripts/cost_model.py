@@ -57,7 +57,7 @@ from prompt_ris.config import MODEL_PRESETS, Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
 from prompt_ris.data.schedule import EPOCH_UNITS, combined_train_size_bounds
 from prompt_ris.losses import Stage, stage_loss
-from prompt_ris.models import PromptRIS, build_prompt_ris
+from prompt_ris.models import PromptRIS
 
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM (989.4 TFLOP/s)
 PAPER_BATCH = (16, 4)  # I images x b expressions per step
@@ -119,7 +119,7 @@ def build_model(cfg: Config) -> PromptRIS:
     cfg.model.clip.pretrained = None
     cfg.model.sam.checkpoint = None
     with torch.device(DEVICE):
-        return build_prompt_ris(cfg.model)
+        return PromptRIS.from_config(cfg.model)
 
 
 def count_flops(run: Callable[[], Any], root: str = "") -> tuple[int, dict[str, int]]:

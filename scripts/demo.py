@@ -19,13 +19,16 @@ go to training).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prompt_ris import EvaluationResults
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "tiny_synthetic.yaml"
@@ -68,66 +71,39 @@ def accelerate_launch(script: str, *args: str) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-def evaluate(checkpoint: Path, out: Path, data: str, *flags: str) -> dict:
+def evaluate_checkpoint(
+    checkpoint: Path, out: Path, data: str, overlays: int
+) -> EvaluationResults:
     """Evaluate ``checkpoint`` on the test split and its seen / unseen parts, with the prompt
-    ablation; its results.json."""
-    accelerate_launch(
-        "evaluation/evaluate.py", "--checkpoint", str(checkpoint),
-        "--splits", ",".join((TEST_SPLIT, SEEN_SPLIT, UNSEEN_SPLIT)),
-        "--prompt-ablation", "--output", str(out), f"data.prepared={data}", *flags,
+    ablation, from Python; the results are also written to ``out``."""
+    from prompt_ris import PromptRIS, evaluate, load_config
+
+    model = PromptRIS.from_pretrained(checkpoint)
+    overrides = [f"data.prepared={data}", f"eval.num_overlays={overlays}", f"eval.output_dir={out}"]
+    cfg = load_config(overrides=overrides)
+    results = evaluate(
+        model, [TEST_SPLIT, SEEN_SPLIT, UNSEEN_SPLIT], model.default_switches.ablation(),
+        config=cfg, overlay_dir=out / "overlays",
     )  # fmt: skip
-    return json.loads((out / "results.json").read_text())
-
-
-def read_records(records_file: Path, split: str) -> list[dict]:
-    """The per-expression records of one split (``records.jsonl`` holds every split's)."""
-    rows = (json.loads(line) for line in records_file.read_text().splitlines())
-    return [r for r in rows if r["split"] == split]
+    results.checkpoint = str(checkpoint)
+    results.save(out)
+    print(results.table(), flush=True)
+    passes = results.passes
+    print(
+        f"model passes: {passes.encoded} expressions through CLIP, the coarse decoder and SAM's "
+        f"image encoder, {passes.decoded} through SAM's prompt and decoder side",
+        flush=True,
+    )
+    return results
 
 
 def form_table(records: list[dict]) -> str:
     """mIoU by expression form ("the red circle", "the red shape", "the circle", ...)."""
+    from prompt_ris.engine.tables import group_table
     from prompt_ris.miniature.synthetic import EXPRESSION_FORMS, expression_form
-    from prompt_ris.metrics import summarize
 
-    rows = [
-        "| expression form | example | expressions | final mIoU | coarse mIoU | random mIoU |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for form in EXPRESSION_FORMS:
-        group = [r for r in records if expression_form(r["text"]) == form]
-        if group:
-            m = {key: summarize(group, key)["mIoU"] for key in OUTPUTS}
-            rows.append(
-                f"| {form} | {FORM_EXAMPLES[form]} | {len(group)} | {m['final']:.2f} "
-                f"| {m['coarse']:.2f} | {m['random']:.2f} |"
-            )
-    return "\n".join(rows)
-
-
-def results_table(splits: dict[str, dict]) -> str:
-    rows = [
-        "| split | output | oIoU | mIoU | P@0.5 | P@0.7 | P@0.9 | expressions |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for split, outputs in splits.items():
-        for key, label in OUTPUTS.items():
-            m = outputs[key]
-            rows.append(
-                f"| {split} | {label} | {m['oIoU']:.2f} | {m['mIoU']:.2f} | {m['P@0.5']:.2f} "
-                f"| {m['P@0.7']:.2f} | {m['P@0.9']:.2f} | {m['num_expressions']} |"
-            )
-    return "\n".join(rows)
-
-
-def ablation_table(ablation: dict[str, dict]) -> str:
-    rows = ["| prompts to SAM | oIoU | mIoU | P@0.5 | P@0.9 |", "|---|---:|---:|---:|---:|"]
-    for name, splits in ablation.items():
-        m = splits[TEST_SPLIT]
-        rows.append(
-            f"| {name} | {m['oIoU']:.2f} | {m['mIoU']:.2f} | {m['P@0.5']:.2f} | {m['P@0.9']:.2f} |"
-        )
-    return "\n".join(rows)
+    examples = {form: FORM_EXAMPLES[form] for form in EXPRESSION_FORMS}
+    return group_table(records, expression_form, examples, list(OUTPUTS))
 
 
 def paper_claims(splits: dict[str, dict], ablation: dict[str, dict]) -> list[tuple[str, str, bool]]:
@@ -259,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         "reference), then again with each prompt type switched off (Table 5)",
         flush=True,
     )
-    results = evaluate(checkpoint, out / "eval", str(prepared), "--overlays", str(args.overlays))
-    splits, ablation = results["splits"], results["ablation"]
-    records = read_records(out / "eval" / "records.jsonl", TEST_SPLIT)
+    results = evaluate_checkpoint(checkpoint, out / "eval", str(prepared), args.overlays)
+    splits, ablation = results.splits, results.ablation()
+    records = results.records[TEST_SPLIT]
     print("[4/4] predicting on a new image from Python", flush=True)
     example = predict_on_new_image(checkpoint, out)
 
     from prompt_ris.config import load_config
+    from prompt_ris.engine.tables import split_table, switch_table
 
     cfg = load_config(CONFIG, args.overrides)
     test = splits[TEST_SPLIT]
@@ -277,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Trained on {cfg.data.train} (ICL weight {cfg.train.icl_weight:g}); star and hexagon are "
         f"the held-out (unseen) shapes. Expression kinds: {args.kinds}.",
         "",
-        results_table(splits),
+        split_table(splits, OUTPUTS),
         "",
         f"## By expression form ({TEST_SPLIT})",
         "",
@@ -285,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"## Prompt ablation (final mask, {TEST_SPLIT})",
         "",
-        ablation_table(ablation),
+        switch_table(ablation, TEST_SPLIT),
         "",
         "## The paper's claims in miniature",
         "",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before or after options
 
 
-def report(problems: list[str], preflight: bool = True) -> None:
-    """Print each problem on one line (main process only)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    for problem in problems:
-        sys.stderr.write(f"{PROG}: error: {problem}\n")
-    if preflight:
-        sys.stderr.write(f"{PROG}: {len(problems)} problem(s) found before building the model\n")
-
-
 def main(argv: list[str] | None = None) -> Any:
     """Check everything, then train; returns the TrainResult (exits with 1 on a user error)."""
     args = parse_args(argv)
     if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
-        report([
+        from prompt_ris.engine.preflight import report
+
+        report(PROG, [
             f"--resume took '{args.resume}' as the checkpoint to resume; put --resume after the "
             "overrides (or write --resume latest) so that it is not read as an override"
-        ], preflight=False)  # fmt: skip
+        ])  # fmt: skip
         raise SystemExit(1)
     overrides = list(args.overrides)
     if args.save_every_steps is not None:
@@ -93,7 +84,7 @@ def main(argv: list[str] | None = None) -> Any:
     else:
         problems, checkpoint = preflight.training_problems(cfg, args.resume, errors)
     if problems:
-        report(problems)
+        preflight.report(PROG, problems, before="building the model")
         raise SystemExit(1)
 
     from prompt_ris.engine.trainer import train
@@ -104,7 +95,7 @@ def main(argv: list[str] | None = None) -> Any:
     except user_errors as err:
         if args.verbose:
             raise
-        report([f"{preflight.one_line(err)} (-v shows the traceback)"], preflight=False)
+        preflight.report(PROG, [f"{preflight.one_line(err)} (-v shows the traceback)"])
         raise SystemExit(1) from None
 
 

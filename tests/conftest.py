@@ -11,7 +11,7 @@ import torch
 
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, random_batch
-from prompt_ris.models import PromptRIS, build_prompt_ris
+from prompt_ris.models import PromptRIS
 from tiny_random import TINY_RANDOM
 
 
@@ -49,7 +49,7 @@ def tiny_cfg() -> Config:
 def tiny_model(tiny_cfg: Config) -> PromptRIS:
     """A seeded random-weight tiny PromptRIS built by the real open_clip / segment_anything."""
     torch.manual_seed(0)
-    return build_prompt_ris(tiny_cfg.model)
+    return PromptRIS.from_config(tiny_cfg.model)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Evaluation batches of generated images with known objects, built through the real
-letterbox and ``collate`` (shared by test_evaluator.py and test_baseline.py)."""
+letterbox and ``collate`` (shared by test_evaluation.py and test_baseline.py)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from prompt_ris.engine.checkpointing import (
     save_training_state,
     verify_checkpoint,
 )
-from prompt_ris.models import PromptRIS, build_prompt_ris
+from prompt_ris.models import PromptRIS
 from tiny_random import TINY_RANDOM
 
 
@@ -126,7 +126,7 @@ def _tiny_with_base_files(tmp_path: Path) -> tuple[Config, PromptRIS]:
     """The tiny model with frozen CLIP and SAM whose base weights come from real weight files
     (an open_clip state dict and a segment_anything state dict), as for the paper's model."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
+    base = PromptRIS.from_config(load_config({"model": TINY_RANDOM}).model)
     clip_file, sam_file = tmp_path / "clip_tiny.pt", tmp_path / "sam_tiny.pth"
     torch.save(base.clip.clip.state_dict(), clip_file)
     sam = base.sam
@@ -148,7 +148,7 @@ def _tiny_with_base_files(tmp_path: Path) -> tuple[Config, PromptRIS]:
     }
     cfg = load_config({"model": overrides})
     torch.manual_seed(1)
-    return cfg, build_prompt_ris(cfg.model)
+    return cfg, PromptRIS.from_config(cfg.model)
 
 
 def test_export_holds_exactly_the_learned_params_without_pickle(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_export_loads_for_inference_with_identical_outputs(
 ) -> None:
     cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
-    model = build_prompt_ris(cfg.model).eval()
+    model = PromptRIS.from_config(cfg.model).eval()
     export_pretrained(model, cfg, tmp_path / "final")
     torch.manual_seed(123)  # different random base weights: only unused ones are not exported
     loaded = PromptRIS.from_pretrained(tmp_path / "final")
@@ -260,7 +260,7 @@ def test_exports_and_checkpoints_get_umask_permissions(tmp_path: Path) -> None:
     try:
         cfg = load_config({"model": TINY_RANDOM})
         torch.manual_seed(0)
-        out = export_pretrained(build_prompt_ris(cfg.model), cfg, tmp_path / "run" / "best")
+        out = export_pretrained(PromptRIS.from_config(cfg.model), cfg, tmp_path / "run" / "best")
         accelerator, _, _ = _prepared_linear()
         saved = save_training_state(accelerator, tmp_path / "run", TrainerState(global_step=1))
     finally:

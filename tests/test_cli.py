@@ -15,7 +15,8 @@ from PIL import Image
 from prompt_ris.cli import main
 from prompt_ris.config import load_config
 from prompt_ris.metrics import DEFAULT_THRESHOLD
-from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
+from prompt_ris.models import PromptRIS
+from prompt_ris.prompt_switches import PromptSwitches
 from prompt_ris.models.pretrained import save_pretrained
 from prompt_ris.predictor import Predictor
 from tiny_random import TINY_RANDOM
@@ -29,7 +30,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
-    save_pretrained(build_prompt_ris(cfg.model), root / "ckpt", config=cfg)
+    save_pretrained(PromptRIS.from_config(cfg.model), root / "ckpt", config=cfg)
     rng = np.random.default_rng(0)
     photos = root / "photos"
     photos.mkdir()
@@ -95,7 +96,7 @@ def test_switches_and_several_texts(workdir: Path, tmp_path: Path) -> None:
     argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image", str(image)]
     argv += ["--text", "the dog", "--text", "a cat", "--out", str(tmp_path / "o.png")]
     assert main(argv + ["--no-text", "--no-point", "--dtype", "fp32", "--device", "cpu"]) == 0
-    switches = PromptSwitches(mask=True, point=False, text=False)
+    switches = PromptSwitches.parse("mask")
     for k, text in enumerate(["the dog", "a cat"]):
         want = expected_mask(workdir, image, text, switches)
         np.testing.assert_array_equal(read_mask(tmp_path / f"o_{k}_mask.png"), want)
@@ -196,7 +197,7 @@ def test_missing_base_weights_then_override(
     # A checkpoint whose config names a SAM file that is not there: the tensors SAM's file
     # provides (e.g. its positional-encoding buffer) are not stored in the checkpoint.
     cfg = load_config({"model": TINY_RANDOM})
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     sam_state = {k[4:]: v for k, v in model.state_dict().items() if k.startswith("sam.")}
     torch.save(sam_state, tmp_path / "real_sam.pth")  # segment_anything's state-dict format
     cfg.model.sam.checkpoint = str(tmp_path / "sam_b.pth")
@@ -297,7 +298,7 @@ def test_non_finite_weights_end_with_one_line(
 ) -> None:
     cfg = load_config({"model": TINY_RANDOM})
     torch.manual_seed(0)
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     with torch.no_grad():
         model.decoder.logit_bias.fill_(float("inf"))
     save_pretrained(model, tmp_path / "ckpt", config=cfg)
@@ -312,7 +313,7 @@ def _frozen_checkpoint_on_weights_folder(folder: Path, out: Path) -> None:
     """A learned-only checkpoint whose frozen base CLIP and SAM are files of the weights folder,
     named by their real file names (tiny sizes, real formats)."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
+    base = PromptRIS.from_config(load_config({"model": TINY_RANDOM}).model)
     folder.mkdir(parents=True)
     torch.save(base.clip.clip.state_dict(), folder / "clip_vit_b16_openai.pt")
     torch.save(
@@ -328,7 +329,7 @@ def _frozen_checkpoint_on_weights_folder(folder: Path, out: Path) -> None:
     }
     cfg = load_config({"model": model_cfg})
     torch.manual_seed(1)
-    save_pretrained(build_prompt_ris(cfg.model), out, config=cfg)
+    save_pretrained(PromptRIS.from_config(cfg.model), out, config=cfg)
 
 
 def test_export_self_contained_loads_where_no_base_weights_are(

@@ -89,7 +89,9 @@ def test_override_without_equals_sign_is_refused() -> None:
         ("train.seed=true", "train.seed: expected int, got True"),  # bool is not int
         ("train.lr=abc", "train.lr: expected float, got 'abc'"),
         ("train.lr=true", "train.lr: expected float, got True"),  # nor a float
-        ("eval.use_mask=1", "eval.use_mask: expected bool, got 1"),  # int is not bool
+        ("train.compile=1", "train.compile: 1 does not match"),  # int is not bool
+        ("model.prompts.switches=mask + dot", "model.prompts.switches: unknown prompt type 'dot'"),
+        ("model.prompts.switches=text + text", "names a prompt type twice"),
         ("eval.splits=refcoco:val", "eval.splits: expected a list, got 'refcoco:val'"),
         ("model.sam.encoder_global_attn_indexes=[1, x]", r"encoder_global_attn_indexes\[1\]"),
         ("train.max_steps_per_epoch=abc", "train.max_steps_per_epoch: 'abc' does not match"),
@@ -126,7 +128,9 @@ def test_config_error_is_a_value_error() -> None:
             r"'model.clip.imagesize'; did you mean 'model.clip.image_size'",
         ),
         ("model.foo.bar=1", r"unknown config key 'model.foo'$"),  # nothing close: no hint
-        ("train.use_mask=false", r"unknown config key 'train.use_mask'$"),  # an eval key
+        ("train.use_mask=false", r"unknown config key 'train.use_mask'$"),
+        ("model.prompts.use_text=false", r"unknown config key 'model.prompts.use_text'"),
+        ("eval.use_text=false", r"unknown config key 'eval.use_text'"),
     ],
 )
 def test_unknown_keys_raise_with_the_nearest_key(override: str, message: str) -> None:

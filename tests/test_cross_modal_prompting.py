@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from prompt_ris.config import Config
 from prompt_ris.data.text import tokenize
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.models.build import build_clip
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP, causal_mask
 
@@ -31,7 +31,7 @@ def test_prompts_off_matches_open_clip(tiny_cfg: Config, tmp_path: Path) -> None
     cfg.model.cmp.num_prompts = 0
     reference = _tiny_clip_file(cfg, tmp_path / "clip.pt")
     torch.manual_seed(123)  # a different seed: the weights must come from the file
-    model = build_prompt_ris(cfg.model, clip_weights=str(tmp_path / "clip.pt")).eval()
+    model = PromptRIS.from_config(cfg.model, clip_weights=str(tmp_path / "clip.pt")).eval()
 
     size = cfg.model.clip.image_size
     images = torch.randn(len(TEXTS), 3, size, size)
@@ -113,7 +113,7 @@ def test_half_precision_clip_file_loads_as_its_float32_widening(
 
 def _prompted(cfg: Config) -> PromptedCLIP:
     torch.manual_seed(0)
-    return build_prompt_ris(cfg.model).clip.eval()
+    return PromptRIS.from_config(cfg.model).clip.eval()
 
 
 def test_prompted_text_block_stays_causal(tiny_cfg: Config) -> None:
@@ -164,7 +164,7 @@ def test_unequal_tower_depths_rejected(tiny_cfg: Config) -> None:
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.clip.text_layers = 2
     with pytest.raises(ValueError, match="vision_layers == model.clip.text_layers"):
-        build_prompt_ris(cfg.model)
+        PromptRIS.from_config(cfg.model)
 
 
 def test_images_embedded_once_match_rows_per_expression(tiny_cfg: Config) -> None:

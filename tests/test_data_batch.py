@@ -84,7 +84,7 @@ def test_to_moves_every_tensor_and_shares_the_rest(tiny_cfg: Config) -> None:
             assert value is original, field.name
     inputs = ModelInputs(batch.clip_images, batch.sam_images, batch.text_tokens, batch.image_index)
     assert type(inputs.to("meta")) is ModelInputs
-    # accelerate's send_to_device (evaluator, trainer) goes through .to and keeps the type.
+    # accelerate's send_to_device (evaluation, trainer) goes through .to and keeps the type.
     sent = send_to_device(batch, torch.device("meta"))
     assert type(sent) is Batch and sent.text_tokens.device.type == "meta"
     assert sent.texts == batch.texts

@@ -1,5 +1,7 @@
-"""evaluation/evaluate.py: tables, masks and overlays written, the random baseline, the prompt
-ablation, and (slow) a 2-process run equal to a 1-process one."""
+"""Evaluation of named splits: ``prompt_ris.evaluate`` from Python (sub-splits scored from the
+whole split, the checkpoint's own prompt switches by default) and evaluation/evaluate.py (tables,
+masks and overlays written, the random baseline, the prompt ablation, and (slow) a 2-process run
+equal to a 1-process one)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from prompt_ris.config import load_config
+from prompt_ris.config import Config, load_config
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.data.rle import decode_rle
 from prompt_ris.data.splits import load_split
 from prompt_ris.metrics import summarize
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from tiny_random import TINY_RANDOM_ARGS
 from repo_scripts import load_script
 
@@ -38,7 +40,7 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
     )
     torch.manual_seed(0)
-    model = build_prompt_ris(load_config(overrides=TINY_RANDOM_ARGS).model)
+    model = PromptRIS.from_config(load_config(overrides=TINY_RANDOM_ARGS).model)
     model.save_pretrained(root / "ckpt")
     return {"prepared": root / "prepared", "checkpoint": root / "ckpt", "out": root / "eval"}
 
@@ -66,7 +68,7 @@ def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, 
             "data.num_workers=0",
         ]
     )
-    assert results["switches"] == {"mask": True, "point": False, "text": True}
+    assert results["switches"] == "mask + text"
     assert list(results["splits"]) == splits
     saved = json.loads((out / "results.json").read_text())
     assert saved["splits"] == results["splits"]
@@ -98,6 +100,75 @@ def test_evaluate_cli_writes_tables_masks_and_overlays(synthetic_run: dict[str, 
     assert "no metric is reported by both" in compare.main(
         [str(out / "results.json"), str(ROOT / "evaluation" / "paper_results.json")]
     )
+
+
+def _data_config(synthetic_run: dict[str, Path]) -> Config:
+    prepared = synthetic_run["prepared"]
+    return load_config(overrides=[f"data.prepared={prepared}", "data.num_workers=0"])
+
+
+def test_evaluate_from_python_scores_sub_splits_from_the_whole_split(
+    synthetic_run: dict[str, Path],
+) -> None:
+    from prompt_ris import evaluate
+
+    cfg = _data_config(synthetic_run)
+    parts = ["synthetic:test_seen", "synthetic:test_unseen"]
+    sets = ["mask + point + text", "mask + point"]
+    results = evaluate(synthetic_run["checkpoint"], ["synthetic:test", *parts], sets, config=cfg)
+    whole = results.records["synthetic:test"]
+    assert results.complete and list(results.splits) == ["synthetic:test", *parts]
+    assert results.passes.encoded == len(whole) and results.passes.decoded == 2 * len(whole)
+    assert sum(len(results.records[p]) for p in parts) == len(whole)
+    for part in parts:
+        alone = evaluate(synthetic_run["checkpoint"], [part], sets, config=cfg)
+        assert alone.passes.encoded == len(alone.records[part]) > 0
+        assert results.records[part] == alone.records[part]
+        assert all(results.metrics[s][part] == alone.metrics[s][part] for s in sets)
+        assert set(results.splits[part]) == {"coarse", "final", "random"}
+    table = results.table()
+    assert "| mask + point | synthetic:test_unseen |" in table and "random object" in table
+    # The whole split named last: the parts still come from it, in the order asked for.
+    last = evaluate(synthetic_run["checkpoint"], [*parts, "synthetic:test"], sets, config=cfg)
+    assert list(last.splits) == [*parts, "synthetic:test"]
+    assert last.passes.encoded == len(whole) and last.metrics == results.metrics
+    by_category = results.by_group("synthetic:test", lambda r: r["category_id"], ["final"])
+    counts = [m["final"]["num_expressions"] for m in by_category.values()]
+    assert len(by_category) > 1 and sum(counts) == len(whole)
+
+
+def test_evaluation_uses_the_checkpoints_own_switches(
+    synthetic_run: dict[str, Path], tmp_path: Path
+) -> None:
+    """A model trained with the text prompt off is evaluated with it off unless asked."""
+    from prompt_ris import PromptRIS, evaluate
+
+    model = PromptRIS.from_pretrained(synthetic_run["checkpoint"])
+    model.config.model.prompts.switches = "mask + point"
+    no_text = PromptRIS.from_config(model.config)
+    no_text.load_state_dict(model.state_dict())
+    no_text.save_pretrained(tmp_path / "no_text")
+    cfg = _data_config(synthetic_run)
+    split = "synthetic:val"
+    default = evaluate(tmp_path / "no_text", [split], config=cfg)
+    assert default.switches.name == "mask + point"
+    sets = ["mask + point", "mask + point + text"]
+    both = evaluate(tmp_path / "no_text", [split], sets, config=cfg)
+    assert default.splits[split]["final"] == both.metrics["mask + point"][split]["final"]
+    assert both.metrics["mask + point"][split] != both.metrics["mask + point + text"][split]
+    evaluate_cli = load_script("evaluation/evaluate.py")
+    common = [
+        "--checkpoint", str(tmp_path / "no_text"), "--splits", split,
+        f"data.prepared={synthetic_run['prepared']}", "data.num_workers=0",
+    ]  # fmt: skip
+    cli = evaluate_cli.main([*common, "--output", str(tmp_path / "a")])
+    assert cli["switches"] == "mask + point"
+    assert cli["splits"][split]["final"] == default.splits[split]["final"]
+    asked = evaluate_cli.main(
+        [*common, "--output", str(tmp_path / "b"), "--switches", "mask + point + text"]
+    )
+    assert asked["switches"] == "mask + point + text"
+    assert asked["splits"][split]["final"] == both.metrics["mask + point + text"][split]["final"]
 
 
 def _free_port() -> int:
@@ -170,10 +241,14 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     alone = evaluate_cli.main([*common, "--no-mask", "--output", str(tmp_path / "no_mask")])
     assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
     assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
+    # The ablation starts from the switch set asked for.
+    fewer = evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+    assert list(fewer["ablation"]) == ["point + text", "text", "point"]
+    assert fewer["ablation"]["point + text"] == ablation["point + text"]
     with pytest.raises(SystemExit) as stop:
-        evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+        evaluate_cli.main([*common, "--switches", "mask + dot"])
     assert stop.value.code == 1
-    assert "evaluate.py: error: --prompt-ablation" in capsys.readouterr().err
+    assert "evaluate.py: error: --switches: unknown prompt type 'dot'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,15 +284,17 @@ def test_every_split_is_checked_before_the_model_loads(
 def test_each_split_is_written_as_soon_as_it_is_scored(
     synthetic_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from prompt_ris.engine import evaluation
+
     evaluate_cli = load_script("evaluation/evaluate.py")
-    real = evaluate_cli.evaluate_split
+    real = evaluation.score_loader
 
-    def crash_on_the_second(model, cfg, split, accelerator):  # noqa: ANN001, ANN202
-        if split == "synthetic:testB":
+    def crash_on_the_second(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if args[3] == "synthetic:testB":  # (model, loader, accelerator, split, ...)
             raise RuntimeError("the machine went away")
-        return real(model, cfg, split, accelerator)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_cli, "evaluate_split", crash_on_the_second)
+    monkeypatch.setattr(evaluation, "score_loader", crash_on_the_second)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="went away"):
         evaluate_cli.main([

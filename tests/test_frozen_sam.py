@@ -16,7 +16,8 @@ from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTra
 from prompt_ris.config import Config
 from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import tokenize
-from prompt_ris.models import PromptRIS, PromptSwitches, build_prompt_ris
+from prompt_ris.models import PromptRIS
+from prompt_ris.prompt_switches import PromptSwitches
 from prompt_ris.models.build import build_sam
 from prompt_ris.models.frozen_sam import (
     FrozenSAM,
@@ -105,7 +106,7 @@ def test_gumbel_point_is_one_table_row(tiny_cfg: Config, monkeypatch: pytest.Mon
 def test_gumbel_tau_comes_from_the_config(tiny_cfg: Config) -> None:
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.prompts.gumbel_tau = 0.25
-    assert build_prompt_ris(cfg.model).sam.gumbel_tau == 0.25
+    assert PromptRIS.from_config(cfg.model).sam.gumbel_tau == 0.25
     assert _frozen_sam(tiny_cfg).gumbel_tau == 1.0  # the default
 
 
@@ -204,7 +205,7 @@ def _sam_frame(image: np.ndarray, predictor: SamPredictor, sam: Sam) -> tuple[to
 def test_sam_path_matches_sam_predictor(tiny_cfg: Config, tmp_path: Path) -> None:
     reference = _tiny_sam_file(tiny_cfg, tmp_path / "sam_tiny.pth")
     torch.manual_seed(1)  # other seed: SAM weights must come from the file
-    model = build_prompt_ris(tiny_cfg.model, sam_weights=str(tmp_path / "sam_tiny.pth")).eval()
+    model = PromptRIS.from_config(tiny_cfg.model, sam_weights=str(tmp_path / "sam_tiny.pth")).eval()
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(150, 200, 3), dtype=np.uint8)  # H, W
@@ -222,7 +223,7 @@ def test_sam_path_matches_sam_predictor(tiny_cfg: Config, tmp_path: Path) -> Non
     )
     with torch.no_grad():
         sam_img_embed = model.encode_sam(sam_images)
-        out = model(inputs, switches=PromptSwitches(mask=False, point=True, text=False))
+        out = model(inputs, switches=PromptSwitches.parse("point"))
     torch.testing.assert_close(sam_img_embed, predictor.features, rtol=1e-4, atol=1e-4)
 
     # The point our model chose (argmax of S_C) as a click in the original image.
@@ -289,7 +290,7 @@ def test_missing_sam_checkpoint_names_file_and_fix(tiny_cfg: Config) -> None:
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.sam.checkpoint = "checkpoints/nowhere/sam_vit_b_01ec64.pth"
     with pytest.raises(FileNotFoundError, match=r"sam_vit_b_01ec64\.pth.*download_weights\.py"):
-        build_prompt_ris(cfg.model)
+        PromptRIS.from_config(cfg.model)
 
 
 def test_predict_first_mask_equals_segment_anything_predict_masks() -> None:

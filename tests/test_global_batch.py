@@ -30,7 +30,7 @@ from prompt_ris.data.loader import build_train_loader
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.engine.trainer import train
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from tiny_random import tiny_random
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_two_processes_and_accumulation_take_the_steps_of_one_process(
     reference = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     cfg = load_config(config_file)
     set_seed(cfg.train.seed)  # what `train` starts from: the model built right after set_seed
-    initial = build_prompt_ris(cfg.model).state_dict()
+    initial = PromptRIS.from_config(cfg.model).state_dict()
     moved = max((reference[k] - initial[k]).abs().max().item() for k in reference)
     assert moved > 0.5 * LR  # the steps did move the weights (by about lr per step)
     for run in ("accumulated", "two"):
@@ -149,7 +149,7 @@ def test_a_batch_that_does_not_divide_fails_before_anything_is_built(
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the batch was checked")
 
-    monkeypatch.setattr("prompt_ris.engine.trainer.build_prompt_ris", never)
+    monkeypatch.setattr(PromptRIS, "from_config", never)
     cfg = load_config(config_file, [f"train.output_dir={tmp_path}", "data.images_per_process=5"])
     with pytest.raises(ConfigError, match="choose data.images_per_process from 1, 2, 4, 8 or 16$"):
         train(cfg)

@@ -30,7 +30,7 @@ from prompt_ris.miniature.sam_pretrain import (
     random_clicks,
 )
 from prompt_ris.miniature.synthetic import COLOURS, SHAPES
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.models.build import build_clip, build_sam
 from repo_scripts import load_script
 
@@ -200,14 +200,14 @@ def test_the_tiny_preset_builds_prompt_ris_on_the_committed_foundations(
     """The preset's own paths, from the repository root; CLIP at another image size too (its
     fp16 position embeddings are resized in float32)."""
     monkeypatch.chdir(COMMITTED.parents[1])
-    model = build_prompt_ris(_tiny_cfg())
+    model = PromptRIS.from_config(_tiny_cfg())
     stored = torch.load(COMMITTED / "sam_tiny_synthetic.pth", weights_only=True)
     decoder = model.sam.mask_decoder.state_dict()
     for key, value in decoder.items():
         torch.testing.assert_close(value, stored[f"mask_decoder.{key}"].float(), rtol=0, atol=0)
     assert not any(p.requires_grad for p in model.sam.parameters())  # SAM frozen whole
     assert not any(p.requires_grad for p in model.clip.clip.parameters())  # CLIP frozen
-    small = build_prompt_ris(
+    small = PromptRIS.from_config(
         load_config({"model": {"preset": "tiny", "clip": {"image_size": 64}}}).model
     )
     grid = small.clip.clip.visual.positional_embedding

@@ -15,7 +15,8 @@ from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import EmptyExpressionError, tokenize
 from prompt_ris.data.transforms import ImageLoadError
 from prompt_ris.frames import lowres_to_original
-from prompt_ris.models import NonFiniteOutputError, Prediction, PromptRIS, PromptSwitches
+from prompt_ris.models import NonFiniteOutputError, Prediction, PromptRIS
+from prompt_ris.prompt_switches import PromptSwitches
 from prompt_ris.models.build import build_sam
 from prompt_ris.predictor import Predictor, resolve_device, resolve_dtype
 
@@ -121,7 +122,7 @@ def test_sam_encoder_runs_once_per_image(predictor: Predictor, tiny_model: Promp
 def test_switches_reach_the_model(predictor: Predictor, tiny_model: PromptRIS) -> None:
     image = random_image(32, 32)
     predictor.set_image(image)
-    switches = PromptSwitches(mask=True, point=False, text=False)
+    switches = PromptSwitches.parse("mask")
     got = predictor.predict(TEXTS[:1], switches=switches, return_probs=True).probs
     default = predictor.predict(TEXTS[:1], return_probs=True).probs
     assert not np.allclose(got, default)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.engine.checkpointing import export_pretrained
-from prompt_ris.models import PromptRIS, build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.models.build import build_clip, build_sam
 from prompt_ris.models.pretrained import (
     CONFIG_NAME,
@@ -79,7 +79,7 @@ def base_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def frozen_model(base_files: tuple[Path, Path]) -> tuple[PromptRIS, Config]:
     cfg = frozen_tiny_cfg(*base_files)
     torch.manual_seed(3)
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     perturb_learned(model)
     return model, cfg
 
@@ -131,7 +131,7 @@ def test_self_contained_roundtrip_needs_no_base_weights(
     clip_path, sam_path = write_base_weights(cfg0, tmp_path, seed=9)
     cfg = frozen_tiny_cfg(clip_path, sam_path)
     torch.manual_seed(4)
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     perturb_learned(model)
     save_pretrained(model, tmp_path / "full", config=cfg, self_contained=True)
     clip_path.unlink()
@@ -156,7 +156,7 @@ def test_random_base_towers_are_stored(
     cfg = frozen_tiny_cfg(base_files[0], None)
     cfg.model.sam.freeze_mask_decoder = False
     torch.manual_seed(5)
-    model = build_prompt_ris(cfg.model)
+    model = PromptRIS.from_config(cfg.model)
     perturb_learned(model)
     save_pretrained(model, tmp_path, config=cfg)
 
@@ -206,7 +206,7 @@ def test_mismatched_config_lists_keys(
         for key, value in values.items():
             setattr(getattr(other_cfg.model, section), key, value)
     ours = {k: tuple(v.shape) for k, v in tiny_model.learnable_state_dict().items()}
-    other = build_prompt_ris(other_cfg.model)
+    other = PromptRIS.from_config(other_cfg.model)
     theirs = {k: tuple(v.shape) for k, v in other.learnable_state_dict().items()}
     differing = sorted(set(ours) ^ set(theirs)) + sorted(
         k for k in set(ours) & set(theirs) if ours[k] != theirs[k]
@@ -319,14 +319,14 @@ def test_load_into_checks_before_loading(
     save_pretrained(model, tmp_path, config=cfg)
     checkpoint = read_checkpoint(tmp_path)
     torch.manual_seed(11)
-    target = build_prompt_ris(cfg.model)
+    target = PromptRIS.from_config(cfg.model)
     name, value = next(iter(model.learnable_state_dict().items()))
     assert not torch.equal(target.state_dict()[name], value)
     checkpoint.load_into(target)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in model.state_dict().items())
     other = copy.deepcopy(cfg)
     other.model.cmp.num_prompts = 2
-    wrong = build_prompt_ris(other.model)
+    wrong = PromptRIS.from_config(other.model)
     before = {k: v.clone() for k, v in wrong.state_dict().items()}
     with pytest.raises(CheckpointError, match="shape mismatch"):
         checkpoint.load_into(wrong)

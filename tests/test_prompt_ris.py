@@ -16,7 +16,8 @@ from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch, ModelInputs
 from prompt_ris.data.text import tokenize
 from prompt_ris.frames import lowres_to_original
-from prompt_ris.models import Prediction, PromptRIS, PromptSwitches, build_prompt_ris
+from prompt_ris.models import Prediction, PromptRIS
+from prompt_ris.prompt_switches import PromptSwitches
 from prompt_ris.models.build import build_parts
 from prompt_ris.models.fast_attention import sam_encoder_uses_sdpa, use_sdpa_in_sam_encoder
 from prompt_ris.predictor import Predictor
@@ -40,7 +41,7 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 def test_frozen_weights_unchanged_after_step(tiny_cfg: Config, synthetic_batch: Batch) -> None:
     cfg = _frozen_like_vit_b(tiny_cfg)
     torch.manual_seed(0)
-    model = build_prompt_ris(cfg.model).train()
+    model = PromptRIS.from_config(cfg.model).train()
     # A text prompter past its start (at its start only its last LayerNorm gets a gradient:
     # test_text_prompter checks that step).
     torch.nn.init.ones_(model.text_prompter.out_norm.weight)
@@ -119,8 +120,8 @@ def test_full_dropout_equals_all_prompts_off(tiny_cfg: Config, synthetic_batch: 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.prompts.drop_mask = cfg.model.prompts.drop_point = cfg.model.prompts.drop_text = 1.0
     torch.manual_seed(0)
-    model = build_prompt_ris(cfg.model).train()
-    off = PromptSwitches(mask=False, point=False, text=False)
+    model = PromptRIS.from_config(cfg.model).train()
+    off = PromptSwitches.parse("none")
     with torch.no_grad():
         dropped = model(synthetic_batch, prompt_dropout=True)
         switched_off = model(synthetic_batch, switches=off, prompt_dropout=False)
@@ -173,7 +174,7 @@ def test_vit_b_preset_shapes_and_parameter_counts() -> None:
     """The paper's model, on the meta device (no memory, no compute): shapes and sizes."""
     cfg = load_config(overrides=["model.clip.pretrained=null", "model.sam.checkpoint=null"])
     with torch.device("meta"):
-        model = build_prompt_ris(cfg.model).eval()
+        model = PromptRIS.from_config(cfg.model).eval()
     clip_params = sum(p.numel() for p in model.clip.clip.parameters())
     sam_params = sum(p.numel() for p in model.sam.parameters())
     assert 149e6 < clip_params < 151e6  # ViT-B/16 CLIP (~149.6M at 224, +0.5M pos-emb at 480)
@@ -345,16 +346,6 @@ def test_from_config_accepts_yaml_config_and_model_config(tmp_path: Path) -> Non
         PromptRIS.from_config({"model": {"preset": "tiny"}})  # type: ignore[arg-type]
 
 
-def test_build_prompt_ris_is_from_config(tiny_cfg: Config) -> None:
-    torch.manual_seed(0)
-    built = build_prompt_ris(tiny_cfg.model)
-    torch.manual_seed(0)
-    made = PromptRIS.from_config(tiny_cfg.model)
-    assert built.state_dict().keys() == made.state_dict().keys()
-    assert all(torch.equal(v, made.state_dict()[k]) for k, v in built.state_dict().items())
-    assert built.config.model == tiny_cfg.model
-
-
 def test_save_pretrained_needs_a_config(tiny_cfg: Config, tmp_path: Path) -> None:
     model = PromptRIS(**build_parts(tiny_cfg.model).as_kwargs())  # assembled by hand, no config
     assert model.config is None
@@ -366,4 +357,4 @@ def test_missing_clip_weights_name_file_and_fix(tiny_cfg: Config) -> None:
     cfg = copy.deepcopy(tiny_cfg)
     cfg.model.clip.pretrained = "checkpoints/clip_vit_b16_openai.pt"
     with pytest.raises(FileNotFoundError, match=r"clip_vit_b16_openai\.pt.*download_weights\.py"):
-        build_prompt_ris(cfg.model)
+        PromptRIS.from_config(cfg.model)

@@ -33,7 +33,7 @@ from prompt_ris.engine.trainer import (
 )
 from prompt_ris.losses import Stage
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_synthetic.yaml"
@@ -80,7 +80,7 @@ def small_cfg(prepared: Path, output_dir: Path, *overrides: str) -> Config:
 def initial_model(cfg: Config) -> torch.nn.Module:
     """The weights ``train`` starts from (it builds the model right after ``set_seed``)."""
     set_seed(cfg.train.seed)
-    return build_prompt_ris(cfg.model)
+    return PromptRIS.from_config(cfg.model)
 
 
 def read_losses(output_dir: Path) -> dict[int, dict[str, float]]:
@@ -422,7 +422,7 @@ def test_train_script_reports_every_problem_before_building_anything(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was built before the checks")
 
-    monkeypatch.setattr(trainer, "build_prompt_ris", refuse)
+    monkeypatch.setattr(trainer.PromptRIS, "from_config", refuse)
     cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
     argv = [
         "--config", str(CONFIG), f"train.output_dir={tmp_path / 'run'}",

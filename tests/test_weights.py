@@ -10,7 +10,7 @@ import torch
 
 from prompt_ris import weights
 from prompt_ris.config import Config, load_config
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.models.build import base_weight_problems
 from tiny_random import TINY_RANDOM
 from repo_scripts import load_script
@@ -81,7 +81,7 @@ def test_model_builds_offline_from_the_weights_folder_by_file_name(
 ) -> None:
     """Real file formats under the real names (tiny sizes): the config names only the files."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": TINY_RANDOM}).model)
+    base = PromptRIS.from_config(load_config({"model": TINY_RANDOM}).model)
     folder = tmp_path / "weights"
     folder.mkdir()
     torch.save(base.clip.clip.state_dict(), folder / weights.CLIP_FILE)  # open_clip state dict
@@ -94,7 +94,7 @@ def test_model_builds_offline_from_the_weights_folder_by_file_name(
     monkeypatch.setenv("PROMPT_RIS_WEIGHTS", str(folder))
     monkeypatch.chdir(tmp_path)  # another folder than the weights'
     names = {"clip": {"pretrained": weights.CLIP_FILE}, "sam": {"checkpoint": weights.SAM_FILE}}
-    model = build_prompt_ris(load_config({"model": {"preset": "tiny", **names}}).model)
+    model = PromptRIS.from_config(load_config({"model": {"preset": "tiny", **names}}).model)
     for key, value in base.clip.clip.state_dict().items():
         assert torch.equal(model.clip.clip.state_dict()[key], value), key
     assert torch.equal(
@@ -102,4 +102,4 @@ def test_model_builds_offline_from_the_weights_folder_by_file_name(
     )
     monkeypatch.setenv("PROMPT_RIS_WEIGHTS", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match=r"clip_vit_b16_openai\.pt' not found in"):
-        build_prompt_ris(load_config({"model": {"preset": "tiny", **names}}).model)
+        PromptRIS.from_config(load_config({"model": {"preset": "tiny", **names}}).model)

@@ -30,7 +30,7 @@ from prompt_ris.cli import main as cli
 from prompt_ris.config import load_config
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
-from prompt_ris.models import build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.weights import CLIP_FILE, SAM_FILE
 from tiny_random import tiny_random
 
@@ -45,7 +45,7 @@ def write_base_weights(folder: Path) -> None:
     """Tiny random CLIP (an open_clip state dict) and SAM (a segment_anything state dict) under
     the names download_weights.py writes."""
     torch.manual_seed(0)
-    base = build_prompt_ris(load_config({"model": tiny_random(**SIZES)}).model)
+    base = PromptRIS.from_config(load_config({"model": tiny_random(**SIZES)}).model)
     folder.mkdir(parents=True)
     torch.save(base.clip.clip.state_dict(), folder / CLIP_FILE)
     sam = {

@@ -16,8 +16,20 @@ import numpy as np
 
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.rle import decode_rle, encode_rle
-from prompt_ris.engine.evaluator import expression_identity
 from prompt_ris.metrics import deduplicate, mask_intersection_union, score_output, summarize
+
+
+def expression_identity(batch: Batch, k: int, split: str) -> dict[str, Any]:
+    """The identity fields of expression ``k`` of a batch (the keys of a metrics record)."""
+    return {
+        "split": split,
+        "ref_id": int(batch.ref_ids[k]),
+        "sent_id": int(batch.sent_ids[k]),
+        "image_id": int(batch.image_ids[k]),
+        "object_id": int(batch.object_ids[k]),
+        "category_id": int(batch.category_ids[k]),
+        "text": batch.texts[k],
+    }
 
 
 def iter_expressions(loader: Iterable[Batch]) -> Iterator[dict[str, Any]]:

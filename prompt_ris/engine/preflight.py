@@ -2,8 +2,8 @@
 
 ``scripts/train.py`` and ``evaluation/evaluate.py`` call ``training_problems`` /
 ``evaluation_problems`` right after parsing their arguments and stop when the list is not empty,
-printing each problem as one line that says what is wrong and how to fix it. Nothing here builds
-a model or reads a tensor: config keys and values, base-weight files (found as
+printing each problem (``report``) as one line that says what is wrong and how to fix it. Nothing
+here builds a model or reads a tensor: config keys and values, base-weight files (found as
 ``prompt_ris.weights`` finds them), prepared splits, checkpoints (their headers, or the integrity
 of resume checkpoints) and output folders.
 """
@@ -11,6 +11,7 @@ of resume checkpoints) and output folders.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,6 +54,17 @@ PREPARE_HINT = (
 def one_line(message: object) -> str:
     """A message on one line (exception texts may hold newlines)."""
     return " ".join(str(message).split())
+
+
+def report(prog: str, problems: Sequence[str], before: str | None = None) -> None:
+    """Print each problem on one line as ``<prog>: error: ...`` (main process only), then, when
+    ``before`` names the step the checks came before, how many were found."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for problem in problems:
+        sys.stderr.write(f"{prog}: error: {problem}\n")
+    if before is not None:
+        sys.stderr.write(f"{prog}: {len(problems)} problem(s) found before {before}\n")
 
 
 # --------------------------------------------------------------------------------------------

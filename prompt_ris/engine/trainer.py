@@ -68,7 +68,7 @@ from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.data.schedule import StepPlan, check_epoch_unit, plan_steps
 from prompt_ris.engine import checkpointing
 from prompt_ris.engine.checkpointing import SaveRequest, TrainerState
-from prompt_ris.engine.evaluator import evaluate
+from prompt_ris.engine.evaluation import score_loader, summarize_outputs
 from prompt_ris.engine.tracking import (
     LossMeter,
     StageProgress,
@@ -80,7 +80,7 @@ from prompt_ris.engine.tracking import (
     trim_metrics,
 )
 from prompt_ris.losses import Stage, stage_loss
-from prompt_ris.models import PromptSwitches, build_prompt_ris
+from prompt_ris.models import PromptRIS
 from prompt_ris.models.embedding_cache import SamEmbeddingCache, batch_image_keys, sam_cache_prefix
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
     if checkpoint is not None:
         check_resume_config(cfg, checkpoint)
     set_seed(cfg.train.seed)
-    model = build_prompt_ris(cfg.model)  # right after set_seed: the same weights on every run
+    model = PromptRIS.from_config(cfg.model)  # right after set_seed: the same weights on every run
     with accelerator.main_process_first():
         train_loader, val_loader = build_loaders(cfg, accelerator)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -578,13 +578,13 @@ def validate(run: TrainRun, stage: Stage) -> dict[str, float]:
         ``{"val/<output>_<metric>": value}`` for the coarse (and, in stage 2, final) masks.
     """
     cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    prompts = cfg.model.prompts
-    switches = PromptSwitches(mask=prompts.use_mask, point=prompts.use_point, text=prompts.use_text)
     with_sam = stage == Stage.FULL
-    metrics, _ = evaluate(
-        run.model, run.val_loader, accelerator, switches, cfg.data.val,
-        threshold=cfg.eval.threshold, with_sam=with_sam,
+    switch_sets = [run.unwrapped.default_switches] if with_sam else []
+    (records,) = score_loader(
+        run.model, run.val_loader, accelerator, cfg.data.val, switch_sets,
+        threshold=cfg.eval.threshold,
     )  # fmt: skip
+    metrics = summarize_outputs(records)
     values = {
         f"val/{output}_{name}": float(value)
         for output, table in metrics.items()

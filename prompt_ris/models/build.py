@@ -32,8 +32,9 @@ from prompt_ris.frames import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
 from prompt_ris.models.fast_attention import use_sdpa_in_sam_encoder
-from prompt_ris.models.frozen_sam import FrozenSAM, PromptSwitches
+from prompt_ris.models.frozen_sam import FrozenSAM
 from prompt_ris.models.text_prompter import TextPrompter
+from prompt_ris.prompt_switches import PromptSwitches
 from prompt_ris.weights import (
     CLIP_FILE,
     DOWNLOAD_COMMAND,
@@ -369,7 +370,5 @@ def build_parts(
         text_prompter=text_prompter,
         text_length=clip_cfg.text_length,
         drop_probs=(prompt_cfg.drop_mask, prompt_cfg.drop_point, prompt_cfg.drop_text),
-        default_switches=PromptSwitches(
-            mask=prompt_cfg.use_mask, point=prompt_cfg.use_point, text=prompt_cfg.use_text
-        ),
+        default_switches=PromptSwitches.parse(prompt_cfg.switches),
     )

@@ -31,15 +31,6 @@ from prompt_ris.frames import LOWRES_FACTOR
 POSITIVE_POINT_LABEL = 1  # SAM's label of a foreground click (index into point_embeddings)
 
 
-@dataclass(frozen=True)
-class PromptSwitches:
-    """Which prompts SAM receives (Table 5 ablation). Prompt dropout acts on top of these."""
-
-    mask: bool = True
-    point: bool = True
-    text: bool = True
-
-
 @dataclass
 class PromptKeep:
     """Per-expression (B,) bool flags: which prompt each expression keeps after prompt dropout

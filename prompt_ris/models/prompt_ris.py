@@ -39,9 +39,10 @@ from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
 from prompt_ris.models.build import build_parts
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
-from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep, PromptSwitches
+from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep
 from prompt_ris.models.pretrained import read_checkpoint, save_pretrained
 from prompt_ris.models.text_prompter import TextPrompter
+from prompt_ris.prompt_switches import PROMPT_TYPES, PromptSwitches
 
 
 @dataclass
@@ -60,6 +61,42 @@ class PromptRISOutput:
     coarse_lowres: torch.Tensor
     mask_logits: torch.Tensor | None
     text_global: torch.Tensor
+
+
+@dataclass
+class EncodedBatch:
+    """What ``PromptRIS.encode`` computes once per batch, shared by every prompt switch set.
+
+    Attributes:
+        text_tokens: F_T, (B, L, D_T) CLIP text tokens after CMP.
+        text_pad_mask: (B, L) bool, True at padding.
+        coarse_logits: S'_C, (B, 1, h_c, w_c).
+        coarse_lowres: S_C, (B, 1, S_s/4, S_s/4) float32.
+        text_global: t_g, (B, D_C).
+        sam_img_embed: F_IS, (I, D_S, h_s, w_s), None when SAM was not run.
+        image_index: (B,) expression -> image row.
+    """
+
+    text_tokens: torch.Tensor
+    text_pad_mask: torch.Tensor
+    coarse_logits: torch.Tensor
+    coarse_lowres: torch.Tensor
+    text_global: torch.Tensor
+    sam_img_embed: torch.Tensor | None
+    image_index: torch.Tensor
+
+
+@dataclass
+class FrameLogits:
+    """Masks of B expressions mapped back to their images' original frames.
+
+    Attributes:
+        coarse: B float32 (H_b, W_b) logit maps of S_C, or None when not asked for.
+        final: per switch set, B float32 (H_b, W_b) logit maps of S'.
+    """
+
+    coarse: list[torch.Tensor] | None
+    final: dict[PromptSwitches, list[torch.Tensor]]
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -170,18 +207,40 @@ class PromptRIS(nn.Module):
         sam_img_embed: torch.Tensor | None = None,
         prompt_dropout: bool | None = None,
     ) -> PromptRISOutput:
-        """Segment the objects B expressions refer to in I images.
+        """Segment the objects B expressions refer to in I images: ``encode``, then ``decode``.
 
         Args:
             inputs: CLIP and SAM images (I, 3, S, S), text tokens (B, L), image_index (B,);
                 a :class:`~prompt_ris.data.batch.Batch` is one.
             with_sam: False skips SAM (stage 1): only the coarse mask is computed.
-            switches: prompts given to SAM; defaults to the config's ``prompts.use_*``.
+            switches: prompts given to SAM; defaults to the config's ``model.prompts.switches``.
             sam_img_embed: precomputed F_IS (I, D_S, h_s, w_s), e.g. from ``encode_sam``;
                 ``inputs.sam_images`` is then not read.
             prompt_dropout: drop prompts per sample (Sec. 4.2); None = ``self.training``.
         """
-        switches = switches or self.default_switches
+        encoded = self.encode(inputs, with_sam=with_sam, sam_img_embed=sam_img_embed)
+        mask_logits = (
+            self.decode(encoded, switches, prompt_dropout=prompt_dropout) if with_sam else None
+        )
+        return PromptRISOutput(
+            encoded.coarse_logits, encoded.coarse_lowres, mask_logits, encoded.text_global
+        )
+
+    def encode(
+        self,
+        inputs: ModelInputs,
+        *,
+        with_sam: bool = True,
+        sam_img_embed: torch.Tensor | None = None,
+    ) -> EncodedBatch:
+        """The part of the forward that no prompt switch changes: CLIP with CMP, the coarse
+        decoder and (``with_sam``) SAM's image encoder, once per batch.
+
+        Args:
+            inputs: as for ``forward``.
+            with_sam: also compute F_IS (unless ``sam_img_embed`` is given).
+            sam_img_embed: precomputed F_IS (I, D_S, h_s, w_s).
+        """
         image_index = inputs.image_index
         feats = self.clip(inputs.clip_images, inputs.text_tokens, image_index)  # eqs. 5-6
         coarse = self.decoder(  # eqs. 1-2: S'_C (B, 1, h_c, w_c), t_g (B, D_C)
@@ -189,28 +248,55 @@ class PromptRIS(nn.Module):
             feats.grid_size,
         )  # fmt: skip
         coarse_lowres = self.upsample_coarse(coarse.coarse_logits)  # S_C: (B, 1, S_s/4, S_s/4)
-        if not with_sam:
-            return PromptRISOutput(coarse.coarse_logits, coarse_lowres, None, coarse.text_global)
-
-        if sam_img_embed is None:
+        if with_sam and sam_img_embed is None:
             sam_img_embed = self.encode_sam(inputs.sam_images)  # F_IS: once per image
-        sam_img_embed = sam_img_embed.to(self.sam.dtype)  # e.g. a cached fp16 F_IS
+        if sam_img_embed is not None:
+            sam_img_embed = sam_img_embed.to(self.sam.dtype)  # e.g. a cached fp16 F_IS
+        return EncodedBatch(
+            text_tokens=feats.text_tokens,
+            text_pad_mask=feats.text_pad_mask,
+            coarse_logits=coarse.coarse_logits,
+            coarse_lowres=coarse_lowres,
+            text_global=coarse.text_global,
+            sam_img_embed=sam_img_embed,
+            image_index=image_index,
+        )
+
+    def decode(
+        self,
+        encoded: EncodedBatch,
+        switches: PromptSwitches | None = None,
+        *,
+        prompt_dropout: bool | None = None,
+    ) -> torch.Tensor:
+        """SAM's prompt and decoder side for one switch set: the final mask S' (B, 1, S_s/4,
+        S_s/4) in the low-res frame.
+
+        Args:
+            encoded: ``encode``'s output, with F_IS.
+            switches: prompts given to SAM; defaults to the config's ``model.prompts.switches``.
+            prompt_dropout: drop prompts per sample (Sec. 4.2); None = ``self.training``.
+        """
+        if encoded.sam_img_embed is None:
+            raise ValueError("decode needs F_IS; call encode(inputs, with_sam=True)")
+        switches = self.default_switches if switches is None else switches
+        image_index, sam_img_embed = encoded.image_index, encoded.sam_img_embed
         dropout = self.training if prompt_dropout is None else prompt_dropout
-        keep = self._prompt_keep(inputs.num_expressions, switches, dropout, image_index.device)
+        batch = int(encoded.text_tokens.shape[0])
+        keep = self._prompt_keep(batch, switches, dropout, image_index.device)
         text_prompts = (  # P_text: (B, L, D_S)
             self.text_prompter(
-                feats.text_tokens, feats.text_pad_mask, sam_img_embed, image_index,
+                encoded.text_tokens, encoded.text_pad_mask, sam_img_embed, image_index,
                 self.sam.dense_pe(),
             )
-            if switches.text
+            if "text" in switches
             else None
         )  # fmt: skip
         prompts = self.sam.embed_prompts(  # P_mask, [P_point (eq. 3); pad; P_text]
-            coarse_lowres, use_point=switches.point, text_prompts=text_prompts,
-            text_pad_mask=feats.text_pad_mask, keep=keep,
+            encoded.coarse_lowres, use_point="point" in switches, text_prompts=text_prompts,
+            text_pad_mask=encoded.text_pad_mask, keep=keep,
         )  # fmt: skip
-        mask_logits = self.sam.decode(sam_img_embed, image_index, prompts)  # eq. 4: S'
-        return PromptRISOutput(coarse.coarse_logits, coarse_lowres, mask_logits, coarse.text_global)
+        return self.sam.decode(sam_img_embed, image_index, prompts)  # eq. 4: S'
 
     def _prompt_keep(
         self, batch: int, switches: PromptSwitches, dropout: bool, device: torch.device
@@ -218,15 +304,15 @@ class PromptRIS(nn.Module):
         """Per-sample keep flags (None = kept everywhere). A switched-off mask is never kept
         (switched-off point/text prompts are not computed at all); with dropout each prompt
         type is dropped per sample with its own probability (Sec. 4.2)."""
-        flags: list[torch.Tensor | None] = []
-        for use, prob in zip((switches.mask, switches.point, switches.text), self.drop_probs):
-            if not use:
-                flags.append(torch.zeros(batch, dtype=torch.bool, device=device))
+        flags: dict[str, torch.Tensor | None] = {}
+        for prompt_type, prob in zip(PROMPT_TYPES, self.drop_probs):
+            if prompt_type not in switches:
+                flags[prompt_type] = torch.zeros(batch, dtype=torch.bool, device=device)
             elif dropout and prob > 0:
-                flags.append(torch.rand(batch, device=device) >= prob)
+                flags[prompt_type] = torch.rand(batch, device=device) >= prob
             else:
-                flags.append(None)
-        return PromptKeep(*flags)
+                flags[prompt_type] = None
+        return PromptKeep(**flags)
 
     # ----------------------------------------------------------------------------------------
     # Pieces used by the engine and by inference
@@ -283,12 +369,64 @@ class PromptRIS(nn.Module):
         """
         lowres = {"coarse": out.coarse_lowres, "final": out.mask_logits}
         return {
-            name: lowres_to_original(
-                lowres[name], input_sizes, orig_sizes, image_index, self.sam.image_size
-            )
+            name: self.to_original(lowres[name], input_sizes, orig_sizes, image_index)
             for name in outputs
             if lowres[name] is not None
         }
+
+    def to_original(
+        self,
+        lowres: torch.Tensor,
+        input_sizes: torch.Tensor,
+        orig_sizes: torch.Tensor,
+        image_index: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """(B, 1, S_s/4, S_s/4) low-res logits -> B float32 (H_b, W_b) maps in the original
+        frames (SAM's ``postprocess_masks``, :func:`prompt_ris.frames.lowres_to_original`)."""
+        return lowres_to_original(lowres, input_sizes, orig_sizes, image_index, self.sam.image_size)
+
+    @torch.no_grad()
+    def segment_batch(
+        self,
+        inputs: ModelInputs,
+        input_sizes: torch.Tensor,
+        orig_sizes: torch.Tensor,
+        switch_sets: Sequence[PromptSwitches | None] = (None,),
+        *,
+        with_coarse: bool = True,
+        sam_img_embed: torch.Tensor | None = None,
+    ) -> FrameLogits:
+        """Masks of a batch in the original frames, for one or more prompt switch sets.
+
+        Runs in eval mode (argmax point, no prompt dropout) and restores the mode afterwards.
+        CLIP, the coarse decoder and SAM's image encoder run once; SAM's prompt and decoder
+        side once per switch set. Evaluation and single-image prediction both come here.
+
+        Args:
+            inputs: images (I, 3, S, S), text tokens (B, L) and image_index (B,).
+            input_sizes: (I, 2) (h', w') of each image in the SAM frame.
+            orig_sizes: (I, 2) (H, W) of each original image.
+            switch_sets: the switch sets to decode with (None = the model's own); empty: the
+                coarse mask only, without SAM.
+            with_coarse: also map the coarse mask S_C.
+            sam_img_embed: F_IS (I, D_S, h_s, w_s) of these images, if already computed.
+        """
+        with _eval_mode(self):
+            encoded = self.encode(
+                inputs, with_sam=len(switch_sets) > 0, sam_img_embed=sam_img_embed
+            )
+            index = inputs.image_index
+            final = {}
+            for switches in switch_sets:
+                switches = self.default_switches if switches is None else switches
+                mask_logits = self.decode(encoded, switches)  # S': (B, 1, S_s/4, S_s/4)
+                final[switches] = self.to_original(mask_logits, input_sizes, orig_sizes, index)
+            coarse = (
+                self.to_original(encoded.coarse_lowres, input_sizes, orig_sizes, index)
+                if with_coarse
+                else None
+            )
+        return FrameLogits(coarse=coarse, final=final)
 
     def learnable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (``requires_grad``), by name, detached."""
@@ -310,6 +448,7 @@ class PromptRIS(nn.Module):
         sam_img_embed: torch.Tensor | None = None,
         switches: PromptSwitches | None = None,
         with_coarse: bool = False,
+        max_batch: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Logits of N tokenized expressions about one letterboxed image, in its original frame.
 
@@ -318,51 +457,64 @@ class PromptRIS(nn.Module):
         Args:
             image: the image in both frames (``letterbox``).
             text_tokens: (N, L) long, ``tokenize(texts, self.text_length)``.
-            sam_img_embed: F_IS (1, D_S, h_s, w_s) of this image, if already computed.
+            sam_img_embed: F_IS (1, D_S, h_s, w_s) of this image, if already computed (else it
+                is computed once for all N).
             switches: which SAM prompts to use; default: the model's config.
             with_coarse: also map the coarse mask S_C.
+            max_batch: expressions per forward pass (None: all at once); results do not
+                depend on it.
 
         Returns:
             ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
         """
         image = image.to(self.device, self.dtype)
-        num = text_tokens.shape[0]
-        inputs = ModelInputs(
-            clip_images=image.clip_image[None],  # (1, 3, S_c, S_c)
-            sam_images=image.sam_image[None],  # (1, 3, S_s, S_s)
-            text_tokens=text_tokens.to(self.device),  # (N, L)
-            image_index=torch.zeros(num, dtype=torch.long, device=self.device),  # (N,)
-        )
-        with _eval_mode(self):
-            out = self(inputs, switches=switches, sam_img_embed=sam_img_embed)
         sizes = (torch.tensor([image.input_size]), torch.tensor([image.orig_size]))
-        outputs = ("coarse", "final") if with_coarse else ("final",)
-        logits = self.original_logits(out, *sizes, inputs.image_index, outputs)
-        return {name: torch.stack(maps) for name, maps in logits.items()}  # (N, H, W)
+        if sam_img_embed is None:
+            sam_img_embed = self.encode_sam(image.sam_image[None])  # (1, D_S, h_s, w_s)
+        chunks: dict[str, list[torch.Tensor]] = {"final": [], "coarse": []}
+        for tokens in text_tokens.split(max_batch or max(1, text_tokens.shape[0])):
+            num = tokens.shape[0]
+            inputs = ModelInputs(
+                clip_images=image.clip_image[None],  # (1, 3, S_c, S_c)
+                sam_images=image.sam_image[None],  # (1, 3, S_s, S_s)
+                text_tokens=tokens.to(self.device),  # (n, L)
+                image_index=torch.zeros(num, dtype=torch.long, device=self.device),  # (n,)
+            )
+            frames = self.segment_batch(
+                inputs, *sizes, (switches,), with_coarse=with_coarse, sam_img_embed=sam_img_embed
+            )
+            (final,) = frames.final.values()
+            chunks["final"].extend(final)
+            chunks["coarse"].extend(frames.coarse or ())
+        return {name: torch.stack(maps) for name, maps in chunks.items() if maps}  # (N, H, W)
 
     def predict(
         self,
-        image: ImageInput,
+        image: ImageInput | LetterboxedImage,
         expressions: str | Sequence[str],
         *,
         switches: PromptSwitches | None = None,
         threshold: float = DEFAULT_THRESHOLD,
         return_probs: bool = False,
         return_coarse: bool = False,
+        sam_img_embed: torch.Tensor | None = None,
+        max_batch: int | None = None,
     ) -> Prediction:
         """Masks for one image and one or more expressions, on the model's device and dtype.
 
         For several questions about one image, device and precision choices and long lists,
-        use ``prompt_ris.Predictor``, which embeds the image once.
+        use ``prompt_ris.Predictor``, which embeds the image once and calls this.
 
         Args:
-            image: a file path (turned upright by its EXIF orientation), a PIL image or an
-                (H, W, 3) uint8 RGB array.
+            image: a file path (turned upright by its EXIF orientation), a PIL image, an
+                (H, W, 3) uint8 RGB array, or an image already letterboxed (``letterbox``).
             expressions: one expression or a list; each must be non-empty.
             switches: which SAM prompts to use (Table 5); default: the model's config.
             threshold: probability above which a pixel belongs to the mask.
             return_probs: also return foreground probabilities.
             return_coarse: also return the CLIP coarse mask S_C.
+            sam_img_embed: F_IS (1, D_S, h_s, w_s) of this image, if already computed.
+            max_batch: expressions per forward pass (None: all at once).
 
         Returns:
             A :class:`Prediction` with (N, H, W) arrays in the original frame.
@@ -373,9 +525,11 @@ class PromptRIS(nn.Module):
         """
         texts = expression_list(expressions)
         tokens = tokenize(texts, self.text_length, warn_truncated=True)  # (N, L)
+        letterboxed = image if isinstance(image, LetterboxedImage) else self.letterbox(image)
         logits = self.segment(
-            self.letterbox(image), tokens, switches=switches, with_coarse=return_coarse
-        )
+            letterboxed, tokens, sam_img_embed=sam_img_embed, switches=switches,
+            with_coarse=return_coarse, max_batch=max_batch,
+        )  # fmt: skip
         return Prediction.from_logits(texts, logits, threshold, return_probs)
 
     # ----------------------------------------------------------------------------------------
@@ -461,13 +615,6 @@ class PromptRIS(nn.Module):
         return save_pretrained(
             self, directory, config=self.config, self_contained=self_contained, training=training
         )
-
-
-def build_prompt_ris(
-    model_cfg: ModelConfig, clip_weights: str | None = None, sam_weights: str | None = None
-) -> PromptRIS:
-    """Build Prompt-RIS from a model config: ``PromptRIS.from_config(model_cfg, ...)``."""
-    return PromptRIS.from_config(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
 
 
 @contextlib.contextmanager
