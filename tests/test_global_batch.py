@@ -3,7 +3,7 @@ on CPU) and 1 process x 2 accumulated micro-batches of 8 take the same optimizer
 
 The runs train stage 1 only: its forward pass draws nothing at random (the Gumbel point and the
 prompt dropout are stage 2's, and their draws are seeded per process and micro-batch, so they
-differ between launches by design), and the tiny preset's patch stem has no batch statistics.
+differ between launches by design), and the tiny preset keeps no batch statistics.
 What stays different is the order of the floating-point sums (a mean over 16 images against a
 mean of two means over 8), so losses agree to float32 rounding and the parameters after AdamW
 steps agree to a small share of the learning rate (2 %; measured: 0.6 %), while every step moves

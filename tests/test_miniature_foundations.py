@@ -20,7 +20,8 @@ from prompt_ris.miniature.captions import (
     sample_captioned_spec,
     sample_scene,
 )
-from prompt_ris.miniature.clip_pretrain import encode_text
+from prompt_ris.miniature.clip_pretrain import clip_images, encode_text
+from prompt_ris.miniature.clip_probes import patch_tokens
 from prompt_ris.miniature.sam_pretrain import (
     PROMPT_KINDS,
     decode,
@@ -84,6 +85,19 @@ def test_short_text_encoding_equals_open_clip_encode_text() -> None:
         short = encode_text(model, tokenize(texts, 16))
         full = model.encode_text(tokenize(texts, model.context_length))
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def test_probe_patch_tokens_equal_open_clips_output_tokens() -> None:
+    torch.manual_seed(0)
+    model = build_clip(_tiny_cfg().clip, None).eval()
+    rng = random.Random(0)
+    specs = [sample_scene(rng) for _ in range(3)]
+    ours = patch_tokens(model, specs)  # (3, h*w, D_v)
+    model.visual.output_tokens = True
+    with torch.no_grad():
+        _, theirs = model.visual(clip_images(specs, model.visual.image_size[0]))
+    assert ours.shape == theirs.shape and ours.shape[0] == 3
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_batched_decode_equals_sam_mask_decoder() -> None:

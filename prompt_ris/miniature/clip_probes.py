@@ -191,7 +191,12 @@ def word_auc(
 
 @torch.no_grad()
 def patch_tokens(model: CLIP, specs: list[SceneSpec]) -> torch.Tensor:
-    """``ln_post`` patch tokens of scenes: (N, h*w, D_v), row-major grid."""
+    """``ln_post`` patch tokens of scenes: (N, h*w, D_v), row-major grid.
+
+    open_clip returns these tokens only from a model built with ``output_tokens``; the probe reads
+    them from any CLIP by running the visual tower's own steps (``_embeds``, open_clip >= 2.32).
+    ``tests/test_miniature_foundations.py`` holds them to open_clip's ``output_tokens`` result.
+    """
     size = model.visual.image_size[0]
     out = []
     for i in range(0, len(specs), CHUNK):
