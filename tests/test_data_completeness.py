@@ -76,7 +76,7 @@ def test_missing_images_stop_preparation_in_one_line_naming_folder_and_layout(
     assert not (out / "synthetic_unc").exists()  # nothing empty is left for training to find
 
 
-def test_a_missing_image_folder_is_named_before_anything_is_read(
+def test_a_missing_image_folder_is_named_before_any_image_is_read(
     synthetic: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = copy_of(synthetic, tmp_path)

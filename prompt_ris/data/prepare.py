@@ -368,7 +368,7 @@ def prepare_refer(
 
     Raises:
         FileNotFoundError: no refs file under ``root``, or (``max_dropped`` below 1) no image
-            folder.
+            folder, found once the first refs file has loaded.
         IncompleteSourceError: see :func:`prepare_source`; the sources before it are written.
     """
     sources = find_sources(root) if sources is None else sources
@@ -378,15 +378,16 @@ def prepare_refer(
             f"refcoco/, refcoco+/, refcocog/, or {REFER_DOWNLOAD_HINT} (or run "
             "scripts/make_synthetic.py for demo data)"
         )
-    folder = Path(image_dir) if image_dir is not None else Path(root) / REFER_IMAGE_DIR
-    if max_dropped < 1 and not folder.is_dir():
-        where = "--image-dir" if image_dir is not None else "image folder"
-        raise FileNotFoundError(f"{where} '{folder}' does not exist; {images_hint(root)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for dataset, split_by in sources:
         refer = Refer(root, dataset, split_by, image_dir=image_dir)
+        if max_dropped < 1 and not refer.image_dir.is_dir():
+            where = "--image-dir" if image_dir is not None else "image folder"
+            raise FileNotFoundError(
+                f"{where} '{refer.image_dir}' does not exist; {images_hint(root)}"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
         reports.append(prepare_source(refer, out_dir, check_images, max_dropped))
         _write_manifest(out_dir, reports)
     return reports
@@ -471,18 +472,19 @@ def open_prepared(prepared_dir: str | Path, dataset: str, split_by: str) -> data
             f"`python scripts/prepare_data.py --root <refer data root> --out {prepared_dir}` "
             "(or scripts/make_synthetic.py for the synthetic data)"
         )
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if not state.get("_data_files"):  # written with no rows (datasets cannot load it back)
+        raise ValueError(
+            f"prepared data for {dataset}({split_by}) at '{path}' holds no refs (every ref was "
+            f"left out, most often for missing images: '{Path(prepared_dir) / MANIFEST}' lists "
+            "them by id); put the COCO train2014 images where the refer layout expects them "
+            "(README.md, section 'Data') and run scripts/prepare_data.py again"
+        )
     table = datasets.load_from_disk(str(path))
     missing = set(PREPARED_FEATURES) - set(table.column_names)
     if missing:
         raise ValueError(
             f"'{path}' lacks columns {sorted(missing)}: it was written by another version; "
             "run scripts/prepare_data.py again"
-        )
-    if table.num_rows == 0:
-        raise ValueError(
-            f"prepared data for {dataset}({split_by}) at '{path}' holds no refs (every ref was "
-            f"left out, most often for missing images: '{Path(prepared_dir) / MANIFEST}' lists "
-            "them by id); put the COCO train2014 images where the refer layout expects them "
-            "(README.md, section 'Data') and run scripts/prepare_data.py again"
         )
     return table
