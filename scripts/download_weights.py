@@ -11,15 +11,23 @@ open_clip state dict ``clip_vit_b16_openai.pt`` (~600 MB). Both go to the weight
 config finds them by file name: training, evaluation and inference then run offline, from any
 folder, with no override. On a machine without internet, copy the two files into its weights
 folder.
+
+Each file is reported on its own line, whether it was saved, already there or failed (status 1 if
+any failed). Before each download a connection to its server is tried for a few seconds; when it
+cannot be made, SAM fails at once and CLIP is looked for in the Hugging Face hub's cache in the
+hub's offline mode (``HF_HUB_OFFLINE``), without the hub's retries.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
+import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +39,35 @@ SAM_URL = f"https://dl.fbaipublicfiles.com/segment_anything/{SAM_FILE}"
 SAM_CHECK_KEY = "image_encoder.patch_embed.proj.weight"  # present in every SAM state dict
 CLIP_MODEL, CLIP_TAG = "ViT-B-16", "openai"
 CHUNK_BYTES = 1 << 20
+HUB_HOST = "huggingface.co"  # where open_clip fetches the openai weights from
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+
+
+class DownloadError(Exception):
+    """A file could not be fetched; the message says why and what to do instead."""
+
+
+def unreachable(url_or_host: str) -> str | None:
+    """Why no connection to the server of ``url_or_host`` (port 443) opens within
+    ``CONNECT_TIMEOUT_S``; None when it does, or when a proxy is configured (the proxy decides)."""
+    host = urllib.parse.urlparse(url_or_host).hostname or url_or_host
+    proxies = urllib.request.getproxies()
+    if proxies.get("https") or proxies.get("all"):
+        return None
+    try:
+        with socket.create_connection((host, 443), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return f"{host} cannot be reached ({err})"
+
+
+def hub_offline() -> None:
+    """Put the Hugging Face hub in offline mode: files come from its cache, with no request."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True  # read when the hub was imported; set for this process too
 
 
 def download_sam(out_dir: Path, force: bool = False) -> Path:
@@ -42,41 +79,51 @@ def download_sam(out_dir: Path, force: bool = False) -> Path:
         logger.info("%s exists; skipping (use --force to download again)", target)
         return target
     partial = target.with_suffix(".pth.part")
+    offline = f"fetch {SAM_URL} on a connected machine and copy it to {target}"
+    why = unreachable(SAM_URL)
+    if why is not None:
+        raise DownloadError(f"{why}; {offline}")
     logger.info("downloading %s -> %s", SAM_URL, target)
     try:
-        with urllib.request.urlopen(SAM_URL) as response, partial.open("wb") as f:
+        with (
+            urllib.request.urlopen(SAM_URL, timeout=READ_TIMEOUT_S) as response,
+            partial.open("wb") as f,
+        ):
             shutil.copyfileobj(response, f, CHUNK_BYTES)
     except (urllib.error.URLError, OSError) as err:
         partial.unlink(missing_ok=True)
-        raise SystemExit(
-            f"could not download SAM ({err}). Without internet here, fetch {SAM_URL} on a "
-            f"connected machine and copy it to {target}"
-        ) from err
+        raise DownloadError(f"could not download {SAM_URL} ({err}); {offline}") from err
     state_dict = torch.load(partial, map_location="cpu", weights_only=True)
     if SAM_CHECK_KEY not in state_dict:
         partial.unlink(missing_ok=True)
-        raise SystemExit(f"{SAM_URL} did not give a SAM state dict; try again later")
+        raise DownloadError(f"{SAM_URL} did not give a SAM state dict; try again later")
     partial.replace(target)
     logger.info("saved %s (%.0f MB)", target, target.stat().st_size / 1e6)
     return target
 
 
 def download_clip(out_dir: Path, force: bool = False) -> Path:
-    """Fetch CLIP ViT-B/16 (openai) through open_clip and save its state dict to ``out_dir``."""
-    import open_clip
-    import torch
-
+    """Fetch CLIP ViT-B/16 (openai) through open_clip and save its state dict to ``out_dir``;
+    without a connection to the hub, from the hub's cache (offline mode) or not at all."""
     target = out_dir / CLIP_FILE
     if target.is_file() and not force:
         logger.info("%s exists; skipping (use --force to download again)", target)
         return target
+    why = unreachable(HUB_HOST)
+    if why is not None:
+        hub_offline()
+        logger.info("%s; looking for %s/%s in the hub's cache", why, CLIP_MODEL, CLIP_TAG)
+    import open_clip
+    import torch
+
     logger.info("fetching open_clip %s / %s", CLIP_MODEL, CLIP_TAG)
     try:
         model = open_clip.create_model(CLIP_MODEL, pretrained=CLIP_TAG, force_quick_gelu=True)
     except Exception as err:  # open_clip raises hub, HTTP and file errors of many kinds
-        raise SystemExit(
-            f"open_clip could not fetch {CLIP_MODEL}/{CLIP_TAG} ({err}). Run this script on a "
-            f"machine with internet and copy {target} here"
+        cause = f"{why}, and it is not in the hub's cache" if why else " ".join(str(err).split())
+        raise DownloadError(
+            f"open_clip could not fetch {CLIP_MODEL}/{CLIP_TAG} ({cause}); run this script on a "
+            f"machine with internet and copy {target.name} from its weights folder to {target}"
         ) from err
     partial = target.with_suffix(".pt.part")
     torch.save(model.state_dict(), partial)
@@ -99,12 +146,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out_dir = args.out_dir or weights_dir()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if args.only in (None, "sam"):
-        paths.append(download_sam(args.out_dir, args.force))
-    if args.only in (None, "clip"):
-        paths.append(download_clip(args.out_dir, args.force))
-    logger.info("done: %s", ", ".join(str(p) for p in paths))
+    failed = []
+    for name, fetch in (("sam", download_sam), ("clip", download_clip)):
+        if args.only not in (None, name):
+            continue
+        try:
+            path = fetch(args.out_dir, args.force)
+        except DownloadError as err:
+            failed.append(name)
+            sys.stderr.write(f"download_weights.py: error: {name}: {err}\n")
+        else:
+            logger.info("%s: ready at %s", name, path)
+    if failed:
+        raise SystemExit(1)
     if args.out_dir.resolve() != weights_dir().resolve():
         logger.info(
             "the configs find these files through the weights folder: export %s=%s",

@@ -13,7 +13,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from prompt_ris.data.loader import ReferImageDataset, group_by_image
-from prompt_ris.data.prepare import CHECK_IMAGES, open_prepared, prepare_refer
+from prompt_ris.data.prepare import (
+    CHECK_IMAGES,
+    IncompleteSourceError,
+    open_prepared,
+    prepare_refer,
+)
 from prompt_ris.data.refer import (
     Refer,
     UnsafeRefsError,
@@ -212,7 +217,9 @@ def test_missing_files_name_the_fix(tmp_path: Path) -> None:
 
 def test_prepare_reports_problems_by_id_and_counts(fixture_root: tuple[Path, dict]) -> None:
     root, _ = fixture_root
-    (report,) = prepare_refer(root, root / "prepared")
+    with pytest.raises(IncompleteSourceError, match=r"\(train keeps 2 of 5\) lost more"):
+        prepare_refer(root, root / "prepared")  # refs 7, 8 and 9 are left out
+    (report,) = prepare_refer(root, root / "prepared", max_dropped=1)
     img_dir = root / "images/mscoco/images/train2014"
     assert report.missing_images == {6: str(img_dir / "missing.jpg")}
     assert list(report.unreadable_images) == [7]
@@ -234,7 +241,7 @@ def test_prepare_reports_problems_by_id_and_counts(fixture_root: tuple[Path, dic
 
 def test_prepared_records_round_trip(fixture_root: tuple[Path, dict]) -> None:
     root, data = fixture_root
-    prepare_refer(root, root / "prepared_rt", check_images="full")
+    prepare_refer(root, root / "prepared_rt", check_images="full", max_dropped=1)
     table = open_prepared(root / "prepared_rt", "fixture", "unc")
     assert table["ref_id"][:] == [1, 2, 3, 4, 5, 6]
     rows = {r["ref_id"]: r for r in table}
@@ -251,7 +258,7 @@ def test_prepared_records_round_trip(fixture_root: tuple[Path, dict]) -> None:
 def test_prepared_items_load_every_image_kind(fixture_root: tuple[Path, dict]) -> None:
     """Grey, RGBA, 4000x3 and 1x1 images become items with masks in every frame."""
     root, data = fixture_root
-    prepare_refer(root, root / "prepared_items", check_images="none")
+    prepare_refer(root, root / "prepared_items", check_images="none", max_dropped=1)
     table = open_prepared(root / "prepared_items", "fixture", "unc")
     groups = group_by_image(table)
     dataset = ReferImageDataset(
@@ -280,7 +287,7 @@ def test_prepare_data_script_prints_counts_table(
 ) -> None:
     root, _ = fixture_root
     module = load_script("scripts/prepare_data.py")
-    module.main(["--root", str(root), "--out", str(root / "prepared_cli")])
+    module.main(["--root", str(root), "--out", str(root / "prepared_cli"), "--max-dropped", "1"])
     out = capsys.readouterr().out
     assert "fixture      unc      train           2        2         3" in out
     assert "missing images (image_id): 6" in out

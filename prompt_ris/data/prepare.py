@@ -13,15 +13,20 @@ image_id, category_id, the raw refer split), the image (file_name from instances
 resolved image_path, width, height), the mask as COCO compressed RLE (``mask_counts`` +
 ``mask_size`` = [H, W], the union of the annotation's parts) and the sentences with their ids.
 
-Problems do not stop the run; they are reported by id: refs whose image is missing, unreadable or
-of another size than annotated, refs whose annotation is missing, and refs with no non-empty
-sentence are left out; empty sentences are dropped; refs with an empty mask are kept and listed.
+Problems are reported by id: refs whose image is missing, unreadable or of another size than
+annotated, refs whose annotation is missing, and refs with no non-empty sentence are left out;
+empty sentences are dropped; refs with an empty mask are kept and listed. A source of which a
+split would come out empty, or lose more than ``max_dropped`` of its refs, is not written: the
+preparation stops with :class:`IncompleteSourceError`, one line naming the causes, the image
+folder looked in and the layout expected. ``format_counts_table`` compares the counts with the
+published ones when it is given them (``splits.PUBLISHED_COUNTS``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +35,14 @@ from typing import Any
 import datasets
 from PIL import Image, UnidentifiedImageError
 
-from prompt_ris.data.refer import CATEGORY_SPLIT_FILE, Refer
+from prompt_ris.data.refer import (
+    CATEGORY_SPLIT_FILE,
+    COCO_TRAIN2014_IMAGES,
+    COCO_TRAIN2014_URL,
+    REFER_DOWNLOAD_HINT,
+    REFER_IMAGE_DIR,
+    Refer,
+)
 from prompt_ris.data.rle import rle_area
 from prompt_ris.data.transforms import ImageLoadError, load_image
 
@@ -41,6 +53,7 @@ MANIFEST = "manifest.json"
 CHECK_IMAGES = ("none", "header", "full")  # how much of every image file is read
 _SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
 _EXIF_SWAPS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+DEFAULT_MAX_DROPPED = 0.01  # share of a split's refs that may be left out before preparation stops
 PREPARED_FEATURES = datasets.Features(
     {
         "dataset": datasets.Value("string"),
@@ -78,6 +91,7 @@ class SourceReport:
     path: str
     num_refs: int = 0
     counts: dict[str, SplitCounts] = field(default_factory=dict)
+    refs_in_file: dict[str, int] = field(default_factory=dict)  # raw split -> refs in the refs file
     missing_images: dict[int, str] = field(default_factory=dict)  # image_id -> path
     unreadable_images: dict[int, str] = field(default_factory=dict)  # image_id -> reason
     refs_without_image: list[int] = field(default_factory=list)
@@ -89,6 +103,10 @@ class SourceReport:
     @property
     def name(self) -> str:
         return source_name(self.dataset, self.split_by)
+
+
+class IncompleteSourceError(ValueError):
+    """A split of a source would come out empty or lose more of its refs than allowed."""
 
 
 def source_name(dataset: str, split_by: str) -> str:
@@ -192,7 +210,12 @@ def _count(cols: dict[str, list]) -> dict[str, SplitCounts]:
     return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
-def prepare_source(refer: Refer, out_dir: str | Path, check_images: str = "header") -> SourceReport:
+def prepare_source(
+    refer: Refer,
+    out_dir: str | Path,
+    check_images: str = "header",
+    max_dropped: float = DEFAULT_MAX_DROPPED,
+) -> SourceReport:
     """Write one source to ``<out_dir>/<dataset>_<split_by>`` (with the dataset's
     ``category_split.json`` when it has one) and report what was written.
 
@@ -201,15 +224,34 @@ def prepare_source(refer: Refer, out_dir: str | Path, check_images: str = "heade
         out_dir: prepared root.
         check_images: "header" opens every image (size vs annotation), "full" decodes it,
             "none" only checks that the file exists.
+        max_dropped: the share of any split's refs that may be left out (0 to 1); 1 writes
+            whatever is left, empty splits included.
+
+    Raises:
+        IncompleteSourceError: a split would come out empty or lose more than ``max_dropped``
+            of its refs; nothing is written for the source.
     """
     if check_images not in CHECK_IMAGES:
         raise ValueError(f"check_images='{check_images}'; use one of {CHECK_IMAGES}")
+    if not 0 <= max_dropped <= 1:
+        raise ValueError(f"max_dropped={max_dropped}; give a share from 0 to 1")
     out_dir = Path(out_dir)
     dest = out_dir / source_name(refer.dataset, refer.split_by)
     report = SourceReport(refer.dataset, refer.split_by, str(dest))
+    in_file: dict[str, int] = {}
+    for ref in refer.refs:
+        in_file[str(ref["split"])] = in_file.get(str(ref["split"]), 0) + 1
+    order = {s: i for i, s in enumerate(_SPLIT_ORDER)}
+    ranked = sorted(in_file.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    report.refs_in_file = dict(ranked)
     cols = _source_columns(refer, report, check_images)
     report.num_refs = len(cols["ref_id"])
     report.counts = _count(cols)
+    for problem, ids in _problems(report).items():
+        logger.warning("%s: %d %s: %s", report.name, len(ids), problem, _abbrev(ids))
+    loss = loss_problem(report, refer, max_dropped)
+    if loss is not None:
+        raise IncompleteSourceError(loss)
     table = datasets.Dataset.from_dict(cols, features=PREPARED_FEATURES)
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
@@ -221,9 +263,58 @@ def prepare_source(refer: Refer, out_dir: str | Path, check_images: str = "heade
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
-    for problem, ids in _problems(report).items():
-        logger.warning("%s: %d %s: %s", report.name, len(ids), problem, _abbrev(ids))
     return report
+
+
+def images_hint(root: str | Path) -> str:
+    """Where the refer layout expects the COCO train2014 images under ``root``, and the fix."""
+    folder = Path(root) / REFER_IMAGE_DIR
+    return (
+        f"the refer layout expects COCO train2014 as '{folder}/COCO_train2014_<12-digit id>.jpg': "
+        f"unzip {COCO_TRAIN2014_URL} ({COCO_TRAIN2014_IMAGES:,} images) into '{folder.parent}', "
+        "or give --image-dir <the folder holding those files> (README.md, section 'Data')"
+    )
+
+
+def loss_problem(report: SourceReport, refer: Refer, max_dropped: float) -> str | None:
+    """One line when a split of ``report`` came out empty or lost more than ``max_dropped`` of
+    its refs: which splits, why their refs were left out and the fix; else None."""
+    short, worst = [], 0.0
+    for split, total in report.refs_in_file.items():
+        kept = report.counts[split].refs if split in report.counts else 0
+        lost = (total - kept) / total
+        if lost > max_dropped:
+            short.append(f"{split} keeps {kept:,} of {total:,}")
+            worst = max(worst, lost)
+    if not short:
+        return None
+    causes = []
+    if report.missing_images:
+        example = next(iter(report.missing_images.values()))
+        causes.append(
+            f"{len(report.missing_images):,} images are not in '{refer.image_dir}' (e.g. "
+            f"'{example}'); {images_hint(refer.root)}"
+        )
+    if report.unreadable_images:
+        example = next(iter(report.unreadable_images.values()))
+        causes.append(
+            f"{len(report.unreadable_images):,} images cannot be read or have another size than "
+            f"annotated (e.g. {example}); copy them again"
+        )
+    if report.refs_without_annotation:
+        causes.append(
+            f"{len(report.refs_without_annotation):,} refs name an annotation or image that "
+            f"'{refer.root / refer.dataset / 'instances.json'}' lacks; take the refs file and "
+            "instances.json from the same zip"
+        )
+    if report.refs_without_sentences:
+        causes.append(f"{len(report.refs_without_sentences):,} refs have no non-empty sentence")
+    allow = math.ceil(worst * 100 - 1e-9) / 100
+    return (
+        f"{report.dataset}({report.split_by}) was not written: refs per split ("
+        f"{', '.join(short)}) lost more than --max-dropped {max_dropped:g} allows; "
+        f"{'; '.join(causes)}; or give --max-dropped {allow:g} to write what is left"
+    )
 
 
 def _problems(report: SourceReport) -> dict[str, list]:
@@ -260,6 +351,7 @@ def prepare_refer(
     sources: list[tuple[str, str]] | None = None,
     image_dir: str | Path | None = None,
     check_images: str = "header",
+    max_dropped: float = DEFAULT_MAX_DROPPED,
 ) -> list[SourceReport]:
     """Prepare refer-format datasets found under ``root`` (see the module docstring).
 
@@ -269,49 +361,124 @@ def prepare_refer(
         sources: (dataset, split_by) pairs; None = every refs file under ``root``.
         image_dir: image folder; default ``<root>/images/mscoco/images/train2014``.
         check_images: see :func:`prepare_source`.
+        max_dropped: see :func:`prepare_source`.
 
     Returns:
         One report per source, in order.
+
+    Raises:
+        FileNotFoundError: no refs file under ``root``, or (``max_dropped`` below 1) no image
+            folder, found once the first refs file has loaded.
+        IncompleteSourceError: see :func:`prepare_source`; the sources before it are written.
     """
     sources = find_sources(root) if sources is None else sources
     if not sources:
         raise FileNotFoundError(
             f"no '<dataset>/refs(<splitBy>).p' under '{root}'; point --root at the folder holding "
-            "refcoco/, refcoco+/, refcocog/ (or run scripts/make_synthetic.py for demo data)"
+            f"refcoco/, refcoco+/, refcocog/, or {REFER_DOWNLOAD_HINT} (or run "
+            "scripts/make_synthetic.py for demo data)"
         )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for dataset, split_by in sources:
         refer = Refer(root, dataset, split_by, image_dir=image_dir)
-        reports.append(prepare_source(refer, out_dir, check_images=check_images))
+        if max_dropped < 1 and not refer.image_dir.is_dir():
+            where = "--image-dir" if image_dir is not None else "image folder"
+            raise FileNotFoundError(
+                f"{where} '{refer.image_dir}' does not exist; {images_hint(root)}"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reports.append(prepare_source(refer, out_dir, check_images, max_dropped))
         _write_manifest(out_dir, reports)
     return reports
 
 
-def format_counts_table(reports: list[SourceReport]) -> str:
-    """Refs / images / sentences per dataset and split, then the problems, as plain text."""
-    lines = [f"{'dataset':<12} {'splitBy':<8} {'split':<8} {'refs':>8} {'images':>8} {'sents':>9}"]
+PublishedCounts = dict[tuple[str, str], dict[str, tuple[int, int, int]]]
+
+
+def published_status(
+    report: SourceReport, split: str, published: PublishedCounts
+) -> tuple[str, bool | None]:
+    """(status text, complete?) of one prepared split against its published (refs, images,
+    sentences): ``complete``, ``incomplete: refs -120, ...``, or ``-`` (None) when unpublished."""
+    expected = published.get((report.dataset, report.split_by), {}).get(split)
+    if expected is None:
+        return "-", None
+    c = report.counts.get(split, SplitCounts())
+    diffs = [
+        f"{what} {have - want:+,}"
+        for what, have, want in zip(("refs", "images", "sents"), (c.refs, c.images, c.sentences),
+                                    expected)  # fmt: skip
+        if have != want
+    ]
+    return ("complete", True) if not diffs else (f"incomplete: {', '.join(diffs)}", False)
+
+
+def format_counts_table(
+    reports: list[SourceReport], published: PublishedCounts | None = None
+) -> str:
+    """Refs / images / sentences per dataset and split, then the problems, as plain text.
+
+    With ``published`` ((dataset, split_by) -> split -> (refs, images, sentences)), each split
+    also gets its status against those counts, and a last line says whether the copy is complete.
+    """
+    header = f"{'dataset':<12} {'splitBy':<8} {'split':<8} {'refs':>8} {'images':>8} {'sents':>9}"
+    lines = [header + ("  published" if published is not None else "")]
+    verdicts: list[tuple[str, bool]] = []
     for report in reports:
-        for split, c in report.counts.items():
-            lines.append(
+        splits = list(report.counts)
+        if published is not None:
+            known = published.get((report.dataset, report.split_by), {})
+            splits += [s for s in known if s not in report.counts]
+        for split in splits:
+            c = report.counts.get(split, SplitCounts())
+            line = (
                 f"{report.dataset:<12} {report.split_by:<8} {split:<8} "
                 f"{c.refs:>8} {c.images:>8} {c.sentences:>9}"
             )
+            if published is not None:
+                status, complete = published_status(report, split, published)
+                line += f"  {status}"
+                if complete is not None:
+                    verdicts.append((f"{report.dataset}({report.split_by}) {split}", complete))
+            lines.append(line)
     for report in reports:
         for problem, ids in _problems(report).items():
             lines.append(f"{report.name}: {len(ids)} {problem}: {_abbrev(ids)}")
+    if verdicts:
+        short = [name for name, complete in verdicts if not complete]
+        if short:
+            lines.append(
+                f"incomplete: {len(short)} of {len(verdicts)} splits differ from the published "
+                f"counts ({', '.join(short)}); README.md, section 'Data', says where a complete "
+                "copy comes from"
+            )
+        else:
+            lines.append(f"complete: all {len(verdicts)} splits match the published counts")
     return "\n".join(lines)
 
 
 def open_prepared(prepared_dir: str | Path, dataset: str, split_by: str) -> datasets.Dataset:
-    """Open one prepared source (memory-mapped)."""
+    """Open one prepared source (memory-mapped).
+
+    Raises:
+        FileNotFoundError: it was not prepared.
+        ValueError: it was written by another version, or holds no refs.
+    """
     path = Path(prepared_dir) / source_name(dataset, split_by)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(
             f"prepared data for {dataset}({split_by}) not found at '{path}'; run "
             f"`python scripts/prepare_data.py --root <refer data root> --out {prepared_dir}` "
             "(or scripts/make_synthetic.py for the synthetic data)"
+        )
+    state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if not state.get("_data_files"):  # written with no rows (datasets cannot load it back)
+        raise ValueError(
+            f"prepared data for {dataset}({split_by}) at '{path}' holds no refs (every ref was "
+            f"left out, most often for missing images: '{Path(prepared_dir) / MANIFEST}' lists "
+            "them by id); put the COCO train2014 images where the refer layout expects them "
+            "(README.md, section 'Data') and run scripts/prepare_data.py again"
         )
     table = datasets.load_from_disk(str(path))
     missing = set(PREPARED_FEATURES) - set(table.column_names)

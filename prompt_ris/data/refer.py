@@ -39,9 +39,15 @@ REFER_IMAGE_DIR = Path("images/mscoco/images/train2014")  # relative to the data
 CATEGORY_SPLIT_FILE = "category_split.json"
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 REFER_SPLITS = ("train", "val", "test", "testA", "testB", "testC", "testAB", "testBC", "testAC")
-_DOWNLOAD_HINT = (
-    "download the refer annotations (refcoco.zip, refcoco+.zip, refcocog.zip from the refer "
-    "API; the UNC server is down, web.archive.org keeps copies) and unzip them into the data root"
+# Where the data comes from (README.md, "Data").
+REFER_PROJECT = "https://github.com/lichengunc/refer"
+REFER_ZIP_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{dataset}.zip"
+COCO_TRAIN2014_URL = "http://images.cocodataset.org/zips/train2014.zip"
+COCO_TRAIN2014_IMAGES = 82783
+REFER_DOWNLOAD_HINT = (
+    "download refcoco.zip, refcoco+.zip and refcocog.zip (the refer project, "
+    f"{REFER_PROJECT}: {REFER_ZIP_URL.format(dataset='<dataset>')}; README.md, section 'Data', "
+    "says how to check a copy when that server is down) and unzip them into the data root"
 )
 
 
@@ -114,7 +120,7 @@ def _unpickle_plain(f: Any, path: Path, encoding: str) -> Any:
         raise UnsafeRefsError(
             f"'{path}' is not a plain refs file: it asks to call {err} while loading, which "
             "could run code on this machine, so it was not loaded. A refs file holds only lists, "
-            f"dicts, strings and numbers; delete it and download it again ({_DOWNLOAD_HINT})"
+            f"dicts, strings and numbers; delete it and download it again ({REFER_DOWNLOAD_HINT})"
         ) from None
 
 
@@ -133,7 +139,7 @@ def load_refs(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"refs file '{path}' not found; {_DOWNLOAD_HINT}")
+        raise FileNotFoundError(f"refs file '{path}' not found; {REFER_DOWNLOAD_HINT}")
     with path.open("rb") as f:
         try:
             refs = _unpickle_plain(f, path, encoding="ASCII")
@@ -208,7 +214,7 @@ class Refer:
         self.refs: list[dict[str, Any]] = load_refs(refs_path(root, dataset, split_by))
         instances = self.root / dataset / "instances.json"
         if not instances.is_file():
-            raise FileNotFoundError(f"'{instances}' not found; {_DOWNLOAD_HINT}")
+            raise FileNotFoundError(f"'{instances}' not found; {REFER_DOWNLOAD_HINT}")
         with instances.open(encoding="utf-8") as f:
             coco = json.load(f)
         self.images: dict[int, dict[str, Any]] = {img["id"]: img for img in coco["images"]}

@@ -311,6 +311,12 @@ def load_split(prepared_dir: str | Path, name: str) -> datasets.Dataset:
             key: (t["split"][:], t["image_id"][:], t["category_id"][:]) for key, t in tables.items()
         }
         rows = combined_train_rows(columns, spec.categories)
+        if not any(len(r) for r in rows.values()):
+            raise ValueError(
+                f"split '{name}' is empty: no train ref of {PAPER_TRAIN_SOURCES} in "
+                f"'{prepared_dir}' is left once the held-out images are removed; prepare the "
+                "complete datasets with scripts/prepare_data.py (README.md, section 'Data')"
+            )
         parts = [tables[key].select(rows[key]) for key in PAPER_TRAIN_SOURCES]
         return datasets.concatenate_datasets(parts)
     table = open_prepared(prepared_dir, spec.dataset, spec.split_by)
@@ -321,8 +327,21 @@ def load_split(prepared_dir: str | Path, name: str) -> datasets.Dataset:
         table["split"][:], table["category_id"][:], spec.split, spec.categories, category_split
     )
     if len(rows) == 0:
-        raise ValueError(f"split '{name}' is empty in '{prepared_dir}'")
+        raise ValueError(empty_split_message(name, prepared_dir, table["split"][:]))
     return table.select(rows)
+
+
+def empty_split_message(name: str, prepared_dir: str | Path, ref_splits: Sequence[str]) -> str:
+    """One line: the split has no refs, which splits its source holds, and the fix."""
+    spec = parse_split(name)
+    held = sorted(set(ref_splits))
+    what = f" of {spec.categories} categories" if spec.categories else ""
+    return (
+        f"split '{name}' is empty: {spec.dataset}({spec.split_by}) in '{prepared_dir}' has no "
+        f"'{spec.split}' refs{what} (it holds {', '.join(held)}); name one of those, or prepare "
+        f"the {spec.split} refs again with scripts/prepare_data.py (its manifest.json lists "
+        "what was left out)"
+    )
 
 
 def count_refs(
