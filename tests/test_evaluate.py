@@ -353,7 +353,9 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
     assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
     # The ablation starts from the switch set asked for.
-    fewer = evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+    fewer = evaluate_cli.main(  # another main set: another folder (folders merge one set)
+        [*common, "--prompt-ablation", "--no-mask", "--output", str(tmp_path / "fewer")]
+    )
     assert list(fewer["ablation"]) == ["point + text", "text", "point"]
     assert fewer["ablation"]["point + text"] == ablation["point + text"]
     with pytest.raises(SystemExit) as stop:
