@@ -11,8 +11,10 @@ Usage (one CPU, one GPU or many processes, as ``accelerate config`` describes):
         --overlay-order worst --output outputs/run1
 
 The model (architecture, learned weights, its prompt switches ``model.prompts.switches``) comes
-from the checkpoint; data paths and evaluation settings come from ``--config`` and ``key=value``
-overrides (``data.prepared=...``, ``eval.batch_images=4``); the flags below override ``eval.*``.
+from the checkpoint; so do the data paths and evaluation settings (the ``data`` and ``eval``
+sections of its ``config.json``, relative paths found from the checkpoint's folder), unless
+``--config`` and ``key=value`` overrides (``data.prepared=...``, ``eval.batch_images=4``) say
+otherwise; the flags below override ``eval.*``.
 The prompts reaching SAM are the checkpoint's own unless ``--switches`` or ``--no-<prompt>`` says
 otherwise. Every sentence of every reference of each split is scored for the coarse (CLIP) and the
 final (SAM) mask, beside the random-object baseline, by ``prompt_ris.engine.evaluation.evaluate``;
@@ -26,7 +28,11 @@ table.
 Before the model is loaded, the checkpoint, its base weights, every split and the output folder
 are checked; each problem is printed as one line with its fix (exit status 1; ``-v`` shows
 tracebacks). The outputs are written after each split, so an interruption keeps the splits done
-(``"complete": false`` in results.json until the end). The default output folder is
+(``"complete": false`` in results.json until the end), and an error met while scoring (an
+unreadable image) is one line naming the record's ids. Runs into the same folder merge by split
+(``prompt_ris.engine.results_folder``): this run's splits replace those of earlier runs, the
+others are kept (and logged); a folder holding results of another checkpoint, prompt switch set
+or threshold is refused before the model loads. The default output folder is
 ``<checkpoint's folder>/eval/<checkpoint name>`` (``checkpoints/run/eval/best`` for
 ``checkpoints/run/best``): beside the exports, which training replaces, not inside them.
 """
@@ -93,13 +99,29 @@ def default_output(checkpoint: str | Path) -> Path:
     return path.parent / "eval" / path.name
 
 
-def resolve_config(args: argparse.Namespace, errors: list[ConfigError] | None = None) -> Config:
-    """Defaults <- --config <- overrides <- flags. The model section is replaced later by the
-    checkpoint's own config. With ``errors``, problems are collected there instead of raised."""
+def checkpoint_config(checkpoint: str) -> Config | None:
+    """The checkpoint's own config (paths resolved from its folder) without its
+    ``eval.output_dir``, or None when it cannot be read (the pre-run checks say why)."""
+    from prompt_ris.models.pretrained import CheckpointError, read_checkpoint
+
+    try:
+        cfg = read_checkpoint(checkpoint).config
+    except (FileNotFoundError, CheckpointError):
+        return None
+    cfg.eval.output_dir = None  # the default folder is beside the checkpoint evaluated now
+    return cfg
+
+
+def resolve_config(
+    args: argparse.Namespace, errors: list[ConfigError] | None = None, base: Config | None = None
+) -> Config:
+    """``base`` (the checkpoint's own config, else the defaults) <- --config <- overrides <-
+    flags. The model section is the checkpoint's. With ``errors``, problems are collected there
+    instead of raised."""
     from prompt_ris.config import ConfigError, load_config
     from prompt_ris.prompt_switches import PromptSwitches, SwitchesError
 
-    cfg = load_config(args.config, args.overrides, errors)
+    cfg = load_config(args.config, args.overrides, errors, base=base)
     ev = cfg.eval
     if args.splits:
         ev.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -148,20 +170,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from prompt_ris.models.pretrained import CheckpointError
 
     errors: list[ConfigError] = []
-    cfg = resolve_config(args, errors)
+    base = checkpoint_config(args.checkpoint)
+    cfg = resolve_config(args, errors, base)
     problems = evaluation_problems(
         cfg, args.checkpoint, args.clip_weights, args.sam_weights, config_errors=errors
     )
+    if base is not None and not errors:
+        problems += merge_problems(args, cfg, base)
     if problems:
         report(PROG, problems, before="loading the model")
         raise SystemExit(1)
     try:
         return run_evaluation(args, cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, OSError) as err:
         if args.verbose:
             raise
-        report(PROG, [f"{one_line(err)} (-v shows the traceback)"])
+        report(PROG, [f"{failure_line(err, Path(cfg.eval.output_dir))} (-v shows the traceback)"])
         raise SystemExit(1) from None
+
+
+def merge_problems(args: argparse.Namespace, cfg: Config, base: Config) -> list[str]:
+    """Why this run's results cannot merge with those already in the output folder."""
+    import dataclasses
+
+    from prompt_ris.engine.results_folder import merge_problem
+    from prompt_ris.prompt_switches import PromptSwitches
+
+    main_set = switch_sets(args, PromptSwitches.parse(base.model.prompts.switches))[0]
+    settings = dataclasses.asdict(cfg.eval)
+    problem = merge_problem(cfg.eval.output_dir, str(args.checkpoint), main_set.name, settings)
+    return [problem] if problem else []
+
+
+def failure_line(err: Exception, out_dir: Path) -> str:
+    """One line for an error met while evaluating: what failed (for a dataset image, its
+    record's ids), what was kept and how to go on."""
+    from prompt_ris.data.transforms import ImageLoadError
+    from prompt_ris.engine.preflight import one_line
+    from prompt_ris.engine.results_folder import RESULTS_NAME, read_results
+
+    text = str(err).strip()
+    if "Original Traceback" in text:  # raised in a DataLoader worker: its last line is the error
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    line = one_line(text)
+    if not isinstance(err, ImageLoadError):
+        return line
+    try:
+        kept = list((read_results(out_dir) or {"splits": {}})["splits"])
+    except ValueError:
+        kept = []
+    scored = f"{', '.join(kept)} kept in '{out_dir / RESULTS_NAME}'" if kept else "no split scored"
+    return (
+        f"{line} ({scored}); replace the image (or set data.image_dir to a complete copy) and "
+        "run again to the same --output: the splits scored are merged, not lost"
+    )
 
 
 def run_evaluation(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
@@ -169,22 +231,24 @@ def run_evaluation(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from prompt_ris.engine.evaluation import append_records, evaluate, start_outputs, write_results
+    from prompt_ris.engine.evaluation import append_records, evaluate, write_results
+    from prompt_ris.engine.results_folder import RESULTS_NAME, start_outputs
     from prompt_ris.models import PromptRIS
 
     # cpu=True on a machine without CUDA: there, `accelerate launch --multi_gpu` gives gloo DDP.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model = PromptRIS.from_pretrained(args.checkpoint, args.clip_weights, args.sam_weights)
     out_dir, ev = Path(cfg.eval.output_dir), cfg.eval
-    if accelerator.is_main_process:
-        start_outputs(out_dir, ev.save_masks)
+    earlier = None
+    if accelerator.is_main_process:  # the splits of earlier runs into this folder are kept
+        earlier = start_outputs(out_dir, ev.splits, ev.save_masks)
 
     def written(split: str, results: EvaluationResults) -> None:
         results.checkpoint = str(args.checkpoint)
         if accelerator.is_main_process:  # written now: a later failure keeps this split
             append_records(out_dir, results.records[split], ev.save_masks)
-            write_results(out_dir, results)
-            logger.info("%s scored; results so far in %s", split, out_dir / "results.json")
+            write_results(out_dir, results, earlier)
+            logger.info("%s scored; results so far in %s", split, out_dir / RESULTS_NAME)
 
     results = evaluate(
         model, ev.splits, switch_sets(args, model.default_switches), config=cfg,
@@ -192,7 +256,7 @@ def run_evaluation(args: argparse.Namespace, cfg: Config) -> dict[str, Any]:
     )  # fmt: skip
     results.checkpoint = str(args.checkpoint)
     if accelerator.is_main_process:
-        write_results(out_dir, results)
+        write_results(out_dir, results, earlier)
         accelerator.print(results.table())
         accelerator.print(f"\nresults written to {out_dir}")
     accelerator.wait_for_everyone()

@@ -14,6 +14,7 @@ version with a new training option still loads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -368,6 +369,7 @@ def load_config(
     path: str | Path | dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     errors: list[ConfigError] | None = None,
+    base: Config | None = None,
 ) -> Config:
     """Build a Config: defaults, then the model preset, then the YAML file, then overrides.
 
@@ -376,6 +378,8 @@ def load_config(
         overrides: ``section.key=value`` strings applied last.
         errors: when given, every unknown key, bad value or malformed override is appended to it
             and skipped (the Config of what was valid is returned); otherwise the first raises.
+        base: the Config the file and overrides apply to instead of the defaults and preset
+            (a checkpoint's own config); it is not changed.
 
     Raises:
         FileNotFoundError: ``path`` does not exist (also collected into ``errors``, as a
@@ -396,6 +400,11 @@ def load_config(
             if errors is None:
                 raise
             errors.append(err)
+    if base is not None:
+        cfg = copy.deepcopy(base)
+        for diff in diffs:
+            _merge(cfg, diff, "", errors)
+        return cfg
     # The preset is chosen first (from any layer), then every layer is applied on top of it.
     preset = "vit_b"
     for diff in diffs:

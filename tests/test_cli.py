@@ -366,3 +366,67 @@ def test_export_self_contained_loads_where_no_base_weights_are(
     assert all(line.startswith("prompt-ris: error: ") and str(empty) in line for line in err)
     assert main([*predict, "--checkpoint", str(portable), "--out", "c.png"]) == 0
     np.testing.assert_array_equal(read_mask(elsewhere / "c_mask.png"), want)
+
+
+def _sam_file(model: PromptRIS, path: Path) -> None:
+    """Write the model's SAM weights as segment_anything's state-dict file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k[4:]: v for k, v in model.state_dict().items() if k.startswith("sam.")}, path)
+
+
+def test_relative_base_weights_resolve_from_the_checkpoint_never_the_current_directory(
+    workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A checkpoint trained in a project names its base weights relative to the project's
+    folder; it loads from any working directory, and a file at the same relative path under the
+    current directory is never taken instead."""
+    cfg = load_config({"model": TINY_RANDOM})
+    torch.manual_seed(0)
+    model = PromptRIS.from_config(cfg.model)
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    _sam_file(model, project / "weights" / "sam.pth")
+    cfg.model.sam.checkpoint = "weights/sam.pth"  # relative to the folder training ran in
+    checkpoint = project / "runs" / "r" / "best"
+    save_pretrained(model, checkpoint, config=cfg)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = PromptRIS.from_pretrained(checkpoint)
+    assert loaded.config.model.sam.checkpoint == str(project / "weights" / "sam.pth")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    predict = ["predict", "--image", str(workdir / "photos" / "a.png"), "--text", "the dog"]
+    predict += ["--device", "cpu", "--checkpoint", str(checkpoint)]
+    assert main([*predict, "--out", "a.png"]) == 0
+    # The project's file gone, the same relative path under the current directory is not used.
+    (project / "weights" / "sam.pth").rename(elsewhere / "weights.pth")
+    _sam_file(model, elsewhere / "weights" / "sam.pth")
+    assert main([*predict, "--out", "b.png"]) == 1
+    assert_one_line_error(
+        capsys.readouterr().err, f"'{checkpoint / 'weights' / 'sam.pth'}' not found", "--sam-weights"
+    )
+
+
+def test_tiny_preset_checkpoints_load_from_any_folder(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny preset names its committed foundations relative to the repository; its
+    checkpoints load and predict from another folder."""
+    cfg = load_config({"model": {"preset": "tiny"}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    torch.manual_seed(0)
+    model = PromptRIS.from_config(cfg)  # the preset's relative paths, from another folder
+    assert cfg.model.clip.pretrained == "checkpoints/tiny_synthetic/clip_tiny_synthetic.pt"
+    model.save_pretrained(tmp_path / "run" / "best")
+    loaded = PromptRIS.from_pretrained(tmp_path / "run" / "best")
+    committed = REPO / "checkpoints" / "tiny_synthetic"
+    assert loaded.config.model.sam.checkpoint == str(committed / "sam_tiny_synthetic.pth")
+    assert loaded.config.model.clip.pretrained == str(committed / "clip_tiny_synthetic.pt")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, msg=key)
+    predict = ["predict", "--image", str(workdir / "photos" / "a.png"), "--text", "the red star"]
+    predict += ["--device", "cpu", "--checkpoint", str(tmp_path / "run" / "best")]
+    assert main([*predict, "--out", "a.png"]) == 0
+    assert (elsewhere / "a_mask.png").is_file()

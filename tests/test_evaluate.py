@@ -6,7 +6,10 @@ equal to a 1-process one)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -171,6 +174,114 @@ def test_evaluation_uses_the_checkpoints_own_switches(
     assert asked["splits"][split]["final"] == both.metrics["mask + point + text"][split]["final"]
 
 
+def _quick(synthetic_run: dict[str, Path], out: Path, *args: str) -> list[str]:
+    """evaluate.py arguments for a quick run of the module's checkpoint into ``out``."""
+    return [
+        "--checkpoint", str(synthetic_run["checkpoint"]), "--output", str(out),
+        f"data.prepared={synthetic_run['prepared']}", "data.num_workers=0",
+        "eval.max_expressions=6", *args,
+    ]  # fmt: skip
+
+
+def test_runs_into_one_folder_merge_by_split(
+    synthetic_run: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A second run on another split keeps the first run's split; a split scored again
+    replaces its earlier results; results of another switch set are never mixed in."""
+    evaluate_cli = load_script("evaluation/evaluate.py")
+    out = tmp_path / "eval"
+    first = evaluate_cli.main(_quick(synthetic_run, out, "--splits", "synthetic:val"))
+    second = evaluate_cli.main(
+        _quick(synthetic_run, out, "--splits", "synthetic:testA", "--save-masks")
+    )
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["splits"] == {**first["splits"], **second["splits"]}
+    assert list(saved["splits"]) == ["synthetic:val", "synthetic:testA"]
+    assert "| synthetic:val |" in (out / "results.md").read_text()
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    counts = {s: m["final"]["num_expressions"] for s, m in saved["splits"].items()}
+    assert {s: sum(r["split"] == s for r in records) for s in counts} == counts
+    # Scored again, testA replaces its records and masks; val is kept, and the log says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        evaluate_cli.main(_quick(synthetic_run, out, "--splits", "synthetic:testA"))
+    assert "keeping the earlier results of synthetic:val" in caplog.text
+    assert "replacing the earlier results of synthetic:testA" in caplog.text
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {s: sum(r["split"] == s for r in records) for s in counts} == counts
+    assert (out / "masks.jsonl").read_text() == ""  # testA's masks went with its old records
+    assert json.loads((out / "results.json").read_text())["splits"] == saved["splits"]
+    # Another main switch set: refused before the model loads, in one line; nothing changes.
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main(_quick(synthetic_run, out, "--splits", "synthetic:testB", "--no-text"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "1 problem(s) found before loading the model" in err[-1] and len(err) == 2
+    assert "switches 'mask + point + text'" in err[0]
+    assert "choose another --output" in err[0] and (out / "results.json").read_text() == before
+
+
+def test_a_bad_image_ends_in_one_line_and_keeps_the_splits_scored(
+    synthetic_run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A corrupt image of the second split: one line naming its record's ids and the fix; the
+    first split's results stay in results.json."""
+    evaluate_cli = load_script("evaluation/evaluate.py")
+    source = Path(load_split(synthetic_run["prepared"], "synthetic:val")["image_path"][0]).parent
+    images = tmp_path / "images"
+    shutil.copytree(source, images)
+    val = set(load_split(synthetic_run["prepared"], "synthetic:val")["file_name"][:])
+    test_a = load_split(synthetic_run["prepared"], "synthetic:testA")
+    for name in set(test_a["file_name"][:]) - val:
+        (images / name).write_bytes(b"not an image")
+    out = tmp_path / "eval"
+    argv = _quick(synthetic_run, out, "--splits", "synthetic:val,synthetic:testA")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_cli.main([*argv, f"data.image_dir={images}"])
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err  # (with the progress bars)
+    err = [line for line in stderr.splitlines() if line.startswith("evaluate.py:")]
+    assert len(err) == 1 and "Traceback" not in stderr, stderr
+    image_ids = {int(i) for i in test_a["image_id"][:]}
+    assert re.search(r"image_id (\d+) \(ref_id \d+", err[0])
+    assert int(re.search(r"image_id (\d+)", err[0]).group(1)) in image_ids
+    assert "synthetic:val kept in" in err[0] and "-v shows the traceback" in err[0]
+    assert list(json.loads((out / "results.json").read_text())["splits"]) == ["synthetic:val"]
+
+
+def test_evaluate_cli_reads_the_data_path_from_the_checkpoint(
+    synthetic_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A checkpoint whose config names its data relative to the folder training ran in (a
+    folder above the checkpoint) is evaluated from another folder without naming the data; a
+    data.prepared on the command line overrides it."""
+    project = synthetic_run["prepared"].parent
+    cfg = load_config(
+        overrides=[
+            *TINY_RANDOM_ARGS, "data.prepared=prepared", "data.num_workers=0",
+            "eval.splits=[synthetic:testB]", "eval.max_expressions=6",
+        ]
+    )  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint = project / "runs" / "own_data" / "best"
+    PromptRIS.from_config(cfg).save_pretrained(checkpoint)
+    monkeypatch.chdir(tmp_path)  # no data/prepared here, nor the project's data
+    evaluate_cli = load_script("evaluation/evaluate.py")
+    results = evaluate_cli.main(["--checkpoint", str(checkpoint), "--output", "out"])
+    assert list(results["splits"]) == ["synthetic:testB"]  # the checkpoint's eval.splits too
+    assert results["splits"]["synthetic:testB"]["final"]["num_expressions"] > 0
+    with pytest.raises(SystemExit):
+        evaluate_cli.main(
+            ["--checkpoint", str(checkpoint), "--output", "other", "data.prepared=elsewhere"]
+        )
+    err = capsys.readouterr().err
+    assert "'elsewhere/synthetic" in err and str(project / "prepared") not in err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -242,7 +353,9 @@ def test_prompt_ablation_scores_each_prompt_off_in_one_run(
     assert ablation["point + text"]["synthetic:val"] == alone["splits"]["synthetic:val"]["final"]
     assert "| mask + point | synthetic:val |" in (tmp_path / "results.md").read_text()
     # The ablation starts from the switch set asked for.
-    fewer = evaluate_cli.main([*common, "--prompt-ablation", "--no-mask"])
+    fewer = evaluate_cli.main(  # another main set: another folder (folders merge one set)
+        [*common, "--prompt-ablation", "--no-mask", "--output", str(tmp_path / "fewer")]
+    )
     assert list(fewer["ablation"]) == ["point + text", "text", "point"]
     assert fewer["ablation"]["point + text"] == ablation["point + text"]
     with pytest.raises(SystemExit) as stop:

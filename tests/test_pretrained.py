@@ -277,6 +277,10 @@ def test_read_checkpoint_reads_header_and_config_only(
     save_pretrained(model, tmp_path / "full", config=cfg, self_contained=True)
     learned = read_checkpoint(tmp_path / "learned")
     assert learned.weights_path == tmp_path / "learned" / WEIGHTS_NAME
+    # Relative paths of the config are resolved from the checkpoint (here: not found, so under
+    # its folder, never the current directory).
+    assert learned.config.data.prepared == str((tmp_path / "learned" / cfg.data.prepared).resolve())
+    learned.config.data.prepared = cfg.data.prepared
     assert learned.kind == "learned" and learned.config == cfg
     assert learned.shapes == {
         n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad

@@ -69,7 +69,7 @@ from prompt_ris.data.schedule import (
 )
 from prompt_ris.data.splits import load_split, parse_split
 from prompt_ris.data.text import mask_words, tokenize
-from prompt_ris.data.transforms import letterbox_image, load_image, lowres_mask
+from prompt_ris.data.transforms import ImageLoadError, letterbox_image, load_image, lowres_mask
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,12 @@ class ReferImageDataset(Dataset):
         records = {row: self.table[row] for row in dict.fromkeys(rows)}
         first = next(iter(records.values()))
         hw = (int(first["height"]), int(first["width"]))
-        image = load_image(self.image_path(first), hw)
+        try:
+            image = load_image(self.image_path(first), hw)
+        except ImageLoadError as err:  # named by the record's ids: the file may be anywhere
+            refs = ", ".join(str(int(r["ref_id"])) for r in records.values())
+            image_id = int(first["image_id"])
+            raise ImageLoadError(f"image_id {image_id} (ref_id {refs}): {err}") from err
         frames = letterbox_image(image, self.clip_size, self.sam_size)
         orig_masks = {  # (H, W) bool per ref
             row: decode_rle({"size": r["mask_size"], "counts": r["mask_counts"]})

@@ -12,8 +12,9 @@ Every expression becomes one record (:mod:`prompt_ris.metrics`) of intersection 
 in its image's original frame. Records are gathered across processes with
 ``accelerate.utils.gather_object`` and deduplicated by (split, ref_id, sent_id), so the result
 is the same on 1 and N processes. :class:`EvaluationResults` holds the metrics, the records and
-the overlays, writes ``results.json`` / ``results.md`` / ``records.jsonl`` / ``masks.jsonl``, and
-makes its tables with :mod:`prompt_ris.engine.tables`.
+the overlays, writes ``results.json`` / ``results.md`` / ``records.jsonl`` / ``masks.jsonl`` into
+a folder that keeps the splits of earlier evaluations (:mod:`prompt_ris.engine.results_folder`),
+and makes its tables with :mod:`prompt_ris.engine.tables`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,16 @@ from prompt_ris.engine.baseline import (
     expression_identity,
     random_object_baseline,
     referred_objects,
+)
+from prompt_ris.engine.results_folder import (
+    MASKS_NAME,
+    RECORDS_NAME,
+    RESULTS_NAME,
+    TABLES_NAME,
+    merged,
+    replace_file,
+    safe_name,
+    start_outputs,
 )
 from prompt_ris.engine.tables import format_results
 from prompt_ris.metrics import (
@@ -242,45 +251,35 @@ class EvaluationResults:
 
     def save(self, out_dir: str | Path, save_masks: bool = False) -> None:
         """Write ``results.json``, ``results.md``, ``records.jsonl`` and (``save_masks``)
-        ``masks.jsonl`` (COCO RLE) into ``out_dir``, replacing those of an earlier evaluation."""
+        ``masks.jsonl`` (COCO RLE) into ``out_dir``, keeping the splits of earlier evaluations
+        there that these results do not hold (:mod:`prompt_ris.engine.results_folder`)."""
         out_dir = Path(out_dir)
-        start_outputs(out_dir, save_masks)
+        earlier = start_outputs(out_dir, list(self.records), save_masks)
         for records in self.records.values():
             append_records(out_dir, records, save_masks)
-        write_results(out_dir, self)
-
-
-def start_outputs(out_dir: Path, save_masks: bool) -> None:
-    """Empty records.jsonl (and masks.jsonl) of an earlier evaluation into the same folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("records.jsonl", "masks.jsonl", "results.json", "results.md"):
-        (out_dir / name).unlink(missing_ok=True)
-    (out_dir / "records.jsonl").touch()
-    if save_masks:
-        (out_dir / "masks.jsonl").touch()
+        write_results(out_dir, self, earlier)
 
 
 def append_records(out_dir: Path, records: list[dict[str, Any]], save_masks: bool) -> None:
     """One split's records.jsonl lines (and masks.jsonl lines, COCO RLE)."""
-    with open(out_dir / "records.jsonl", "a") as f:
+    with open(out_dir / RECORDS_NAME, "a") as f:
         for r in records:
             f.write(json.dumps({k: v for k, v in r.items() if not k.endswith("_rle")}) + "\n")
     if save_masks:
-        with open(out_dir / "masks.jsonl", "a") as f:
+        with open(out_dir / MASKS_NAME, "a") as f:
             for r in records:
                 masks = {k: v for k, v in r.items() if k.endswith("_rle")}
                 f.write(json.dumps({**{k: r[k] for k in RECORD_IDS}, **masks}) + "\n")
 
 
-def write_results(out_dir: Path, results: EvaluationResults) -> None:
-    """results.json and results.md as they stand, each replaced atomically."""
-    for name, text in (
-        ("results.json", json.dumps(results.to_dict(), indent=2) + "\n"),
-        ("results.md", results.table() + "\n"),
-    ):
-        tmp = out_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+def write_results(
+    out_dir: Path, results: EvaluationResults, earlier: dict[str, Any] | None = None
+) -> None:
+    """results.json and results.md as they stand, merged with the ``earlier`` results of the
+    folder (``results_folder.start_outputs``), each replaced atomically."""
+    data = merged(earlier, results.to_dict())
+    replace_file(out_dir / RESULTS_NAME, json.dumps(data, indent=2) + "\n")
+    replace_file(out_dir / TABLES_NAME, format_results(data) + "\n")
 
 
 def save_overlays(
@@ -305,11 +304,6 @@ def save_overlays(
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         canvas.save(paths[-1])
     return paths
-
-
-def safe_name(name: str) -> str:
-    """A split name as a folder name."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,15 @@ A checkpoint is a directory holding
   keys elsewhere (a training option of a later version) are skipped with a warning
   (``config.config_from_dict``).
 
+Relative paths in a checkpoint's config (``model.clip.pretrained``, ``model.sam.checkpoint``,
+``data.prepared``, ``data.image_dir``) were written relative to the folder training ran in, so
+reading resolves them against the checkpoint itself, never the current directory: the first that
+exists of the path under the checkpoint's folder, under each folder above it (a run inside the
+project it was trained in finds ``checkpoints/...`` and ``data/...``), the file of that name in
+the weights folder (base weights only), and the path under the prompt-ris source tree (the tiny
+preset's committed foundations); when none exists, the path under the checkpoint's folder, which
+the error then names (``prompt_ris.weights``, docs/design.md "Weights and checkpoints").
+
 The safetensors header repeats config.json and records which of the two kinds the file is, so a
 ``.safetensors`` file alone is loadable too. Nothing is ever unpickled: loading reads only
 safetensors and JSON. Loading refuses tensors holding NaN or infinity (a diverged run), which
@@ -45,6 +54,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from prompt_ris.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
+from prompt_ris.weights import anchored, find_weights, is_bare_name, names_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +230,33 @@ def read_checkpoint(directory_or_file: str | Path) -> Checkpoint:
     header, shapes = _read_header(weights_path)
     meta, source = _read_meta(config_path, header.get(HEADER_CONFIG_KEY), weights_path)
     cfg = _config_from_meta(meta, source)
+    resolve_saved_paths(cfg, weights_path.parent.resolve())
     kind = header.get(HEADER_KIND_KEY, KIND_FULL if meta.get("self_contained") else KIND_LEARNED)
     training = meta.get("training") if isinstance(meta.get("training"), dict) else {}
     return Checkpoint(
         weights_path=weights_path, config=cfg, kind=kind, shapes=shapes, training=training
+    )
+
+
+def resolve_saved_paths(cfg: Config, anchor: Path) -> None:
+    """Replace each relative path of a checkpoint's config, in place, by the file or folder it
+    names, looked for from ``anchor`` (the checkpoint's folder; see the module docstring)."""
+    clip, sam = cfg.model.clip, cfg.model.sam
+    if _relative(clip.pretrained) and names_a_file(clip.pretrained):
+        clip.pretrained = str(find_weights(clip.pretrained, anchor) or anchor / clip.pretrained)
+    if _relative(sam.checkpoint):
+        sam.checkpoint = str(find_weights(sam.checkpoint, anchor) or anchor / sam.checkpoint)
+    for key in ("prepared", "image_dir"):
+        value = getattr(cfg.data, key)
+        if value is not None and not Path(value).expanduser().is_absolute():
+            found = (path for path in anchored(value, anchor) if path.exists())
+            setattr(cfg.data, key, str(next(found, anchor / value)))
+
+
+def _relative(value: str | None) -> bool:
+    """A relative path with a folder part (a bare file name means the weights folder)."""
+    return (
+        value is not None and not is_bare_name(value) and not Path(value).expanduser().is_absolute()
     )
 
 
