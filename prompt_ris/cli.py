@@ -20,9 +20,10 @@ file, and no output overwrites an input.
 SAM weights too (no weight files needed to load it); without it, the learned weights only, naming
 the base weights by file name, found through the weights folder (``$PROMPT_RIS_WEIGHTS``).
 
-Every user error (bad arguments, missing or mismatched checkpoint, missing base weights,
-unreadable image, empty expression, NaN weights) ends the program with one ``prompt-ris: error:
-...`` line per problem and exit code 1, found before the model is loaded where it can be;
+Every user error (bad arguments, a ``--device`` this machine lacks, missing or mismatched
+checkpoint, a file of a checkpoint instead of its folder, missing base weights, unreadable image,
+empty expression, NaN weights) ends the program with one ``prompt-ris: error: ...`` line per
+problem and exit code 1, found before the model is loaded where it can be;
 ``--verbose`` shows the traceback instead. The heavy imports happen after the arguments are
 parsed, so ``--help`` answers at once.
 """
@@ -164,8 +165,10 @@ def run_predict(args: argparse.Namespace) -> int:
     """The ``predict`` command: plan the jobs, load the model once, run them."""
     jobs = _plan_jobs(args)
     from prompt_ris.metrics import DEFAULT_THRESHOLD
-    from prompt_ris.predictor import Predictor
+    from prompt_ris.predictor import Predictor, device_problem
 
+    problem = None if args.device is None else device_problem(args.device)
+    _require(problem is None, f"--device {args.device}: {problem}; use --device cpu")
     model = load_checked(args.checkpoint, args.clip_weights, args.sam_weights)
     dtype = None if args.dtype == "auto" else args.dtype
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
@@ -181,8 +184,9 @@ def run_predict(args: argparse.Namespace) -> int:
         except USER_ERRORS as err:
             if single or args.verbose:
                 raise
-            _error(f"{job.image}: {err}")
             image = str(job.image)
+            problem = str(err) if image in str(err) else f"{image}: {err}"
+            _error(f"{problem}; skipped this image, the others are predicted")
             records.extend({"image": image, "text": t, "error": str(err)} for t in job.texts)
     failed = sum("error" in record for record in records)
     if not single:
@@ -191,7 +195,11 @@ def run_predict(args: argparse.Namespace) -> int:
         summary.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
         _say(f"wrote {len(records) - failed} mask(s) and {summary}")
     if failed:
-        _error(f"{failed} of {len(records)} expressions failed (see above and {SUMMARY_NAME})")
+        done = len(records) - failed
+        rest = f"the other {done} were predicted" if done else "none was predicted"
+        _error(
+            f"{failed} of {len(records)} expressions failed (see above and {SUMMARY_NAME}); {rest}"
+        )
         return 1
     return 0
 

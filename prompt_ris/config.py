@@ -146,7 +146,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     poly_power: float = 0.9  # lr = lr0 * (1 - step / total) ** power
     epoch_unit: str = "images"  # "images": each image once; "expressions": every expression once
-    mixed_precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16", "no"
+    mixed_precision: str = "auto"  # "auto" (bf16 where supported), "bf16", "fp16" (GPU), "no"
     # "auto" leaves the choice to `accelerate launch --mixed_precision` / `accelerate config` when
     # launched by it (bf16 where supported otherwise); any other value overrides the launcher.
     seed: int = 42

@@ -178,14 +178,38 @@ class Predictor:
 def resolve_device(
     device: str | torch.device | None, model: torch.nn.Module | None = None
 ) -> torch.device:
-    """The requested device, else the model's accelerator, else CUDA when available, else CPU."""
+    """The requested device, else the model's accelerator, else CUDA when available, else CPU.
+
+    Raises:
+        ValueError: the requested device does not exist here (``device_problem``).
+    """
     if device is not None:
+        problem = device_problem(device)
+        if problem is not None:
+            raise ValueError(f"device {str(device)!r}: {problem}; use device='cpu'")
         return torch.device(device)
     if model is not None:
         param = next(model.parameters(), None)
         if param is not None and param.device.type != "cpu":
             return param.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_problem(device: str | torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine (not a device name, no CUDA, no CUDA device
+    of that number), or None."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{str(device)!r} is not a device name (cpu, cuda, cuda:1, ...)"
+    if parsed.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device here"
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        return f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:

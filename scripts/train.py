@@ -8,8 +8,8 @@ Usage (any device or number of processes that ``accelerate config`` describes):
 
 ``--resume RUN`` continues the run folder RUN from its newest intact checkpoint with the run's
 own ``config.yaml`` less its ``train.stop_at_step`` (overrides still apply; a changed model is
-refused). With ``--config``,
-``--resume`` alone continues ``train.output_dir``. Before anything is built, every problem
+refused; a run that finished is left as it is, with "already finished at step N; nothing to
+do"). With ``--config``, ``--resume`` alone continues ``train.output_dir``. Before anything is built, every problem
 found (config keys, base weights, prepared splits, output folder, resume checkpoint) is printed
 as one line with its fix, and the exit status is 1; ``-v`` shows tracebacks. Send SIGUSR1 to a
 training process to save a resumable checkpoint at the next step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,14 @@ def test_folder_mode_goes_on_past_a_corrupt_image(
     assert [Path(r["image"]).name for r in records] == ["a.png", "b.jpg", "broken.jpg"]
     assert "error" in records[2] and "mask" in records[0]
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 2 and "broken.jpg" in errors[0] and "1 of 3" in errors[1]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"prompt-ris: error: cannot read image '{photos / 'broken.jpg'}'")
+    assert errors[0].endswith("the file is corrupt or not an image: replace it; skipped this "
+                              "image, the others are predicted")  # fmt: skip
+    assert errors[1] == (
+        "prompt-ris: error: 1 of 3 expressions failed (see above and predictions.json); the "
+        "other 2 were predicted"
+    )
 
 
 def test_json_batch_mode(workdir: Path, tmp_path: Path) -> None:
@@ -158,8 +166,14 @@ def test_json_batch_mode(workdir: Path, tmp_path: Path) -> None:
     [
         (["--text", "   "], ["expression 0 is empty"]),
         (["--text", "x", "--image", "missing.png"], ["missing.png", "does not exist"]),
-        (["--text", "x", "--image", "CORRUPT"], ["corrupt.jpg", "cannot read image"]),
+        (["--text", "x", "--image", "CORRUPT"], ["corrupt.jpg", "cannot read image", "replace it"]),
         (["--text", "x", "--checkpoint", "nowhere"], ["nowhere", "not found", "train.py"]),
+        (
+            ["--text", "x", "--checkpoint", "CKPT/config.json"],
+            ["config.json' is a file of the checkpoint, not the checkpoint", "the folder 'CKPT'"],
+        ),
+        (["--text", "x", "--checkpoint", "CORRUPT"], ["corrupt.jpg' is not a checkpoint"]),
+        (["--text", "x", "--device", "gpu"], ["--device gpu: 'gpu' is not a device name"]),
         (["--text", "x", "--out-dir", "d"], ["either --out FILE or --out-dir DIR"]),
     ],
 )
@@ -174,8 +188,11 @@ def test_bad_input_exits_with_one_line(
     corrupt.write_bytes(b"\xff\xd8garbage")
     argv = ["predict", "--checkpoint", str(workdir / "ckpt"), "--image"]
     argv += [str(workdir / "photos" / "a.png"), "--out", str(tmp_path / "o.png")]
-    argv += [a.replace("CORRUPT", str(corrupt)) for a in extra]  # later options win
-    assert main(argv) == 1
+    placeholders = {"CORRUPT": str(corrupt), "CKPT": str(workdir / "ckpt")}
+    for name, value in placeholders.items():
+        extra = [a.replace(name, value) for a in extra]  # later options win
+        fragments = [f.replace(name, value) for f in fragments]
+    assert main(argv + extra) == 1
     assert_one_line_error(capsys.readouterr().err, *fragments)
     assert not (tmp_path / "o.png").exists()
 
@@ -221,6 +238,25 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert_one_line_error(done.stderr, "x.png", "does not exist")
+
+
+def test_cuda_without_a_gpu_is_one_line_before_loading(workdir: Path, tmp_path: Path) -> None:
+    argv = ["predict", "--checkpoint", str(tmp_path / "not_read"), "--text", "x", "--image"]
+    argv += [str(workdir / "photos" / "a.png"), "--out", str(tmp_path / "o.png")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # a machine without a CUDA device
+    done = subprocess.run(
+        [sys.executable, "-m", "prompt_ris", *argv, "--device", "cuda"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    want = "prompt-ris: error: --device cuda: no CUDA device here; use --device cpu\n"
+    assert done.stderr == want
+
+
+def test_a_device_that_is_not_here_is_refused_by_the_predictor() -> None:
+    model = PromptRIS.from_config(load_config({"model": TINY_RANDOM}).model)
+    with pytest.raises(ValueError, match=r"^device 'cuda:99': .*; use device='cpu'$"):
+        Predictor(model, device="cuda:99")
 
 
 # --------------------------------------------------------------------------------------------

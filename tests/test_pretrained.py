@@ -234,6 +234,20 @@ def test_missing_checkpoint_raises_file_not_found(tmp_path: Path) -> None:
         PromptRIS.from_pretrained(tmp_path)
 
 
+def test_a_file_of_a_checkpoint_names_its_folder(
+    tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path
+) -> None:
+    save_pretrained(tiny_model, tmp_path / "ckpt", config=tiny_cfg)
+    with pytest.raises(CheckpointError) as raised:
+        PromptRIS.from_pretrained(tmp_path / "ckpt" / CONFIG_NAME)
+    assert str(raised.value) == (
+        f"'{tmp_path / 'ckpt' / CONFIG_NAME}' is a file of the checkpoint, not the checkpoint; "
+        f"pass the folder '{tmp_path / 'ckpt'}'"
+    )
+    loaded = PromptRIS.from_pretrained(tmp_path / "ckpt" / WEIGHTS_NAME)  # the weights file works
+    assert loaded.state_dict().keys() == tiny_model.state_dict().keys()
+
+
 def test_corrupt_checkpoint_raises_checkpoint_error(
     tiny_model: PromptRIS, tiny_cfg: Config, tmp_path: Path
 ) -> None:

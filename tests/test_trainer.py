@@ -258,6 +258,28 @@ def test_resume_after_interruption_reproduces_losses_and_weights(
         assert all(torch.equal(a[k], b[k]) for k in a), export
 
 
+def test_resuming_a_finished_run_does_nothing_and_says_so(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
+    args = ["--config", str(CONFIG), f"data.prepared={prepared}", f"train.output_dir={run}", *SMALL,
+            "train.stage2_epochs=0", "train.max_steps_per_epoch=1", "train.val_every=0",
+            "train.tracker=none"]  # fmt: skip
+    first = cli(args)
+    assert first.finished and first.global_step == 1
+    written = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    with caplog.at_level("INFO"):
+        again = cli(["--resume", str(run)])
+    assert again.finished and again.global_step == 1
+    assert f"run '{run}' already finished at step 1; nothing to do" in caplog.text
+    now = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert now == written  # final/ not exported again, nothing else rewritten
+    final = load_file(str(run / "final" / "model.safetensors"))
+    state = again.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in final.items())
+
+
 # --------------------------------------------------------------------------------------------
 # Several processes
 # --------------------------------------------------------------------------------------------
@@ -377,6 +399,104 @@ def test_compile_follows_the_launchers_dynamo_backend_unless_set(
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", launcher)  # accelerate launch's
     cfg = load_config(overrides=[f"train.compile={setting}", "train.tracker=none"])
     assert build_accelerator(cfg).state.dynamo_plugin.backend.value == expected
+
+
+def test_fp16_on_cpu_is_refused_before_anything_is_built(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    fresh_accelerate_state: None, prepared: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    """accelerate runs fp16 in float32 on CPU (no autocast) while reporting fp16: refused, from
+    the launcher or from the config, in one line with the fix."""
+    from prompt_ris.engine import trainer
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # accelerate launch --cpu
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch's value
+    with pytest.raises(ConfigError, match="launch with --mixed_precision bf16 or no$"):
+        resolve_mixed_precision("auto")
+    assert resolve_mixed_precision("no") == "no"  # the config overrides the launcher
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(ConfigError, match="set train.mixed_precision to bf16, no or auto$"):
+        resolve_mixed_precision("fp16")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built before the checks")
+
+    monkeypatch.setattr(trainer.PromptRIS, "from_config", refuse)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    cli = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
+    argv = ["--config", str(CONFIG), f"data.prepared={prepared}", *SMALL,
+            f"train.output_dir={tmp_path / 'run'}", "train.tracker=none"]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli(argv)
+    assert stop.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "train.py: error: accelerate launch's mixed precision fp16 (--mixed_precision or "
+        "accelerate config) would run in float32 on CPU: accelerate turns fp16 autocast on only "
+        "on a GPU; launch with --mixed_precision bf16 or no",
+        "train.py: 1 problem(s) found before building the model",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("precision", "backend", "applied"),
+    [
+        ("bf16", "INDUCTOR", "mixed precision bf16 (autocast to bfloat16); torch.compile with "
+                             "dynamo backend inductor (mode default); "),
+        ("no", "NO", "mixed precision no (float32); no torch.compile (dynamo backend no); "),
+    ],
+)  # fmt: skip
+def test_the_log_states_the_launch_as_applied(
+    monkeypatch: pytest.MonkeyPatch, fresh_accelerate_state: None,
+    precision: str, backend: str, applied: str,
+) -> None:  # fmt: skip
+    """Read back from the prepared model: the dtype autocast runs in, torch.compile and its
+    backend, the processes and the batch split."""
+    from prompt_ris.data.schedule import plan_steps
+    from prompt_ris.engine.trainer import build_accelerator, describe_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)  # accelerate launch's
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", backend)
+    cfg = load_config(overrides=["train.tracker=none"])
+    accelerator = build_accelerator(cfg)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    assert describe_launch(accelerator, model, plan_steps(cfg.data, 1)) == (
+        f"1 process(es) on cpu; {applied}16 images x 4 expressions per optimizer step = "
+        "1 process(es) x 16 images per micro-batch x 1 accumulated"
+    )
+
+
+def test_a_launch_asked_for_several_processes_that_started_one_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``accelerate launch --cpu --num_processes 3`` runs the script once."""
+    from prompt_ris.engine.trainer import single_process_warning
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "from accelerate import PartialState\n"
+        "from prompt_ris.engine.trainer import single_process_warning\n"
+        "n = PartialState(cpu=True).num_processes\n"
+        "print(n, single_process_warning(n))\n"
+    )
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "3",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(driver),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("1 accelerate launch was asked for more than")
+    assert "launch with --multi_gpu --num_processes N and without --cpu" in lines[0]
+    # One process asked for, or several started: nothing to say.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert single_process_warning(1) is None
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert single_process_warning(2) is None
 
 
 def test_throughput_counts_training_time_across_epochs_and_validations(

@@ -107,7 +107,10 @@ def test_paper_workflow_from_a_fresh_clone(
         env=env, cwd=clone, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mixed precision bf16" in proc.stderr  # not overridden by the config's "auto"
+    assert (  # the launcher's precision, not overridden by the config's "auto", as applied
+        "mixed precision bf16 (autocast to bfloat16); no torch.compile (dynamo backend no); "
+        "2 images x 2 expressions per optimizer step = 1 process(es)"
+    ) in proc.stderr
     run = clone / RUN
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert steps == ["step_00000002", "step_00000003"]

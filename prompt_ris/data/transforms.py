@@ -128,9 +128,10 @@ def load_image(path: str | Path, expected_hw: tuple[int, int] | None = None) -> 
         opened = Image.open(path)
         opened.load()  # decode now, so a truncated file fails here and names itself
     except _DECODE_ERRORS as err:
+        fix = "re-download it or remove it from the dataset" if expected_hw else "replace it"
         raise ImageLoadError(
             f"cannot read image '{path}' ({type(err).__name__}: {err}); the file is corrupt or "
-            "not an image: re-download it or remove it from the dataset"
+            f"not an image: {fix}"
         ) from err
     try:
         if opened.width == 0 or opened.height == 0:

@@ -330,11 +330,16 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path:
     )
 
 
+def read_trainer_state(checkpoint_dir: str | Path) -> TrainerState:
+    """The loop position a resume checkpoint holds, without loading its tensors."""
+    return TrainerState.from_json((Path(checkpoint_dir) / TRAINER_STATE_FILENAME).read_text())
+
+
 def load_training_state(accelerator: Accelerator, checkpoint_dir: str | Path) -> TrainerState:
     """Restore model, optimizer, scheduler and RNG states in place; return the loop position."""
     checkpoint_dir = Path(checkpoint_dir)
     accelerator.load_state(str(checkpoint_dir))
-    state = TrainerState.from_json((checkpoint_dir / TRAINER_STATE_FILENAME).read_text())
+    state = read_trainer_state(checkpoint_dir)
     logger.info(
         "resumed from %s (epoch %d, step %d of that epoch, global step %d)",
         checkpoint_dir,

@@ -40,6 +40,10 @@ line per log step and validation), ``tensorboard/``, ``checkpoints/`` (resume st
 (``--mixed_precision``, ``--dynamo_backend`` or ``accelerate config``) unless the config sets
 them: ``train.mixed_precision: auto`` (the default) defers to the launcher when launched by it
 and is bf16 where supported otherwise; ``train.compile: null`` (the default) defers to it too.
+fp16 on CPU is refused before anything is built (accelerate runs it in float32 there: use bf16 or
+no). The log's first line (``launch as applied: ...``) reads back what the prepared run uses:
+processes and device, the autocast dtype, ``torch.compile`` and its dynamo backend, the batch
+split; a launch asked for several processes that started one says so in a warning.
 """
 
 from __future__ import annotations
@@ -56,7 +60,14 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, PartialState, skip_first_batches
-from accelerate.utils import DistributedDataParallelKwargs, send_to_device, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    has_compiled_regions,
+    is_compiled_module,
+    parse_flag_from_env,
+    send_to_device,
+    set_seed,
+)
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -82,6 +93,7 @@ from prompt_ris.engine.tracking import (
 from prompt_ris.losses import Stage, stage_loss
 from prompt_ris.models import PromptRIS
 from prompt_ris.models.embedding_cache import SamEmbeddingCache, batch_image_keys, sam_cache_prefix
+from prompt_ris.models.pretrained import WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +110,14 @@ RESUME_NEUTRAL_KEYS = (  # settings a resumed run may change without changing th
 # --------------------------------------------------------------------------------------------
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch`
 LAUNCHER_DYNAMO_ENV = "ACCELERATE_DYNAMO_BACKEND"
+LAUNCHER_CPU_ENV = "ACCELERATE_USE_CPU"  # accelerate launch --cpu
+FP16_ON_CPU = "accelerate turns fp16 autocast on only on a GPU"
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp8": "fp8"}
+
+
+def runs_on_cpu() -> bool:
+    """Whether the run's Accelerator is a CPU one: no CUDA, or ``accelerate launch --cpu``."""
+    return not torch.cuda.is_available() or parse_flag_from_env(LAUNCHER_CPU_ENV)
 
 
 def resolve_mixed_precision(setting: str) -> str | None:
@@ -106,7 +126,8 @@ def resolve_mixed_precision(setting: str) -> str | None:
     ``auto`` is the launcher's choice (``--mixed_precision`` or ``accelerate config``, which
     ``accelerate launch`` passes on as ``ACCELERATE_MIXED_PRECISION``) when launched by it, else
     bf16 where CUDA supports it. Any other value overrides the launcher, with a warning when
-    the launcher said something else.
+    the launcher said something else. fp16 on CPU is refused, whoever asks for it: accelerate
+    turns no autocast on there, so the run would be float32 while reported as fp16.
     """
     if setting not in MIXED_PRECISION_CHOICES:
         raise ConfigError(
@@ -115,8 +136,19 @@ def resolve_mixed_precision(setting: str) -> str | None:
     launcher = os.environ.get(LAUNCHER_PRECISION_ENV)
     if setting == "auto":
         if launcher:
+            if launcher.lower() == "fp16" and runs_on_cpu():
+                raise ConfigError(
+                    f"accelerate launch's mixed precision fp16 (--mixed_precision or accelerate "
+                    f"config) would run in float32 on CPU: {FP16_ON_CPU}; launch with "
+                    "--mixed_precision bf16 or no"
+                )
             return None  # Accelerator reads the launcher's choice itself
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if setting == "fp16" and runs_on_cpu():
+        raise ConfigError(
+            f"train.mixed_precision=fp16 would run in float32 on CPU: {FP16_ON_CPU}; set "
+            "train.mixed_precision to bf16, no or auto"
+        )
     if launcher and launcher.lower() != setting:
         logger.warning(
             "train.mixed_precision=%s overrides accelerate launch's %s (set it to auto to follow "
@@ -164,6 +196,46 @@ def build_accelerator(cfg: Config, accumulation: int = 1) -> Accelerator:
         project_config=project_config(cfg.train.output_dir),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         dynamo_backend=resolve_dynamo_backend(cfg.train.compile),
+    )
+
+
+def describe_launch(accelerator: Accelerator, model: nn.Module, plan: StepPlan) -> str:
+    """What the launch applied, read back from the prepared run: processes and device, the dtype
+    autocast computes in, ``torch.compile`` (with its dynamo backend) and the batch split."""
+    precision = accelerator.mixed_precision
+    if accelerator.native_amp:
+        precision = f"{precision} (autocast to {AUTOCAST_DTYPES.get(precision, precision)})"
+    else:
+        precision = "no (float32)"
+    dynamo = accelerator.state.dynamo_plugin
+    if is_compiled_module(model) or has_compiled_regions(model):
+        compiled = (
+            f"torch.compile with dynamo backend {dynamo.backend.value.lower()} "
+            f"(mode {dynamo.mode or 'default'})"
+        )
+    elif dynamo.backend.value == "NO":
+        compiled = "no torch.compile (dynamo backend no)"
+    else:
+        compiled = f"no torch.compile (dynamo backend {dynamo.backend.value.lower()} not applied)"
+    return (
+        f"{accelerator.num_processes} process(es) on {accelerator.device}; mixed precision "
+        f"{precision}; {compiled}; {plan.describe()}"
+    )
+
+
+def single_process_warning(num_processes: int) -> str | None:
+    """A line when ``accelerate launch`` was asked for several processes but started one (with
+    ``--cpu``, or without ``--multi_gpu``, it sets ``MASTER_ADDR`` for them but no
+    ``WORLD_SIZE``, and runs the script once); None otherwise."""
+    env = os.environ
+    asked = LAUNCHER_PRECISION_ENV in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+    if num_processes != 1 or not asked:
+        return None
+    return (
+        "accelerate launch was asked for more than one process (--num_processes) but started 1: "
+        "with --cpu, or without --multi_gpu, it runs the script once; this run trains in 1 "
+        "process with the same batch. For N processes on this machine, launch with --multi_gpu "
+        "--num_processes N and without --cpu (without a GPU they are CPU processes)"
     )
 
 
@@ -282,8 +354,9 @@ def count_steps_per_epoch(cfg: Config, accelerator: Accelerator, loader: Any) ->
 # --------------------------------------------------------------------------------------------
 # Set-up
 # --------------------------------------------------------------------------------------------
-def setup_run(cfg: Config, resume: str | None) -> TrainRun:
-    """Accelerator -> seed -> model -> data -> AdamW -> poly schedule -> prepare -> resume."""
+def setup_run(cfg: Config, checkpoint: Path | None) -> TrainRun:
+    """Accelerator -> seed -> model -> data -> AdamW -> poly schedule -> prepare -> resume
+    (from ``checkpoint``, a verified resume checkpoint of the same model, when given)."""
     check_val_split(cfg.data.val)
     if cfg.train.best_metric not in BEST_METRICS:
         raise ConfigError(
@@ -292,9 +365,6 @@ def setup_run(cfg: Config, resume: str | None) -> TrainRun:
     plan = launch_plan(cfg)
     accelerator = build_accelerator(cfg, plan.accumulation)
     output_dir = Path(cfg.train.output_dir)
-    checkpoint = checkpointing.resolve_resume(output_dir, resume) if resume else None
-    if checkpoint is not None:
-        check_resume_config(cfg, checkpoint)
     set_seed(cfg.train.seed)
     model = PromptRIS.from_config(cfg.model)  # right after set_seed: the same weights on every run
     with accelerator.main_process_first():
@@ -357,13 +427,14 @@ def start_outputs(run: TrainRun, resumed: bool) -> None:
     init_trackers(accelerator, run.output_dir)
     accelerator.log({"config": yaml.safe_dump(config_to_dict(run.cfg), sort_keys=False)}, step=0)
     train_cfg = run.cfg.train
+    logger.info("launch as applied: %s", describe_launch(accelerator, run.model, run.plan))
+    warning = single_process_warning(accelerator.num_processes)
+    if warning:
+        logger.warning(warning)
     logger.info(
-        "%d process(es) on %s, mixed precision %s; %d epochs (%d stage 1, %d stage 2) of %d "
-        "steps, %d in all; %s; %d trainable parameters",
-        accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+        "%d epochs (%d stage 1, %d stage 2) of %d steps, %d in all; %d trainable parameters",
         run.num_epochs, train_cfg.stage1_epochs, train_cfg.stage2_epochs, run.steps_per_epoch,
-        run.total_steps, run.plan.describe(),
-        sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
+        run.total_steps, sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad),
     )  # fmt: skip
 
 
@@ -379,9 +450,18 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
             a checkpoint / run folder.
 
     Returns:
-        TrainResult (on every process; ``model`` is the unwrapped, trained model).
+        TrainResult (on every process; ``model`` is the unwrapped, trained model). Resuming a
+        run that already finished, with its ``final/`` export written, trains and writes
+        nothing: it says so and returns that export.
     """
-    run = setup_run(cfg, resume)
+    output_dir = Path(cfg.train.output_dir)
+    checkpoint = checkpointing.resolve_resume(output_dir, resume) if resume else None
+    if checkpoint is not None:
+        check_resume_config(cfg, checkpoint)
+        done = finished_run(cfg, checkpoint)
+        if done is not None:
+            return done
+    run = setup_run(cfg, checkpoint)
     run.save_request.install()
     finished = True
     try:
@@ -406,6 +486,25 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
     return TrainResult(
         output_dir=run.output_dir, global_step=run.state.global_step, finished=finished,
         best_score=run.state.best_score, model=run.unwrapped,
+    )  # fmt: skip
+
+
+def finished_run(cfg: Config, checkpoint: Path) -> TrainResult | None:
+    """The result of the run, when ``checkpoint`` is its end (all epochs done) and its
+    ``final/`` export exists; None when there is training (or the final export) left to do."""
+    state = checkpointing.read_trainer_state(checkpoint)
+    output_dir = Path(cfg.train.output_dir)
+    final = output_dir / "final"
+    num_epochs = cfg.train.stage1_epochs + cfg.train.stage2_epochs
+    if state.epoch < num_epochs or not (final / WEIGHTS_NAME).is_file():
+        return None
+    logger.info(
+        "run '%s' already finished at step %d; nothing to do (its final export: %s)",
+        output_dir, state.global_step, final,
+    )  # fmt: skip
+    return TrainResult(
+        output_dir=output_dir, global_step=state.global_step, finished=True,
+        best_score=state.best_score, model=PromptRIS.from_pretrained(final),
     )  # fmt: skip
 
 

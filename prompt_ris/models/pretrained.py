@@ -224,7 +224,8 @@ def read_checkpoint(directory_or_file: str | Path) -> Checkpoint:
     Raises:
         FileNotFoundError: the checkpoint (or its config) does not exist; the message says how
             to get one.
-        CheckpointError: the file is unreadable or its config invalid.
+        CheckpointError: the file is unreadable or not a ``.safetensors`` file (for another
+            file of a checkpoint, the message names its folder), or its config is invalid.
     """
     weights_path, config_path = _resolve_paths(Path(directory_or_file))
     header, shapes = _read_header(weights_path)
@@ -328,8 +329,20 @@ def _resolve_paths(path: Path) -> tuple[Path, Path]:
             )
         return weights_path, path / CONFIG_NAME
     if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(_not_weights_file(path))
         return path, path.parent / CONFIG_NAME
     raise FileNotFoundError(f"checkpoint '{path}' not found; {HOW_TO_GET}")
+
+
+def _not_weights_file(path: Path) -> str:
+    """Why a file other than a ``.safetensors`` file is no checkpoint, and what to pass."""
+    if (path.parent / WEIGHTS_NAME).is_file():
+        return (
+            f"'{path}' is a file of the checkpoint, not the checkpoint; pass the folder "
+            f"'{path.parent}'"
+        )
+    return f"'{path}' is not a checkpoint (a .safetensors file or its folder); {HOW_TO_GET}"
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
