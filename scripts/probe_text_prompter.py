@@ -13,6 +13,10 @@ the poly schedule. Then, on ``--split`` (a validation split, never a test split)
 - the gradient reaching the prompter's first layer in the first steps, and the scale of its final
   LayerNorm at the end (0 at the padding start).
 
+With ``--oracle-attention`` every cross-attention reads the referent's cells of F_IS, weighted by
+its ground-truth mask, instead of where its weights point: what the prompter gives once it has
+found the referent, and so whether finding it is what it lacks.
+
 Figures go to the log and to ``<out>/probe.json``::
 
     python scripts/probe_text_prompter.py --checkpoint runs/demo/train/stage1 --out runs/probe \\
@@ -27,16 +31,21 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from prompt_ris import PromptRIS, evaluate
-from prompt_ris.config import load_config
+from prompt_ris.config import Config, load_config
+from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
+from prompt_ris.engine.evaluation import EvaluationResults
 from prompt_ris.losses import Stage, stage_loss
-from prompt_ris.models.prompt_ris import PromptRISOutput
+from prompt_ris.models.layers import CrossAttention
+from prompt_ris.models.prompt_ris import EncodedBatch, PromptRISOutput
 from prompt_ris.models.text_prompter import TextPrompter
 from prompt_ris.prompt_switches import PromptSwitches
 
@@ -53,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="default: the run's train.lr / 2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention-batches", type=int, default=8)
+    parser.add_argument(
+        "--oracle-attention", action="store_true",
+        help="cross-attention reads the referent's ground-truth cells (a diagnosis, not a model)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="model.prompts.* = value overrides")
     return parser.parse_args(argv)
 
@@ -75,7 +88,42 @@ def fresh_prompter(model: PromptRIS, overrides: list[str]) -> None:
     model.config = cfg
 
 
-def train_prompter(model: PromptRIS, steps: int, lr: float) -> list[float]:
+class OracleAttention:
+    """Replaces each cross-attention's weights by the referent's ground-truth mask on F_IS's
+    grid (set per batch with ``show``); values, projections and the rest are the prompter's."""
+
+    def __init__(self, prompter: TextPrompter) -> None:
+        self.weights: torch.Tensor | None = None  # (B, hw), rows summing to 1
+        for block in prompter.blocks:
+            block.cross_attn.forward = self._forward_of(block.cross_attn)
+
+    def show(self, gt_masks: torch.Tensor, grid: tuple[int, int]) -> None:
+        cells = F.adaptive_avg_pool2d(gt_masks.float(), grid).flatten(1)  # (B, hw)
+        self.weights = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
+
+    def _forward_of(self, module: CrossAttention) -> Callable[..., torch.Tensor]:
+        def forward(
+            query: torch.Tensor,
+            context: torch.Tensor,
+            context_pad_mask: torch.Tensor | None = None,
+            context_pos: torch.Tensor | None = None,
+            pos_in_values: bool = False,
+        ) -> torch.Tensor:
+            assert self.weights is not None, "show() the batch's ground truth first"
+            kv = module.norm_kv(context)
+            v = kv + context_pos if pos_in_values and context_pos is not None else kv
+            attn = module.attn
+            dim = attn.embed_dim
+            values = F.linear(v, attn.in_proj_weight[2 * dim :], attn.in_proj_bias[2 * dim :])
+            read = torch.einsum("bk,bkd->bd", self.weights, values)  # (B, D)
+            return attn.out_proj(read)[:, None].expand(-1, query.shape[1], -1)  # (B, Q, D)
+
+        return forward
+
+
+def train_prompter(
+    model: PromptRIS, steps: int, lr: float, oracle: OracleAttention | None = None
+) -> list[float]:
     """Train only the text prompter; returns the gradient norm at its first layer per step."""
     cfg = model.config
     assert cfg is not None
@@ -97,6 +145,8 @@ def train_prompter(model: PromptRIS, steps: int, lr: float) -> list[float]:
         for batch in loader:
             with torch.no_grad():
                 encoded = model.encode(batch, with_sam=True)
+            if oracle is not None:
+                oracle.show(batch.gt_masks, encoded.sam_img_embed.shape[-2:])
             final = model.decode(encoded, TEXT, prompt_dropout=False)  # (B, 1, h, w)
             out = PromptRISOutput(
                 encoded.coarse_logits, encoded.coarse_lowres, final, encoded.text_global
@@ -153,6 +203,24 @@ def attention_on_referent(model: PromptRIS, split: str, batches: int) -> dict[st
     }
 
 
+def evaluate_with_oracle(
+    model: PromptRIS, split: str, cfg: Config, oracle: OracleAttention
+) -> EvaluationResults:
+    """``evaluate`` with the oracle shown each batch's ground truth before SAM's side runs."""
+    encode = model.encode
+
+    def encode_showing(inputs: Batch, **kwargs: Any) -> EncodedBatch:
+        encoded = encode(inputs, **kwargs)
+        oracle.show(inputs.gt_masks, encoded.sam_img_embed.shape[-2:])
+        return encoded
+
+    model.encode = encode_showing  # type: ignore[method-assign]
+    try:
+        return evaluate(model, split, [TEXT], config=cfg)
+    finally:
+        del model.encode
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -163,13 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     assert cfg is not None
     cfg.eval.num_overlays = 0
     lr = args.lr if args.lr is not None else cfg.train.lr / 2
-    grads = train_prompter(model, args.steps, lr)
-    attention = attention_on_referent(model, args.split, args.attention_batches)
-    results = evaluate(model, args.split, [TEXT], config=cfg)
+    oracle = OracleAttention(model.text_prompter) if args.oracle_attention else None
+    grads = train_prompter(model, args.steps, lr, oracle)
+    if oracle is None:
+        attention = attention_on_referent(model, args.split, args.attention_batches)
+        results = evaluate(model, args.split, [TEXT], config=cfg)
+    else:
+        attention = {}
+        results = evaluate_with_oracle(model, args.split, cfg, oracle)
     metrics = results.metrics[TEXT.name][args.split]
     report = {
         "checkpoint": args.checkpoint,
         "overrides": args.overrides,
+        "oracle_attention": args.oracle_attention,
         "split": args.split,
         "steps": args.steps,
         "lr": lr,
@@ -181,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             "first_10_steps": sum(grads[:10]) / max(len(grads[:10]), 1),
             "last_10_steps": sum(grads[-10:]) / max(len(grads[-10:]), 1),
         },
-        "out_norm_scale": float(model.text_prompter.out_norm.weight.abs().mean()),
+        "out_norm_scale": float(model.text_prompter.out_norm.weight.detach().abs().mean()),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
