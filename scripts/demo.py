@@ -12,8 +12,9 @@
 4. writes overlay pictures (prediction beside ground truth) and predicts on a new image from
    Python, as a user would.
 
-Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [key=value ...]`` (overrides
-go to training).
+Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--ship DIR] [key=value ...]``
+(overrides go to training; ``--ship checkpoints/tiny_synthetic_demo`` remakes the shipped model
+with ``scripts/ship_model.py``).
 """
 
 from __future__ import annotations
@@ -192,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         help="expression kinds of the synthetic data (attribute, position, relation; see README)",
     )
     parser.add_argument("--overlays", type=int, default=8, help="overlay pictures per split")
+    parser.add_argument(
+        "--ship", default=None, metavar="DIR",
+        help="also write the trained model as the shipped model to DIR (scripts/ship_model.py), "
+        "e.g. checkpoints/tiny_synthetic_demo",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="training overrides (train.stage1_epochs=2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -276,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
     ])  # fmt: skip
     (out / "demo_results.md").write_text(report + "\n")
     print("\n" + report)
+    if args.ship is not None:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from ship_model import ship
+
+        ship(checkpoint, REPO / args.ship)
     print(f"\nOverlays (prediction | ground truth): {out / 'eval' / 'overlays'}")
     print(f"Prediction on a new image: {out / 'new_scene_prediction.png'}")
     print("\nLoad the trained weights and predict in Python:\n")

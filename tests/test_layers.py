@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "models.embedding_cache": 4,
     "models.layers": 3,
     "models.pretrained": 3,
+    "models.model_card": 3,
     "data": 2,
     "config": 1,
     "prompt_switches": 0,
