@@ -217,7 +217,7 @@ def _run_job(
 
     from prompt_ris.data.text import EmptyExpressionError, tokenize
     from prompt_ris.data.transforms import as_rgb_image
-    from prompt_ris.overlays import draw_overlay
+    from prompt_ris.method_picture import method_picture
 
     records: list[dict[str, Any]] = [{"image": str(job.image), "text": t} for t in job.texts]
     todo = list(range(len(job.texts)))
@@ -233,13 +233,18 @@ def _run_job(
         return records
     rgb = as_rgb_image(job.image)
     predictor.set_image(rgb)
-    prediction = predictor.predict([job.texts[k] for k in todo], switches=switches)
-    for k, mask in zip(todo, prediction.masks):
+    prediction = predictor.predict(
+        [job.texts[k] for k in todo], switches=switches, return_coarse=True, return_probs=True
+    )
+    for row, (k, mask) in enumerate(zip(todo, prediction.masks)):
         overlay_path, mask_path = job.outputs[k]
         for path in (overlay_path, mask_path):
             path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)  # (H, W) 0/255
-        draw_overlay(rgb, mask, job.texts[k]).save(overlay_path)
+        method_picture(
+            np.asarray(rgb), job.texts[k], mask, prediction.coarse_probs[row],
+            prediction.points[row],
+        ).save(overlay_path)  # image | coarse mask + point | final mask
         fraction = float(mask.mean())
         _say(f"{job.image}: {job.texts[k]!r} -> {overlay_path}, {mask_path} ({fraction:.1%})")
         records[k].update(overlay=str(overlay_path), mask=str(mask_path), mask_fraction=fraction)

@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "frames": 0,
     "metrics": 0,
     "overlays": 0,
+    "method_picture": 0,
     "weights": 0,
 }
 

@@ -34,7 +34,7 @@ from prompt_ris.config import Config, ModelConfig, load_config
 from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import expression_list, tokenize
 from prompt_ris.data.transforms import ImageInput, LetterboxedImage, as_rgb_image, letterbox_image
-from prompt_ris.frames import lowres_to_original
+from prompt_ris.frames import lowres_cell_to_original, lowres_to_original
 from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
 from prompt_ris.models.build import build_parts
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
@@ -93,10 +93,13 @@ class FrameLogits:
     Attributes:
         coarse: B float32 (H_b, W_b) logit maps of S_C, or None when not asked for.
         final: per switch set, B float32 (H_b, W_b) logit maps of S'.
+        points: (B, 2) float32 (x, y) in the original frames where the point prompt clicks
+            (the argmax cell of S_C, eq. 3 in eval mode), with ``coarse``.
     """
 
     coarse: list[torch.Tensor] | None
     final: dict[PromptSwitches, list[torch.Tensor]]
+    points: torch.Tensor | None = None
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -114,6 +117,8 @@ class Prediction:
         coarse_masks: (N, H, W) bool, the CLIP coarse mask S_C mapped to the original frame,
             when ``return_coarse``.
         coarse_probs: (N, H, W) float32, when both ``return_coarse`` and ``return_probs``.
+        points: (N, 2) float32 (x, y) in the original frame where the point prompt clicked
+            (eq. 3: the argmax of S_C), when ``return_coarse``.
     """
 
     expressions: list[str]
@@ -121,6 +126,7 @@ class Prediction:
     probs: np.ndarray | None = None
     coarse_masks: np.ndarray | None = None
     coarse_probs: np.ndarray | None = None
+    points: np.ndarray | None = None
 
     @classmethod
     def from_logits(
@@ -130,7 +136,8 @@ class Prediction:
         threshold: float = DEFAULT_THRESHOLD,
         return_probs: bool = False,
     ) -> Prediction:
-        """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` logits into a Prediction.
+        """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W), "points": (N, 2)]}`` logits
+        into a Prediction.
 
         A pixel is foreground when its probability is strictly above ``threshold``.
 
@@ -139,6 +146,8 @@ class Prediction:
                 mask without a word).
         """
         cut = threshold_logit(threshold)
+        logits = dict(logits)
+        points = logits.pop("points", None)
         for name, values in logits.items():
             finite = torch.isfinite(values).flatten(1).all(1)  # (N,)
             if not bool(finite.all()):
@@ -155,6 +164,8 @@ class Prediction:
             prediction.coarse_masks = _numpy(logits["coarse"] > cut)
             if return_probs:
                 prediction.coarse_probs = _numpy(torch.sigmoid(logits["coarse"]))
+        if points is not None:
+            prediction.points = _numpy(points)
         return prediction
 
 
@@ -421,12 +432,15 @@ class PromptRIS(nn.Module):
                 switches = self.default_switches if switches is None else switches
                 mask_logits = self.decode(encoded, switches)  # S': (B, 1, S_s/4, S_s/4)
                 final[switches] = self.to_original(mask_logits, input_sizes, orig_sizes, index)
-            coarse = (
-                self.to_original(encoded.coarse_lowres, input_sizes, orig_sizes, index)
-                if with_coarse
-                else None
-            )
-        return FrameLogits(coarse=coarse, final=final)
+            coarse, points = None, None
+            if with_coarse:
+                coarse = self.to_original(encoded.coarse_lowres, input_sizes, orig_sizes, index)
+                cells = encoded.coarse_lowres.flatten(1).argmax(dim=1)  # (B,) eq. 3's click
+                points = lowres_cell_to_original(
+                    cells, input_sizes, orig_sizes, index, self.sam.lowres_size,
+                    self.sam.image_size,
+                )  # fmt: skip
+        return FrameLogits(coarse=coarse, final=final, points=points)
 
     def learnable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (``requires_grad``), by name, detached."""
@@ -465,13 +479,14 @@ class PromptRIS(nn.Module):
                 depend on it.
 
         Returns:
-            ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
+            ``{"final": (N, H, W)[, "coarse": (N, H, W), "points": (N, 2)]}`` float32 logits
+            (and, with the coarse mask, the (x, y) the point prompt clicked).
         """
         image = image.to(self.device, self.dtype)
         sizes = (torch.tensor([image.input_size]), torch.tensor([image.orig_size]))
         if sam_img_embed is None:
             sam_img_embed = self.encode_sam(image.sam_image[None])  # (1, D_S, h_s, w_s)
-        chunks: dict[str, list[torch.Tensor]] = {"final": [], "coarse": []}
+        chunks: dict[str, list[torch.Tensor]] = {"final": [], "coarse": [], "points": []}
         for tokens in text_tokens.split(max_batch or max(1, text_tokens.shape[0])):
             num = tokens.shape[0]
             inputs = ModelInputs(
@@ -486,6 +501,7 @@ class PromptRIS(nn.Module):
             (final,) = frames.final.values()
             chunks["final"].extend(final)
             chunks["coarse"].extend(frames.coarse or ())
+            chunks["points"].extend(() if frames.points is None else frames.points)
         return {name: torch.stack(maps) for name, maps in chunks.items() if maps}  # (N, H, W)
 
     def predict(
