@@ -1,5 +1,5 @@
 """``prompt-ris`` command line: segment what an expression describes with a trained checkpoint,
-and export checkpoints.
+export checkpoints, and try one in the browser.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     prompt-ris predict --checkpoint ... --image photos/ --text "the dog" --out-dir masks/
     prompt-ris predict --checkpoint ... --batch jobs.json --out-dir masks/
     prompt-ris export --checkpoint checkpoints/run1/best --out run1_portable --self-contained
+    prompt-ris app [--checkpoint ...] [--host 127.0.0.1] [--port 7860] [--device cuda]
 
 ``jobs.json`` is a list of ``{"image": "path", "text": "expression"}`` (``text`` may be a list);
 relative image paths are read from the JSON file's folder. Batch modes write
@@ -123,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
     e.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
     e.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
+
+    a = commands.add_parser(
+        "app", help="try a model in the browser (needs the app extra: pip install -e .[app])"
+    )
+    a.add_argument(
+        "--checkpoint", default=None,
+        help="checkpoint folder (default: the shipped checkpoints/tiny_synthetic_demo)",
+    )  # fmt: skip
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback)")
+    a.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    a.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    a.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
     return parser
 
 
@@ -133,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(levelname)s: %(message)s",
     )
-    command = run_export if args.command == "export" else run_predict
+    command = {"export": run_export, "app": run_app}.get(args.command, run_predict)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -410,6 +424,36 @@ def run_export(args: argparse.Namespace) -> int:
     kind = "self-contained" if args.self_contained else "learned weights only"
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     _say(f"wrote {out} ({kind}, {size:.1f} MB); load it with PromptRIS.from_pretrained('{out}')")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# App
+# --------------------------------------------------------------------------------------------
+SHIPPED_CHECKPOINT = "checkpoints/tiny_synthetic_demo"  # under the source tree
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """The ``app`` command: load the model, then serve the page until interrupted."""
+    _require(0 < args.port < 65536, f"--port {args.port} is not a port; e.g. --port 7860")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "the app needs Gradio, which is not installed; run: pip install -e '.[app]'"
+        ) from None
+    from prompt_ris.app.answers import Answerer
+    from prompt_ris.app.server import serve
+    from prompt_ris.predictor import device_problem, resolve_device
+    from prompt_ris.weights import SOURCE_TREE
+
+    problem = None if args.device is None else device_problem(args.device)
+    _require(problem is None, f"--device {args.device}: {problem}; use --device cpu")
+    checkpoint = args.checkpoint or str(SOURCE_TREE / SHIPPED_CHECKPOINT)
+    model = load_checked(checkpoint, None, None)
+    answerer = Answerer(model, device=resolve_device(args.device, model))
+    _say(f"serving {checkpoint} on http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve(answerer, host=args.host, port=args.port, share=args.share)
     return 0
 
 
