@@ -78,15 +78,15 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
         return load_scene(new_scene(random.randrange(10**6)))
 
     def upload(path: str | None) -> tuple[Any, ...]:
+        """The uploaded file as the scene, or its problem; the file box is emptied again."""
         if path is None:
-            return None, None, gr.update(), _status("")
+            return None, None, gr.update(), _status(""), None
         try:
             image = read_image(path)
         except InputProblem as err:
-            return None, None, gr.update(), _status(str(err), error=True)
-        return {"image": image, "truths": {}, "name": "upload"}, image, gr.update(), _status(
-            "image uploaded; write expressions and press Segment"
-        )
+            return None, None, gr.update(), _status(str(err), error=True), None
+        state = {"image": image, "truths": {}, "name": "upload"}
+        return state, image, gr.update(), _status("image uploaded; press Segment"), None
 
     def segment_api(path, text, threshold, switches):  # noqa: ANN001, ANN202 - API endpoint
         """Masks (COCO RLE, JSON) for an image file and expressions, one per line."""
@@ -129,8 +129,8 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
                 table = gr.Markdown("", elem_id="table")
                 gallery = gr.Gallery(label="image | coarse mask + point | final mask | truth",
                                      columns=1, height="auto", elem_id="pictures")  # fmt: skip
-                with gr.Accordion("masks (COCO RLE, JSON)", open=False):
-                    masks = gr.Textbox(show_label=False, lines=4, elem_id="masks")
+                masks = gr.Textbox(label="masks (COCO RLE, JSON)", lines=2, max_lines=4,
+                                   elem_id="masks")  # fmt: skip
         outputs = [result, gallery, table, status, masks]
         inputs = [scene, text, threshold, switches]
         loaded = [scene, shown, text, status]
@@ -140,7 +140,7 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
         new_button.click(draw_new_scene, None, loaded, api_name=False).then(
             run, inputs, outputs, api_name=False
         )
-        uploader.upload(upload, uploader, loaded, api_name=False)
+        uploader.upload(upload, uploader, [*loaded, uploader], api_name=False)
         button.click(run, inputs, outputs, api_name=False)
         text.submit(run, inputs, outputs, api_name=False)
         threshold.release(run, inputs, outputs, api_name=False)
