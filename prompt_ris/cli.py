@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
     e.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
+    e.add_argument(
+        "--results", type=Path, default=None,
+        help="results.json whose figures the model card states (default: the checkpoint's "
+        "<run>/eval/<name>/results.json when it exists)",
+    )  # fmt: skip
     e.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
 
     a = commands.add_parser(
@@ -165,8 +170,10 @@ def load_checked(checkpoint: str, clip_weights: str | None, sam_weights: str | N
     checkpoint reads and that the base weights it needs exist (every problem, one per line)."""
     from prompt_ris.models import PromptRIS
     from prompt_ris.models.build import base_weight_problems
+    from prompt_ris.models.hub import checkpoint_folder
     from prompt_ris.models.pretrained import KIND_FULL, read_checkpoint
 
+    checkpoint = str(checkpoint_folder(checkpoint))  # a hub id ``owner/name`` is fetched
     saved = read_checkpoint(checkpoint)
     if saved.kind != KIND_FULL:
         problems = base_weight_problems(saved.config.model, clip_weights, sam_weights)
@@ -401,6 +408,7 @@ def run_export(args: argparse.Namespace) -> int:
         not (out.exists() and (not out.is_dir() or any(out.iterdir()))),
         f"--out '{out}' already exists; give a new folder",
     )
+    from prompt_ris.models.hub import write_card
     from prompt_ris.models.pretrained import read_checkpoint
     from prompt_ris.weights import names_a_file
 
@@ -418,6 +426,7 @@ def run_export(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, self_contained=args.self_contained, training=training)
+    write_card(tmp, _export_results(args), name=out.name, load_from=str(out))  # README.md
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
@@ -425,6 +434,23 @@ def run_export(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     _say(f"wrote {out} ({kind}, {size:.1f} MB); load it with PromptRIS.from_pretrained('{out}')")
     return 0
+
+
+def _export_results(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The evaluation figures an export's card states: --results, else the checkpoint's own
+    evaluation (``<run>/eval/<name>/results.json``), else none."""
+    path = args.results
+    if path is None:
+        folder = Path(args.checkpoint)
+        path = folder.parent / "eval" / folder.name / "results.json"
+        if not path.is_file():
+            return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--results '{path}' does not exist; give a results.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--results '{path}' is not valid JSON ({err})") from err
 
 
 # --------------------------------------------------------------------------------------------

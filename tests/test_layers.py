@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "models.layers": 3,
     "models.pretrained": 3,
     "models.model_card": 3,
+    "models.hub": 4,  # hub ids -> checkpoint folders, above the format it reads
     "data": 2,
     "config": 1,
     "prompt_switches": 0,

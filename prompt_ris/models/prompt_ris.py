@@ -40,6 +40,7 @@ from prompt_ris.models.build import build_parts
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
 from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep
+from prompt_ris.models.hub import checkpoint_folder, push_to_hub
 from prompt_ris.models.pretrained import read_checkpoint, save_pretrained
 from prompt_ris.models.text_prompter import TextPrompter
 from prompt_ris.prompt_switches import PROMPT_TYPES, PromptSwitches
@@ -593,24 +594,35 @@ class PromptRIS(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
     ) -> PromptRIS:
-        """Rebuild a model written by ``save_pretrained`` (or exported by training).
+        """Rebuild a model written by ``save_pretrained`` (or exported by training), from a
+        folder or from the model hub (``"owner/name"``, see ``models.hub``).
 
         A learned-only checkpoint is rebuilt on the base weights its config names (or on
         ``clip_weights`` / ``sam_weights``); a self-contained one needs no base-weight files.
         Keys and shapes are checked strictly (see ``models.pretrained``).
 
         Args:
-            path: a checkpoint folder or its ``model.safetensors``.
+            path: a checkpoint folder or its ``model.safetensors``, or a hub id
+                ``owner/name`` (when no such local path exists).
             clip_weights: local CLIP weights (or open_clip tag) replacing the config's.
             sam_weights: local SAM checkpoint replacing the config's.
             device: where to put the model (default: CPU).
             dtype: cast the floating tensors to this dtype (default: float32, as built).
+            revision: hub branch, tag or commit (hub ids only).
+            cache_dir: huggingface_hub's cache folder (default: its own).
+            local_files_only: only look in that cache (as ``HF_HUB_OFFLINE=1`` does).
 
         Returns:
             The model in eval mode, ``model.config`` set to the checkpoint's ``Config``.
         """
-        checkpoint = read_checkpoint(path)
+        folder = checkpoint_folder(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        checkpoint = read_checkpoint(folder)
         model_cfg, clip_weights, sam_weights = checkpoint.build_args(clip_weights, sam_weights)
         model = cls.from_config(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
         checkpoint.load_into(model)
@@ -631,6 +643,19 @@ class PromptRIS(nn.Module):
         return save_pretrained(
             self, directory, config=self.config, self_contained=self_contained, training=training
         )
+
+
+    def push_to_hub(
+        self, repo_id: str, results: dict | None = None, self_contained: bool = False,
+        **options: object,
+    ) -> str:  # fmt: skip
+        """Upload this model with its model card (and the figures of ``results``, a
+        ``results.json``) to the hub repository ``repo_id``; ``options``: ``private``,
+        ``token``, ``revision``, ``commit_message``. Returns the commit's URL."""
+        return push_to_hub(
+            lambda folder: self.save_pretrained(folder, self_contained=self_contained),
+            repo_id, results, **options,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
