@@ -105,7 +105,7 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
         with gr.Row():
             with gr.Column(scale=1):
                 shown = gr.Image(label="image", interactive=False, type="numpy", format="png",
-                                 elem_id="image")  # fmt: skip
+                                 height=260, elem_id="image")  # fmt: skip
                 examples = gr.Gallery(
                     [(s.image, s.name) for s in scenes], label="example scenes (click one)",
                     columns=4, height=140, allow_preview=False, elem_id="examples",
@@ -125,10 +125,11 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
             with gr.Column(scale=2):
                 result = gr.Image(label="final masks, one colour per expression (dots: points)",
                                   type="numpy", format="png", interactive=False,
-                                  elem_id="overview")  # fmt: skip
+                                  height=260, elem_id="overview")  # fmt: skip
                 table = gr.Markdown("", elem_id="table")
                 gallery = gr.Gallery(label="image | coarse mask + point | final mask | truth",
-                                     columns=1, height="auto", elem_id="pictures")  # fmt: skip
+                                     columns=1, height=420, object_fit="contain",
+                                     elem_id="pictures")  # fmt: skip
                 masks = gr.Textbox(label="masks (COCO RLE, JSON)", lines=2, max_lines=4,
                                    elem_id="masks")  # fmt: skip
         outputs = [result, gallery, table, status, masks]
