@@ -121,9 +121,12 @@ def method_picture(
     """
     image = np.asarray(image, dtype=np.uint8)
     height, width = image.shape[:2]
-    for name, array in (("final_mask", final_mask), ("coarse_prob", coarse_prob), ("truth", truth)):
+    given = (("final_mask", final_mask), ("coarse_prob", coarse_prob), ("truth", truth))
+    for name, array in given:
         if array is not None and np.shape(array) != (height, width):
-            raise ValueError(f"{name} of shape {np.shape(array)} does not match image {(height, width)}")
+            raise ValueError(
+                f"{name} of shape {np.shape(array)} does not match image {(height, width)}"
+            )
     panels = [image]
     titles = [TITLES[0]]
     if coarse_prob is not None:
@@ -151,7 +154,8 @@ def compose(panels: Sequence[np.ndarray], titles: Sequence[str], caption: str) -
     title_h = font_size + 12
     lines = textwrap.wrap(caption, width=max(20, int(size[0] * len(panels) / (font_size * 0.55))))
     caption_h = (font_size + 8) * max(1, len(lines)) + 12
-    canvas = Image.new("RGB", (size[0] * len(panels), title_h + size[1] + caption_h), (255, 255, 255))
+    width_all, height_all = size[0] * len(panels), title_h + size[1] + caption_h
+    canvas = Image.new("RGB", (width_all, height_all), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for k, (panel, title) in enumerate(zip(panels, titles, strict=True)):
         canvas.paste(Image.fromarray(panel).resize(size, resample), (k * size[0], title_h))

@@ -8,7 +8,8 @@ any folder), then scores it on a fixed set of synthetic scenes that training nev
 
 Usage::
 
-    python scripts/ship_model.py --checkpoint runs/demo/train/final --out checkpoints/tiny_synthetic_demo
+    python scripts/ship_model.py --checkpoint runs/demo/train/final \
+        --out checkpoints/tiny_synthetic_demo
 
 ``python scripts/demo.py --out runs/demo --ship checkpoints/tiny_synthetic_demo`` trains the demo
 and runs this at its end: the one command that remakes the shipped model.

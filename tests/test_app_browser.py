@@ -99,7 +99,9 @@ def test_example_scene_two_expressions_give_predicts_masks(page) -> None:  # noq
     assert len(pictures) >= 2  # one picture of the method per expression
 
 
-def test_bad_inputs_give_messages_and_the_app_keeps_answering(page, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_inputs_give_messages_and_the_app_keeps_answering(
+    page, tmp_path: Path  # noqa: ANN001
+) -> None:
     from prompt_ris.app.scenes import example_scenes
 
     driver, _ = page

@@ -118,8 +118,10 @@ def build_app(answerer: Answerer, scenes: list[Scene] | None = None) -> gr.Block
                                   placeholder="the red circle", elem_id="expressions")  # fmt: skip
                 threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="threshold",
                                       elem_id="threshold")  # fmt: skip
-                switches = gr.CheckboxGroup(list(PROMPT_TYPES), value=default,
-                                            label="prompts given to SAM", elem_id="switches")  # fmt: skip
+                switches = gr.CheckboxGroup(
+                    list(PROMPT_TYPES), value=default, label="prompts given to SAM",
+                    elem_id="switches",
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
                 status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=2):

@@ -132,7 +132,11 @@ def _index_results(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "task": dict(TASK),
                 "dataset": {"type": dataset, "name": split, "split": part or "test"},
                 "metrics": [
-                    {"type": metric, "name": f"{metric} (final mask)", "value": round(final[metric], 2)}
+                    {
+                        "type": metric,
+                        "name": f"{metric} (final mask)",
+                        "value": round(final[metric], 2),
+                    }
                     for metric in CARD_METRICS
                     if metric in final
                 ],
