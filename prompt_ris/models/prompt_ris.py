@@ -464,6 +464,7 @@ class PromptRIS(nn.Module):
         switches: PromptSwitches | None = None,
         with_coarse: bool = False,
         max_batch: int | None = None,
+        with_points: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Logits of N tokenized expressions about one letterboxed image, in its original frame.
 
@@ -478,10 +479,11 @@ class PromptRIS(nn.Module):
             with_coarse: also map the coarse mask S_C.
             max_batch: expressions per forward pass (None: all at once); results do not
                 depend on it.
+            with_points: also return where the point prompt clicked (needs ``with_coarse``).
 
         Returns:
-            ``{"final": (N, H, W)[, "coarse": (N, H, W), "points": (N, 2)]}`` float32 logits
-            (and, with the coarse mask, the (x, y) the point prompt clicked).
+            ``{"final": (N, H, W)[, "coarse": (N, H, W)][, "points": (N, 2)]}`` float32 logits
+            and the (x, y) of the clicks.
         """
         image = image.to(self.device, self.dtype)
         sizes = (torch.tensor([image.input_size]), torch.tensor([image.orig_size]))
@@ -503,6 +505,8 @@ class PromptRIS(nn.Module):
             chunks["final"].extend(final)
             chunks["coarse"].extend(frames.coarse or ())
             chunks["points"].extend(() if frames.points is None else frames.points)
+        if not with_points:
+            chunks.pop("points")
         return {name: torch.stack(maps) for name, maps in chunks.items() if maps}  # (N, H, W)
 
     def predict(
@@ -545,7 +549,7 @@ class PromptRIS(nn.Module):
         letterboxed = image if isinstance(image, LetterboxedImage) else self.letterbox(image)
         logits = self.segment(
             letterboxed, tokens, sam_img_embed=sam_img_embed, switches=switches,
-            with_coarse=return_coarse, max_batch=max_batch,
+            with_coarse=return_coarse, max_batch=max_batch, with_points=return_coarse,
         )  # fmt: skip
         return Prediction.from_logits(texts, logits, threshold, return_probs)
 
