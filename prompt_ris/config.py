@@ -23,12 +23,16 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from prompt_ris.prompt_switches import PromptSwitches, SwitchesError
 from prompt_ris.weights import CLIP_FILE, SAM_FILE
+
+
+TEXT_POSITIONS = ("keys", "keys+values")  # model.prompts.text_position
+TEXT_STARTS = ("padding", "random")  # model.prompts.text_start
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +108,12 @@ class PromptConfig:
     switches: str = "mask + point + text"  # prompt types reaching SAM (Table 5; "none" for none)
     text_blocks: int = 2  # transformer blocks of the text prompter
     text_heads: int = 8
+    # Where SAM's dense position encoding enters the text prompter's cross-attention to F_IS:
+    # "keys" (where a text token looks) or "keys+values" (also what it reads back).
+    text_position: str = "keys"
+    # The text prompter's start: "padding" (every P_text token is SAM's padding token until
+    # training moves it) or "random" (PyTorch's default initialisation).
+    text_start: str = "padding"
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax
     drop_mask: float = 0.2  # per-sample probability of dropping each prompt in stage 2
     drop_point: float = 0.2
@@ -255,7 +265,19 @@ def _check_switches(value: str) -> None:
         raise ConfigError(f"model.prompts.switches: {err}") from None
 
 
-CHECKS = {"model.prompts.switches": _check_switches}  # values a type alone does not check
+def _choice(path: str, choices: tuple[str, ...]) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ConfigError(f"{path}: expected one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+CHECKS = {  # values a type alone does not check
+    "model.prompts.switches": _check_switches,
+    "model.prompts.text_position": _choice("model.prompts.text_position", TEXT_POSITIONS),
+    "model.prompts.text_start": _choice("model.prompts.text_start", TEXT_STARTS),
+}
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from prompt_ris.engine.baseline import (
 )
 from prompt_ris.engine.results_folder import (
     MASKS_NAME,
+    OVERLAYS_NAME,
     RECORDS_NAME,
     RESULTS_NAME,
     TABLES_NAME,
@@ -255,10 +256,19 @@ class EvaluationResults:
         ``masks.jsonl`` (COCO RLE) into ``out_dir``, keeping the splits of earlier evaluations
         there that these results do not hold (:mod:`prompt_ris.engine.results_folder`)."""
         out_dir = Path(out_dir)
-        earlier = start_outputs(out_dir, list(self.records), save_masks)
+        drawn_here = [  # splits whose overlays evaluate() drew into this folder: kept
+            split
+            for split, paths in self.overlays.items()
+            if paths and _same_folder(paths[0].parent, out_dir / OVERLAYS_NAME / safe_name(split))
+        ]
+        earlier = start_outputs(out_dir, list(self.records), save_masks, drawn_here)
         for records in self.records.values():
             append_records(out_dir, records, save_masks)
         write_results(out_dir, self, earlier)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def append_records(out_dir: Path, records: list[dict[str, Any]], save_masks: bool) -> None:

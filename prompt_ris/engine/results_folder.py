@@ -94,10 +94,14 @@ def merge_problem(
 
 
 def start_outputs(
-    out_dir: str | Path, splits: Collection[str], save_masks: bool
+    out_dir: str | Path,
+    splits: Collection[str],
+    save_masks: bool,
+    fresh_overlays: Collection[str] = (),
 ) -> dict[str, Any] | None:
     """Prepare ``out_dir`` for a run scoring ``splits``: drop their lines from records.jsonl and
-    masks.jsonl and their overlays, keep every other split's, and log what is kept.
+    masks.jsonl and their overlays (except those of ``fresh_overlays``, the splits whose
+    overlays this run has already drawn there), keep every other split's, and log what is kept.
 
     Returns:
         The earlier ``results.json`` (to pass to :func:`merged`), or None.
@@ -112,7 +116,7 @@ def start_outputs(
             replace_file(path, "".join(f"{x}\n" for x in lines if _split_of(x) not in splits))
         elif name == RECORDS_NAME or save_masks:
             path.touch()
-    for split in splits:
+    for split in set(splits) - set(fresh_overlays):
         shutil.rmtree(out_dir / OVERLAYS_NAME / safe_name(split), ignore_errors=True)
     if earlier is not None:
         kept = [s for s in earlier["splits"] if s not in splits]

@@ -360,9 +360,10 @@ def build_parts(
         dim=sam_cfg.prompt_embed_dim,
         num_blocks=prompt_cfg.text_blocks,
         num_heads=prompt_cfg.text_heads,
+        position=prompt_cfg.text_position,
     )
-    # P_text starts as SAM's padding token, one the frozen decoder knows (design.md, Text prompts).
-    text_prompter.start_from(frozen_sam.pad_embed[0])
+    if prompt_cfg.text_start == "padding":  # a token the frozen decoder knows (design.md)
+        text_prompter.start_from(frozen_sam.pad_embed[0])
     return PromptRISParts(
         clip=prompted_clip,
         decoder=decoder,

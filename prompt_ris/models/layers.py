@@ -45,6 +45,7 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,
         context_pad_mask: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
+        pos_in_values: bool = False,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``context``.
 
@@ -53,6 +54,8 @@ class CrossAttention(nn.Module):
             context: (B, K, dim).
             context_pad_mask: (B, K) bool, True where a context token is padding (ignored).
             context_pos: optional (B or 1, K, dim) position embedding added to the keys.
+            pos_in_values: add ``context_pos`` to the values too, so that what the query reads
+                carries where it was read.
 
         Returns:
             (B, Q, dim).
@@ -60,4 +63,18 @@ class CrossAttention(nn.Module):
         q = self.norm_q(query)
         kv = self.norm_kv(context)
         k = kv if context_pos is None else kv + context_pos
-        return self.attn(q, k, kv, key_padding_mask=context_pad_mask, need_weights=False)[0]
+        v = k if pos_in_values else kv
+        return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=False)[0]
+
+    def attention_weights(
+        self,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        context_pad_mask: torch.Tensor | None = None,
+        context_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Where each query token looks: (B, Q, K) attention weights, averaged over heads."""
+        q = self.norm_q(query)
+        kv = self.norm_kv(context)
+        k = kv if context_pos is None else kv + context_pos
+        return self.attn(q, k, kv, key_padding_mask=context_pad_mask, need_weights=True)[1]

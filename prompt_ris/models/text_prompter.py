@@ -16,14 +16,16 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from prompt_ris.config import TEXT_POSITIONS
 from prompt_ris.models.layers import MLP, CrossAttention
 
 
 class _TextPromptBlock(nn.Module):
     """Self-attention over the text tokens, cross-attention to the SAM image tokens, MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pos_in_values: bool) -> None:
         super().__init__()
+        self.pos_in_values = pos_in_values
         self.self_attn = CrossAttention(dim, num_heads)
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
@@ -35,9 +37,14 @@ class _TextPromptBlock(nn.Module):
         pad_mask: torch.Tensor,
         image_tokens: torch.Tensor,
         image_pos: torch.Tensor,
+        maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(x, x, pad_mask)
-        x = x + self.cross_attn(x, image_tokens, context_pos=image_pos)
+        if maps is not None:  # (B, L, hw) where each text token reads the image
+            maps.append(self.cross_attn.attention_weights(x, image_tokens, context_pos=image_pos))
+        x = x + self.cross_attn(
+            x, image_tokens, context_pos=image_pos, pos_in_values=self.pos_in_values
+        )
         return x + self.mlp(self.norm(x))
 
 
@@ -46,8 +53,9 @@ class TextPrompter(nn.Module):
 
     F_T is projected to D_S and passed through ``num_blocks`` blocks of self-attention (padding
     after [EOS] masked), cross-attention to the SAM image embedding of the expression's image
-    (keys carry SAM's dense position encoding) and an MLP, then a final LayerNorm. The positions
-    after [EOS] are left as they come out: ``FrozenSAM.embed_prompts`` leaves them out.
+    (keys carry SAM's dense position encoding; with ``position="keys+values"`` the values carry it
+    too) and an MLP, then a final LayerNorm. The positions after [EOS] are left as they come out:
+    ``FrozenSAM.embed_prompts`` leaves them out.
 
     Args:
         text_dim: D_T of the CLIP text tokens.
@@ -55,15 +63,28 @@ class TextPrompter(nn.Module):
         num_blocks: number of blocks (2 in the paper).
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
+        position: where SAM's dense position encoding enters the cross-attention to F_IS:
+            ``"keys"`` (where a token looks) or ``"keys+values"`` (also what it reads back, so
+            the tokens can say where the referent is, as a point prompt does).
     """
 
     def __init__(
-        self, *, text_dim: int, dim: int, num_blocks: int, num_heads: int, mlp_ratio: float = 4.0
+        self,
+        *,
+        text_dim: int,
+        dim: int,
+        num_blocks: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        position: str = "keys",
     ) -> None:
         super().__init__()
+        if position not in TEXT_POSITIONS:
+            raise ValueError(f"position must be one of {TEXT_POSITIONS}, got {position!r}")
         self.in_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(
-            _TextPromptBlock(dim, num_heads, mlp_ratio) for _ in range(num_blocks)
+            _TextPromptBlock(dim, num_heads, mlp_ratio, pos_in_values=position == "keys+values")
+            for _ in range(num_blocks)
         )
         self.out_norm = nn.LayerNorm(dim)
 
@@ -85,6 +106,7 @@ class TextPrompter(nn.Module):
         sam_img_embed: torch.Tensor,
         image_index: torch.Tensor,
         image_pe: torch.Tensor,
+        maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Make text prompts.
 
@@ -94,6 +116,8 @@ class TextPrompter(nn.Module):
             sam_img_embed: F_IS, (I, D_S, h_s, w_s).
             image_index: (B,) expression -> image row.
             image_pe: (1, D_S, h_s, w_s) SAM's dense position encoding.
+            maps: when given, each block's cross-attention weights (B, L, h_s w_s), averaged
+                over heads, are appended to it.
 
         Returns:
             (B, L, D_S) sparse text tokens.
@@ -102,5 +126,5 @@ class TextPrompter(nn.Module):
         image_pos = rearrange(image_pe, "1 c h w -> 1 (h w) c")  # (1, hw, D_S)
         x = self.in_proj(text_tokens)  # (B, L, D_S)
         for block in self.blocks:
-            x = block(x, text_pad_mask, image_tokens, image_pos)
+            x = block(x, text_pad_mask, image_tokens, image_pos, maps)
         return self.out_norm(x)  # (B, L, D_S)

@@ -1,0 +1,194 @@
+"""Train the text prompter alone on a trained model, with text as SAM's only prompt, and measure
+what it learns.
+
+The rest of the model is taken from an export (a run's ``stage1/``: CLIP with CMP and the coarse
+decoder trained, SAM frozen) and frozen; a fresh text prompter, built as
+``model.prompts.text_start`` / ``text_position`` say, is trained on the run's training split with
+the stage-2 loss on the final mask (BCE + Dice, ICL as the run's ``train.icl_weight``), AdamW and
+the poly schedule. Then, on ``--split`` (a validation split, never a test split):
+
+- text-alone mIoU / oIoU beside the random object and the coarse CLIP mask (``prompt_ris.evaluate``);
+- where each block's cross-attention looks: its weight on the referent's cells of F_IS's grid,
+  against the referent's share of the grid (what attention spread evenly would give);
+- the gradient reaching the prompter's first layer in the first steps, and the scale of its final
+  LayerNorm at the end (0 at the padding start).
+
+Figures go to the log and to ``<out>/probe.json``::
+
+    python scripts/probe_text_prompter.py --checkpoint runs/demo/train/stage1 --out runs/probe \\
+        model.prompts.text_position=keys+values model.prompts.text_start=random
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prompt_ris import PromptRIS, evaluate
+from prompt_ris.config import load_config
+from prompt_ris.data.loader import build_eval_loader, build_train_loader
+from prompt_ris.losses import Stage, stage_loss
+from prompt_ris.models.prompt_ris import PromptRISOutput
+from prompt_ris.models.text_prompter import TextPrompter
+from prompt_ris.prompt_switches import PromptSwitches
+
+logger = logging.getLogger("probe_text_prompter")
+TEXT = PromptSwitches.parse("text")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="export whose CLIP side is kept")
+    parser.add_argument("--out", required=True, help="folder for probe.json")
+    parser.add_argument("--split", default="synthetic:val", help="validation split to measure on")
+    parser.add_argument("--steps", type=int, default=952, help="optimizer steps (the demo's stage 2)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the run's train.lr / 2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention-batches", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="model.prompts.* = value overrides")
+    return parser.parse_args(argv)
+
+
+def fresh_prompter(model: PromptRIS, overrides: list[str]) -> None:
+    """Replace the model's text prompter by one built as the overridden config says."""
+    assert model.config is not None
+    cfg = load_config(base=model.config, overrides=overrides)
+    prompts = cfg.model.prompts
+    prompter = TextPrompter(
+        text_dim=cfg.model.clip.text_width,
+        dim=cfg.model.sam.prompt_embed_dim,
+        num_blocks=prompts.text_blocks,
+        num_heads=prompts.text_heads,
+        position=prompts.text_position,
+    )
+    if prompts.text_start == "padding":
+        prompter.start_from(model.sam.pad_embed[0])
+    model.text_prompter = prompter
+    model.config = cfg
+
+
+def train_prompter(model: PromptRIS, steps: int, lr: float) -> list[float]:
+    """Train only the text prompter; returns the gradient norm at its first layer per step."""
+    cfg = model.config
+    assert cfg is not None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.text_prompter.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1 - s / steps) ** cfg.train.poly_power
+    )
+    loader = build_train_loader(cfg)
+    model.eval()
+    model.text_prompter.train()
+    grads, step, epoch, started = [], 0, 0, time.perf_counter()
+    while step < steps:
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            with torch.no_grad():
+                encoded = model.encode(batch, with_sam=True)
+            final = model.decode(encoded, TEXT, prompt_dropout=False)  # (B, 1, h, w)
+            out = PromptRISOutput(
+                encoded.coarse_logits, encoded.coarse_lowres, final, encoded.text_global
+            )
+            loss, terms = stage_loss(out, batch, Stage.FULL, cfg.train.icl_weight)
+            loss = loss - terms["clipseg"] - terms["icl_coarse"]  # the frozen side's terms
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads.append(float(model.text_prompter.in_proj.weight.grad.norm()))
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step % 100 == 0 or step == steps:
+                logger.info(
+                    "step %d/%d loss %.4f (%.1f s)", step, steps, float(loss.detach()),
+                    time.perf_counter() - started,
+                )  # fmt: skip
+            if step == steps:
+                break
+        epoch += 1
+    model.eval()
+    return grads
+
+
+@torch.no_grad()
+def attention_on_referent(model: PromptRIS, split: str, batches: int) -> dict[str, list[float]]:
+    """Per block: mean cross-attention weight on the referent's F_IS cells, and the referent's
+    mean share of the cells (the weight attention spread evenly would put there)."""
+    cfg = model.config
+    assert cfg is not None
+    loader = build_eval_loader(cfg, split)
+    on, share = [], []
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        encoded = model.encode(batch, with_sam=True)
+        grid = encoded.sam_img_embed.shape[-2:]
+        maps: list[torch.Tensor] = []
+        model.text_prompter(
+            encoded.text_tokens, encoded.text_pad_mask, encoded.sam_img_embed,
+            encoded.image_index, model.sam.dense_pe(), maps,
+        )  # fmt: skip
+        gt = F.adaptive_avg_pool2d(batch.gt_masks.float(), grid).flatten(1)  # (B, hw)
+        words = (~encoded.text_pad_mask).float()  # (B, L)
+        per_block = [
+            ((m * gt[:, None]).sum(-1) * words).sum(1) / words.sum(1)  # (B,)
+            for m in maps  # (B, L, hw)
+        ]
+        on.append(torch.stack(per_block, 1))  # (B, blocks)
+        share.append(gt.mean(1))  # (B,)
+    return {
+        "on_referent": torch.cat(on).mean(0).tolist(),
+        "referent_share": [float(torch.cat(share).mean())],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(args.seed)
+    model = PromptRIS.from_pretrained(args.checkpoint)
+    fresh_prompter(model, args.overrides)
+    cfg = model.config
+    assert cfg is not None
+    cfg.eval.num_overlays = 0
+    lr = args.lr if args.lr is not None else cfg.train.lr / 2
+    grads = train_prompter(model, args.steps, lr)
+    attention = attention_on_referent(model, args.split, args.attention_batches)
+    results = evaluate(model, args.split, [TEXT], config=cfg)
+    metrics = results.metrics[TEXT.name][args.split]
+    report = {
+        "checkpoint": args.checkpoint,
+        "overrides": args.overrides,
+        "split": args.split,
+        "steps": args.steps,
+        "lr": lr,
+        "seed": args.seed,
+        "mIoU": {o: round(m["mIoU"], 2) for o, m in metrics.items()},
+        "oIoU": {o: round(m["oIoU"], 2) for o, m in metrics.items()},
+        "attention": attention,
+        "grad_first_layer": {
+            "first_10_steps": sum(grads[:10]) / max(len(grads[:10]), 1),
+            "last_10_steps": sum(grads[-10:]) / max(len(grads[-10:]), 1),
+        },
+        "out_norm_scale": float(model.text_prompter.out_norm.weight.abs().mean()),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("%s", json.dumps(report))
+    return 0 if all(math.isfinite(g) for g in grads) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
