@@ -29,7 +29,13 @@ setup(
         "pyyaml>=6.0.1",
         "tqdm>=4.66.3",  # what datasets 4.0.0 asks for
         "tensorboard>=2.14.0",  # train.tracker's default, through accelerate
+        "huggingface_hub>=2.4.0",  # loading by hub id, push_to_hub, model cards (models/hub.py)
     ],
-    extras_require={"dev": ["pytest>=7.4.0"]},
+    extras_require={
+        # `prompt-ris app` (prompt_ris/app/): Gradio Blocks; gradio_client for scripts and tests
+        "app": ["gradio>=6.31.0", "gradio_client>=2.7.2"],
+        # the browser test drives Debian's chromium + chromedriver (scripts/setup_env.sh)
+        "dev": ["pytest>=7.4.0", "selenium>=4.51.0", "gradio>=6.31.0", "gradio_client>=2.7.2"],
+    },
     entry_points={"console_scripts": ["prompt-ris=prompt_ris.cli:main"]},
 )

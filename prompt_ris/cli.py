@@ -1,5 +1,5 @@
 """``prompt-ris`` command line: segment what an expression describes with a trained checkpoint,
-and export checkpoints.
+export checkpoints, and try one in the browser.
 
 Examples::
 
@@ -8,6 +8,7 @@ Examples::
     prompt-ris predict --checkpoint ... --image photos/ --text "the dog" --out-dir masks/
     prompt-ris predict --checkpoint ... --batch jobs.json --out-dir masks/
     prompt-ris export --checkpoint checkpoints/run1/best --out run1_portable --self-contained
+    prompt-ris app [--checkpoint ...] [--host 127.0.0.1] [--port 7860] [--device cuda]
 
 ``jobs.json`` is a list of ``{"image": "path", "text": "expression"}`` (``text`` may be a list);
 relative image paths are read from the JSON file's folder. Batch modes write
@@ -122,7 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--clip-weights", default=None, help="local CLIP weights (overrides config)")
     e.add_argument("--sam-weights", default=None, help="local SAM checkpoint (overrides config)")
+    e.add_argument(
+        "--results", type=Path, default=None,
+        help="results.json whose figures the model card states (default: the checkpoint's "
+        "<run>/eval/<name>/results.json when it exists)",
+    )  # fmt: skip
     e.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
+
+    a = commands.add_parser(
+        "app", help="try a model in the browser (needs the app extra: pip install -e .[app])"
+    )
+    a.add_argument(
+        "--checkpoint", default=None,
+        help="checkpoint folder (default: the shipped checkpoints/tiny_synthetic_demo)",
+    )  # fmt: skip
+    a.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback)")
+    a.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    a.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    a.add_argument("-v", "--verbose", action="store_true", help="log details, show tracebacks")
     return parser
 
 
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(levelname)s: %(message)s",
     )
-    command = run_export if args.command == "export" else run_predict
+    command = {"export": run_export, "app": run_app}.get(args.command, run_predict)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
@@ -151,8 +170,10 @@ def load_checked(checkpoint: str, clip_weights: str | None, sam_weights: str | N
     checkpoint reads and that the base weights it needs exist (every problem, one per line)."""
     from prompt_ris.models import PromptRIS
     from prompt_ris.models.build import base_weight_problems
+    from prompt_ris.models.hub import checkpoint_folder
     from prompt_ris.models.pretrained import KIND_FULL, read_checkpoint
 
+    checkpoint = str(checkpoint_folder(checkpoint))  # a hub id ``owner/name`` is fetched
     saved = read_checkpoint(checkpoint)
     if saved.kind != KIND_FULL:
         problems = base_weight_problems(saved.config.model, clip_weights, sam_weights)
@@ -217,7 +238,7 @@ def _run_job(
 
     from prompt_ris.data.text import EmptyExpressionError, tokenize
     from prompt_ris.data.transforms import as_rgb_image
-    from prompt_ris.overlays import draw_overlay
+    from prompt_ris.method_picture import method_picture
 
     records: list[dict[str, Any]] = [{"image": str(job.image), "text": t} for t in job.texts]
     todo = list(range(len(job.texts)))
@@ -233,13 +254,18 @@ def _run_job(
         return records
     rgb = as_rgb_image(job.image)
     predictor.set_image(rgb)
-    prediction = predictor.predict([job.texts[k] for k in todo], switches=switches)
-    for k, mask in zip(todo, prediction.masks):
+    prediction = predictor.predict(
+        [job.texts[k] for k in todo], switches=switches, return_coarse=True, return_probs=True
+    )
+    for row, (k, mask) in enumerate(zip(todo, prediction.masks)):
         overlay_path, mask_path = job.outputs[k]
         for path in (overlay_path, mask_path):
             path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)  # (H, W) 0/255
-        draw_overlay(rgb, mask, job.texts[k]).save(overlay_path)
+        method_picture(
+            np.asarray(rgb), job.texts[k], mask, prediction.coarse_probs[row],
+            prediction.points[row],
+        ).save(overlay_path)  # image | coarse mask + point | final mask
         fraction = float(mask.mean())
         _say(f"{job.image}: {job.texts[k]!r} -> {overlay_path}, {mask_path} ({fraction:.1%})")
         records[k].update(overlay=str(overlay_path), mask=str(mask_path), mask_fraction=fraction)
@@ -382,6 +408,7 @@ def run_export(args: argparse.Namespace) -> int:
         not (out.exists() and (not out.is_dir() or any(out.iterdir()))),
         f"--out '{out}' already exists; give a new folder",
     )
+    from prompt_ris.models.hub import write_card
     from prompt_ris.models.pretrained import read_checkpoint
     from prompt_ris.weights import names_a_file
 
@@ -399,12 +426,60 @@ def run_export(args: argparse.Namespace) -> int:
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, self_contained=args.self_contained, training=training)
+    write_card(tmp, _export_results(args), name=out.name, load_from=str(out))  # README.md
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(tmp, out)
     kind = "self-contained" if args.self_contained else "learned weights only"
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     _say(f"wrote {out} ({kind}, {size:.1f} MB); load it with PromptRIS.from_pretrained('{out}')")
+    return 0
+
+
+def _export_results(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The evaluation figures an export's card states: --results, else the checkpoint's own
+    evaluation (``<run>/eval/<name>/results.json``), else none."""
+    path = args.results
+    if path is None:
+        folder = Path(args.checkpoint)
+        path = folder.parent / "eval" / folder.name / "results.json"
+        if not path.is_file():
+            return None
+    if not path.is_file():
+        raise FileNotFoundError(f"--results '{path}' does not exist; give a results.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--results '{path}' is not valid JSON ({err})") from err
+
+
+# --------------------------------------------------------------------------------------------
+# App
+# --------------------------------------------------------------------------------------------
+SHIPPED_CHECKPOINT = "checkpoints/tiny_synthetic_demo"  # under the source tree
+
+
+def run_app(args: argparse.Namespace) -> int:
+    """The ``app`` command: load the model, then serve the page until interrupted."""
+    _require(0 < args.port < 65536, f"--port {args.port} is not a port; e.g. --port 7860")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "the app needs Gradio, which is not installed; run: pip install -e '.[app]'"
+        ) from None
+    from prompt_ris.app.answers import Answerer
+    from prompt_ris.app.server import serve
+    from prompt_ris.predictor import device_problem, resolve_device
+    from prompt_ris.weights import SOURCE_TREE
+
+    problem = None if args.device is None else device_problem(args.device)
+    _require(problem is None, f"--device {args.device}: {problem}; use --device cpu")
+    checkpoint = args.checkpoint or str(SOURCE_TREE / SHIPPED_CHECKPOINT)
+    model = load_checked(checkpoint, None, None)
+    answerer = Answerer(model, device=resolve_device(args.device, model))
+    _say(f"serving {checkpoint} on http://{args.host}:{args.port} (Ctrl+C stops)")
+    serve(answerer, host=args.host, port=args.port, share=args.share)
     return 0
 
 

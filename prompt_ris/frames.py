@@ -76,3 +76,37 @@ def lowres_to_original(
         crop = frame[row : row + 1, :, :h, :w]  # (1, 1, h', w')
         out.append(F.interpolate(crop, orig, mode="bilinear", align_corners=False)[0, 0])
     return out
+
+
+def lowres_cell_to_original(
+    cells: torch.Tensor,
+    input_sizes: torch.Tensor,
+    orig_sizes: torch.Tensor,
+    image_index: torch.Tensor,
+    lowres_size: int,
+    sam_size: int,
+) -> torch.Tensor:
+    """Flat cell indices of the low-res frame -> (x, y) of their centres in the original frame.
+
+    What the point prompt of eq. (3) clicks (``FrozenSAM.embed_point`` takes the argmax cell of
+    S_C), as a pixel position of the image as loaded. A cell in the letterbox padding maps
+    outside the image.
+
+    Args:
+        cells: (B,) long, row * lowres_size + column.
+        input_sizes: (I, 2) (h', w') of each resized image in the SAM frame.
+        orig_sizes: (I, 2) (H, W) of each original image.
+        image_index: (B,) expression -> image row.
+        lowres_size: side of the low-res frame (S_s / 4).
+        sam_size: S_s, side of the SAM frame.
+
+    Returns:
+        (B, 2) float32 (x, y) in original pixels.
+    """
+    step = sam_size / lowres_size  # SAM-frame pixels per low-res cell
+    row = torch.div(cells, lowres_size, rounding_mode="floor").float()  # (B,)
+    col = (cells % lowres_size).float()  # (B,)
+    sam_xy = torch.stack([(col + 0.5) * step, (row + 0.5) * step], dim=1)  # (B, 2) SAM frame
+    resized = input_sizes[image_index].float().flip(1)  # (B, 2) (w', h')
+    orig = orig_sizes[image_index].float().flip(1)  # (B, 2) (W, H)
+    return sam_xy.cpu() * (orig / resized).cpu()  # (B, 2)

@@ -9,11 +9,13 @@
    training), coarse and final masks beside the baseline that answers with a random object of the
    image, by expression form, and again with each prompt type switched off (Table 5); then checks
    the paper's claims in miniature against their targets;
-4. writes overlay pictures (prediction beside ground truth) and predicts on a new image from
+4. writes pictures of the method (image | coarse mask with the point | final mask | ground truth)
+   and predicts on a new image from
    Python, as a user would.
 
-Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [key=value ...]`` (overrides
-go to training).
+Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--ship DIR] [key=value ...]``
+(overrides go to training; ``--ship checkpoints/tiny_synthetic_demo`` remakes the shipped model
+with ``scripts/ship_model.py``).
 """
 
 from __future__ import annotations
@@ -159,6 +161,7 @@ def claims_table(claims: list[tuple[str, str, bool]]) -> str:
 
 def predict_on_new_image(checkpoint: Path, out: Path) -> str:
     """Render a scene the model never saw and run the three-line example on it, as typed."""
+    import numpy as np
     from PIL import Image
 
     from prompt_ris.data.refer import Refer
@@ -167,7 +170,7 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
         SYNTHETIC_SPLIT_BY,
         generate_synthetic,
     )
-    from prompt_ris.overlays import draw_overlay
+    from prompt_ris.method_picture import method_picture
 
     scene_root = out / "new_scene"
     generate_synthetic(scene_root, num_images=1, seed=12345)  # a seed the training data never used
@@ -178,7 +181,12 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
     example = PYTHON_EXAMPLE.format(checkpoint=checkpoint, image=image, text=text)
     namespace: dict = {}
     exec(compile(example, "<example>", "exec"), namespace)
-    draw_overlay(Image.open(image), namespace["mask"], text).save(out / "new_scene_prediction.png")
+    rgb = np.asarray(Image.open(image).convert("RGB"))  # (H, W, 3)
+    shown = namespace["model"].predict(rgb, text, return_coarse=True, return_probs=True)
+    picture = method_picture(
+        rgb, text, namespace["mask"], shown.coarse_probs[0], shown.points[0], refer.mask(ref)
+    )  # image | coarse mask + point | final mask | ground truth
+    picture.save(out / "new_scene_prediction.png")
     return example
 
 
@@ -192,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         help="expression kinds of the synthetic data (attribute, position, relation; see README)",
     )
     parser.add_argument("--overlays", type=int, default=8, help="overlay pictures per split")
+    parser.add_argument(
+        "--ship", default=None, metavar="DIR",
+        help="also write the trained model as the shipped model to DIR (scripts/ship_model.py), "
+        "e.g. checkpoints/tiny_synthetic_demo",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="training overrides (train.stage1_epochs=2)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
@@ -276,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     ])  # fmt: skip
     (out / "demo_results.md").write_text(report + "\n")
     print("\n" + report)
-    print(f"\nOverlays (prediction | ground truth): {out / 'eval' / 'overlays'}")
+    if args.ship is not None:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from ship_model import ship
+
+        ship(checkpoint, REPO / args.ship)
+    pictures = out / "eval" / "overlays"
+    print(f"\nPictures (image | coarse mask + point | final mask | ground truth): {pictures}")
     print(f"Prediction on a new image: {out / 'new_scene_prediction.png'}")
     print("\nLoad the trained weights and predict in Python:\n")
     print(example)

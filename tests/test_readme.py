@@ -38,6 +38,11 @@ FRESH_CLONE_PROBLEMS = (
     r"launch scripts/train\.py",
     r"--resume checkpoints/\S+: no run there \('[^']+/config\.yaml' not found\)",
 )
+# Commands that run long or serve until stopped (training the demo, the app, the load test
+# against a running app): their flags are checked against their --help; tests/test_app_*.py and
+# tests/test_shipped_model.py run what they do.
+LONG_RUNNING = {"scripts/demo.py", "scripts/load_test_app.py", "app"}
+SHIPPED = "checkpoints/tiny_synthetic_demo"  # a fresh clone has it: its commands succeed
 HELP_SECONDS = 3.0  # measured 0.05-0.2 s each
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # subprocesses import this checkout
 
@@ -77,7 +82,7 @@ def flag(args: list[str], name: str) -> str | None:
 @pytest.fixture
 def fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A working directory like a fresh clone: the project's folders, no data, no runs."""
-    for name in ("configs", "scripts", "evaluation"):
+    for name in ("configs", "scripts", "evaluation", "checkpoints", "examples"):
         (tmp_path / name).symlink_to(REPO / name)
     from PIL import Image
 
@@ -92,7 +97,7 @@ def test_the_readmes_hold_the_workflow() -> None:
                    "evaluation/evaluate.py", "evaluation/compare.py", "prompt-ris"):  # fmt: skip
         assert needed in programs, needed
     subcommands = {cmd[1] for _, cmd in ALL_COMMANDS if cmd[0] == "prompt-ris"}
-    assert subcommands == {"predict", "export"}
+    assert subcommands == {"predict", "export", "app"}
     # What a user needs to know, documented in the README.
     readme = (REPO / "README.md").read_text()
     for needed in ("PROMPT_RIS_WEIGHTS", "train.save_every_steps", "--save-every-steps",
@@ -114,6 +119,18 @@ def test_readme_command_runs_as_written_up_to_what_a_fresh_clone_lacks(
         return
     if command[0] == "bash":
         assert (REPO / command[1]).is_file(), command
+        return
+    if program in LONG_RUNNING or args[:1] == ["app"]:
+        helped = [sys.executable, program, "--help"] if program.endswith(".py") else [
+            sys.executable, "-m", "prompt_ris", *args[:1], "--help"]  # fmt: skip
+        usage = subprocess.run(helped, capture_output=True, text=True, check=True, env=ENV).stdout
+        for word in args:
+            assert not word.startswith("--") or word in usage, (command, word)
+        return
+    if program == "prompt-ris" and flag(args, "--checkpoint") == SHIPPED:
+        from prompt_ris.cli import main
+
+        assert main(args) == 0, capsys.readouterr().err  # the shipped model answers
         return
     if program == "prompt-ris":
         from prompt_ris.cli import main
@@ -179,6 +196,8 @@ def test_paths_agree_between_training_evaluation_and_inference() -> None:
     (run,) = run_folders
     exports = {f"{run}/{name}" for name in ("best", "final", "stage1")}
     for how, path in checkpoints:
+        if path in (SHIPPED, None):  # the shipped model; `prompt-ris app` defaults to it
+            continue
         assert path == run if how == "--resume" else path in exports, (how, path)
     assert compared and set(compared) <= outputs, (compared, outputs)
     assert f"{run}/eval/best/results.json" in compared

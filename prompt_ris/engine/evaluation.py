@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device
@@ -293,23 +294,38 @@ def write_results(
 
 
 def save_overlays(
-    records: list[dict[str, Any]], dataset: Any, out_dir: Path, count: int, order: str
+    records: list[dict[str, Any]],
+    dataset: Any,
+    out_dir: Path,
+    count: int,
+    order: str,
+    model: PromptRIS,
+    switches: PromptSwitches,
 ) -> list[Path]:
-    """Prediction (left) and ground truth (right) over the image, for ``count`` expressions of
-    one split: the first ones (ref_id, sent_id order) or the worst by final IoU."""
+    """The method's picture (``method_picture``: image | coarse mask with the point | final
+    mask | ground truth) for ``count`` expressions of one split: the first ones (ref_id,
+    sent_id order) or the worst by final IoU. The final mask is the one scored; the coarse
+    heat map and the point are predicted again for the picture."""
     from prompt_ris.data.rle import decode_rle
     from prompt_ris.data.transforms import load_image
-    from prompt_ris.overlays import prediction_and_truth
+    from prompt_ris.method_picture import method_picture
 
     chosen = sorted(records, key=lambda r: r["final_iou"]) if order == "worst" else records
     rows = {int(ref): row for row, ref in enumerate(dataset.table["ref_id"][:])}
     paths = []
     for rank, record in enumerate(chosen[:count]):
         ref = dataset.table[rows[record["ref_id"]]]
-        image = load_image(dataset.image_path(ref), (int(ref["height"]), int(ref["width"])))
+        image = np.asarray(
+            load_image(dataset.image_path(ref), (int(ref["height"]), int(ref["width"])))
+        )  # (H, W, 3)
         gt = decode_rle({"size": ref["mask_size"], "counts": ref["mask_counts"]})
-        text = f"{record['text']} (IoU {record['final_iou']:.2f})"
-        canvas = prediction_and_truth(image, decode_rle(record["final_rle"]), gt, text)
+        coarse = model.predict(
+            image, record["text"], switches=switches, return_coarse=True, return_probs=True
+        )
+        canvas = method_picture(
+            image, record["text"], decode_rle(record["final_rle"]), coarse.coarse_probs[0],
+            coarse.points[0], gt,
+        )  # fmt: skip
         paths.append(out_dir / f"{rank:03d}_ref{record['ref_id']}_sent{record['sent_id']}.png")
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         canvas.save(paths[-1])
@@ -453,8 +469,9 @@ def evaluate(
         if overlay_dir is not None and ev.num_overlays > 0 and accelerator.is_main_process:
             folder = Path(overlay_dir) / safe_name(split)
             results.overlays[split] = save_overlays(
-                records, loaders[split].dataset, folder, ev.num_overlays, ev.overlay_order
-            )
+                records, loaders[split].dataset, folder, ev.num_overlays, ev.overlay_order,
+                model, sets[0],
+            )  # fmt: skip
         logger.info(
             "%s: %s", split,
             {o: round(m["mIoU"], 2) for o, m in results.metrics[sets[0].name][split].items()},

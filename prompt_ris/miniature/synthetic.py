@@ -344,6 +344,22 @@ def render_scene(
     return pixels.round().astype(np.uint8), objects
 
 
+def synthetic_scene(
+    seed: int, kinds: Sequence[str] = ("attribute",)
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One scene drawn in memory, as the dataset draws its images: (H, W, 3) uint8 pixels and
+    every unambiguous expression of ``kinds`` about it with the mask of its object ((H, W)
+    bool), objects back to front."""
+    rng = random.Random(seed)
+    width, height = rng.choice(IMAGE_SIDES), rng.choice(IMAGE_SIDES)
+    pixels, objects = render_scene(rng, width, height)
+    truths = {}
+    for obj, exprs in zip(objects, describe(objects, max(width, height), kinds)):
+        for expr in exprs:
+            truths[expr.text] = obj.mask
+    return pixels, truths
+
+
 def uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
     """(H, W) bool -> COCO uncompressed RLE (column-major runs, starting with background)."""
     flat = mask.flatten(order="F").astype(np.int8)

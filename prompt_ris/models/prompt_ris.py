@@ -34,12 +34,13 @@ from prompt_ris.config import Config, ModelConfig, load_config
 from prompt_ris.data.batch import ModelInputs
 from prompt_ris.data.text import expression_list, tokenize
 from prompt_ris.data.transforms import ImageInput, LetterboxedImage, as_rgb_image, letterbox_image
-from prompt_ris.frames import lowres_to_original
+from prompt_ris.frames import lowres_cell_to_original, lowres_to_original
 from prompt_ris.metrics import DEFAULT_THRESHOLD, threshold_logit
 from prompt_ris.models.build import build_parts
 from prompt_ris.models.cross_modal_prompting import PromptedCLIP
 from prompt_ris.models.coarse_decoder import CoarseDecoder
 from prompt_ris.models.frozen_sam import FrozenSAM, PromptKeep
+from prompt_ris.models.hub import checkpoint_folder, push_to_hub
 from prompt_ris.models.pretrained import read_checkpoint, save_pretrained
 from prompt_ris.models.text_prompter import TextPrompter
 from prompt_ris.prompt_switches import PROMPT_TYPES, PromptSwitches
@@ -93,10 +94,13 @@ class FrameLogits:
     Attributes:
         coarse: B float32 (H_b, W_b) logit maps of S_C, or None when not asked for.
         final: per switch set, B float32 (H_b, W_b) logit maps of S'.
+        points: (B, 2) float32 (x, y) in the original frames where the point prompt clicks
+            (the argmax cell of S_C, eq. 3 in eval mode), with ``coarse``.
     """
 
     coarse: list[torch.Tensor] | None
     final: dict[PromptSwitches, list[torch.Tensor]]
+    points: torch.Tensor | None = None
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -114,6 +118,8 @@ class Prediction:
         coarse_masks: (N, H, W) bool, the CLIP coarse mask S_C mapped to the original frame,
             when ``return_coarse``.
         coarse_probs: (N, H, W) float32, when both ``return_coarse`` and ``return_probs``.
+        points: (N, 2) float32 (x, y) in the original frame where the point prompt clicked
+            (eq. 3: the argmax of S_C), when ``return_coarse``.
     """
 
     expressions: list[str]
@@ -121,6 +127,7 @@ class Prediction:
     probs: np.ndarray | None = None
     coarse_masks: np.ndarray | None = None
     coarse_probs: np.ndarray | None = None
+    points: np.ndarray | None = None
 
     @classmethod
     def from_logits(
@@ -130,7 +137,8 @@ class Prediction:
         threshold: float = DEFAULT_THRESHOLD,
         return_probs: bool = False,
     ) -> Prediction:
-        """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` logits into a Prediction.
+        """Threshold ``{"final": (N, H, W)[, "coarse": (N, H, W), "points": (N, 2)]}`` logits
+        into a Prediction.
 
         A pixel is foreground when its probability is strictly above ``threshold``.
 
@@ -139,6 +147,8 @@ class Prediction:
                 mask without a word).
         """
         cut = threshold_logit(threshold)
+        logits = dict(logits)
+        points = logits.pop("points", None)
         for name, values in logits.items():
             finite = torch.isfinite(values).flatten(1).all(1)  # (N,)
             if not bool(finite.all()):
@@ -155,6 +165,8 @@ class Prediction:
             prediction.coarse_masks = _numpy(logits["coarse"] > cut)
             if return_probs:
                 prediction.coarse_probs = _numpy(torch.sigmoid(logits["coarse"]))
+        if points is not None:
+            prediction.points = _numpy(points)
         return prediction
 
 
@@ -421,12 +433,15 @@ class PromptRIS(nn.Module):
                 switches = self.default_switches if switches is None else switches
                 mask_logits = self.decode(encoded, switches)  # S': (B, 1, S_s/4, S_s/4)
                 final[switches] = self.to_original(mask_logits, input_sizes, orig_sizes, index)
-            coarse = (
-                self.to_original(encoded.coarse_lowres, input_sizes, orig_sizes, index)
-                if with_coarse
-                else None
-            )
-        return FrameLogits(coarse=coarse, final=final)
+            coarse, points = None, None
+            if with_coarse:
+                coarse = self.to_original(encoded.coarse_lowres, input_sizes, orig_sizes, index)
+                cells = encoded.coarse_lowres.flatten(1).argmax(dim=1)  # (B,) eq. 3's click
+                points = lowres_cell_to_original(
+                    cells, input_sizes, orig_sizes, index, self.sam.lowres_size,
+                    self.sam.image_size,
+                )  # fmt: skip
+        return FrameLogits(coarse=coarse, final=final, points=points)
 
     def learnable_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters that training changes (``requires_grad``), by name, detached."""
@@ -449,6 +464,7 @@ class PromptRIS(nn.Module):
         switches: PromptSwitches | None = None,
         with_coarse: bool = False,
         max_batch: int | None = None,
+        with_points: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Logits of N tokenized expressions about one letterboxed image, in its original frame.
 
@@ -463,15 +479,17 @@ class PromptRIS(nn.Module):
             with_coarse: also map the coarse mask S_C.
             max_batch: expressions per forward pass (None: all at once); results do not
                 depend on it.
+            with_points: also return where the point prompt clicked (needs ``with_coarse``).
 
         Returns:
-            ``{"final": (N, H, W)[, "coarse": (N, H, W)]}`` float32 logits.
+            ``{"final": (N, H, W)[, "coarse": (N, H, W)][, "points": (N, 2)]}`` float32 logits
+            and the (x, y) of the clicks.
         """
         image = image.to(self.device, self.dtype)
         sizes = (torch.tensor([image.input_size]), torch.tensor([image.orig_size]))
         if sam_img_embed is None:
             sam_img_embed = self.encode_sam(image.sam_image[None])  # (1, D_S, h_s, w_s)
-        chunks: dict[str, list[torch.Tensor]] = {"final": [], "coarse": []}
+        chunks: dict[str, list[torch.Tensor]] = {"final": [], "coarse": [], "points": []}
         for tokens in text_tokens.split(max_batch or max(1, text_tokens.shape[0])):
             num = tokens.shape[0]
             inputs = ModelInputs(
@@ -486,6 +504,9 @@ class PromptRIS(nn.Module):
             (final,) = frames.final.values()
             chunks["final"].extend(final)
             chunks["coarse"].extend(frames.coarse or ())
+            chunks["points"].extend(() if frames.points is None else frames.points)
+        if not with_points:
+            chunks.pop("points")
         return {name: torch.stack(maps) for name, maps in chunks.items() if maps}  # (N, H, W)
 
     def predict(
@@ -528,7 +549,7 @@ class PromptRIS(nn.Module):
         letterboxed = image if isinstance(image, LetterboxedImage) else self.letterbox(image)
         logits = self.segment(
             letterboxed, tokens, sam_img_embed=sam_img_embed, switches=switches,
-            with_coarse=return_coarse, max_batch=max_batch,
+            with_coarse=return_coarse, max_batch=max_batch, with_points=return_coarse,
         )  # fmt: skip
         return Prediction.from_logits(texts, logits, threshold, return_probs)
 
@@ -577,24 +598,35 @@ class PromptRIS(nn.Module):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
     ) -> PromptRIS:
-        """Rebuild a model written by ``save_pretrained`` (or exported by training).
+        """Rebuild a model written by ``save_pretrained`` (or exported by training), from a
+        folder or from the model hub (``"owner/name"``, see ``models.hub``).
 
         A learned-only checkpoint is rebuilt on the base weights its config names (or on
         ``clip_weights`` / ``sam_weights``); a self-contained one needs no base-weight files.
         Keys and shapes are checked strictly (see ``models.pretrained``).
 
         Args:
-            path: a checkpoint folder or its ``model.safetensors``.
+            path: a checkpoint folder or its ``model.safetensors``, or a hub id
+                ``owner/name`` (when no such local path exists).
             clip_weights: local CLIP weights (or open_clip tag) replacing the config's.
             sam_weights: local SAM checkpoint replacing the config's.
             device: where to put the model (default: CPU).
             dtype: cast the floating tensors to this dtype (default: float32, as built).
+            revision: hub branch, tag or commit (hub ids only).
+            cache_dir: huggingface_hub's cache folder (default: its own).
+            local_files_only: only look in that cache (as ``HF_HUB_OFFLINE=1`` does).
 
         Returns:
             The model in eval mode, ``model.config`` set to the checkpoint's ``Config``.
         """
-        checkpoint = read_checkpoint(path)
+        folder = checkpoint_folder(
+            path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        checkpoint = read_checkpoint(folder)
         model_cfg, clip_weights, sam_weights = checkpoint.build_args(clip_weights, sam_weights)
         model = cls.from_config(model_cfg, clip_weights=clip_weights, sam_weights=sam_weights)
         checkpoint.load_into(model)
@@ -615,6 +647,19 @@ class PromptRIS(nn.Module):
         return save_pretrained(
             self, directory, config=self.config, self_contained=self_contained, training=training
         )
+
+
+    def push_to_hub(
+        self, repo_id: str, results: dict | None = None, self_contained: bool = False,
+        **options: object,
+    ) -> str:  # fmt: skip
+        """Upload this model with its model card (and the figures of ``results``, a
+        ``results.json``) to the hub repository ``repo_id``; ``options``: ``private``,
+        ``token``, ``revision``, ``commit_message``. Returns the commit's URL."""
+        return push_to_hub(
+            lambda folder: self.save_pretrained(folder, self_contained=self_contained),
+            repo_id, results, **options,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
