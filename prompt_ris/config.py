@@ -31,7 +31,7 @@ from prompt_ris.prompt_switches import PromptSwitches, SwitchesError
 from prompt_ris.weights import CLIP_FILE, SAM_FILE
 
 
-TEXT_POSITIONS = ("keys", "keys+values")  # model.prompts.text_position
+TEXT_POSITIONS = ("keys", "keys+values", "values")  # model.prompts.text_position
 TEXT_STARTS = ("padding", "random")  # model.prompts.text_start
 
 
@@ -109,7 +109,7 @@ class PromptConfig:
     text_blocks: int = 2  # transformer blocks of the text prompter
     text_heads: int = 8
     # Where SAM's dense position encoding enters the text prompter's cross-attention to F_IS:
-    # "keys" (where a text token looks) or "keys+values" (also what it reads back).
+    # "keys" (where a text token looks), "values" (what it reads back) or "keys+values".
     text_position: str = "keys"
     # The text prompter's start: "padding" (every P_text token is SAM's padding token until
     # training moves it) or "random" (PyTorch's default initialisation).

@@ -107,11 +107,11 @@ class OracleAttention:
             context: torch.Tensor,
             context_pad_mask: torch.Tensor | None = None,
             context_pos: torch.Tensor | None = None,
-            pos_in_values: bool = False,
+            value_pos: torch.Tensor | None = None,
         ) -> torch.Tensor:
             assert self.weights is not None, "show() the batch's ground truth first"
             kv = module.norm_kv(context)
-            v = kv + context_pos if pos_in_values and context_pos is not None else kv
+            v = kv if value_pos is None else kv + value_pos
             attn = module.attn
             dim = attn.embed_dim
             values = F.linear(v, attn.in_proj_weight[2 * dim :], attn.in_proj_bias[2 * dim :])

@@ -113,3 +113,59 @@ def test_model_builds_it_at_clip_and_sam_widths(tiny_model: PromptRIS, tiny_cfg:
     assert prompter.in_proj.in_features == tiny_cfg.model.clip.text_width
     assert prompter.in_proj.out_features == tiny_cfg.model.sam.prompt_embed_dim
     assert len(prompter.blocks) == tiny_cfg.model.prompts.text_blocks
+
+
+def _position_prompter(position: str) -> TextPrompter:
+    torch.manual_seed(0)
+    return TextPrompter(text_dim=D_T, dim=C, num_blocks=2, num_heads=2, position=position).eval()
+
+
+def test_the_position_encoding_enters_where_the_config_says() -> None:
+    """Shifting the position encoding by one vector everywhere changes every key by the same
+    amount, which attention's softmax ignores, and every value, which it reads back: so only a
+    prompter with the encoding in its values answers differently."""
+    text, pad, embed, index, pe = _inputs()
+    shifted = pe + torch.randn(1, C, 1, 1, generator=torch.Generator().manual_seed(3))
+    for position, moves in (("keys", False), ("values", True), ("keys+values", True)):
+        prompter = _position_prompter(position)
+        with torch.no_grad():
+            a = prompter(text, pad, embed, index, pe)
+            b = prompter(text, pad, embed, index, shifted)
+        assert (not torch.allclose(a, b, atol=1e-5)) == moves, position
+
+
+def test_cross_attention_maps_are_given_on_request() -> None:
+    prompter = _prompter()
+    text, pad, embed, index, pe = _inputs()
+    maps: list[torch.Tensor] = []
+    with torch.no_grad():
+        out = prompter(text, pad, embed, index, pe, maps)
+    assert len(maps) == len(prompter.blocks)
+    for m in maps:  # (B, L, hw): where each text token reads its image
+        assert m.shape == (3, L, HW * HW)
+        torch.testing.assert_close(m.sum(-1), torch.ones(3, L))
+    torch.testing.assert_close(out, prompter(text, pad, embed, index, pe).detach())
+
+
+def test_text_start_and_position_come_from_the_config(tiny_cfg: Config) -> None:
+    import copy
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.prompts.text_start, cfg.model.prompts.text_position = "random", "values"
+    model = PromptRIS.from_config(cfg)
+    assert torch.equal(model.text_prompter.out_norm.weight, torch.ones_like(
+        model.text_prompter.out_norm.weight))  # fmt: skip
+    block = model.text_prompter.blocks[0]
+    assert (block.pos_in_keys, block.pos_in_values) == (False, True)
+
+
+def test_a_position_or_start_the_config_does_not_know_is_refused() -> None:
+    import pytest
+
+    from prompt_ris.config import ConfigError, load_config
+
+    for override in ("model.prompts.text_position=queries", "model.prompts.text_start=zero"):
+        with pytest.raises(ConfigError, match="expected one of"):
+            load_config(overrides=[override])
+    with pytest.raises(ValueError, match="position must be one of"):
+        TextPrompter(text_dim=D_T, dim=C, num_blocks=1, num_heads=2, position="queries")

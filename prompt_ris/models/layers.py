@@ -45,7 +45,7 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,
         context_pad_mask: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
-        pos_in_values: bool = False,
+        value_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``context``.
 
@@ -54,8 +54,8 @@ class CrossAttention(nn.Module):
             context: (B, K, dim).
             context_pad_mask: (B, K) bool, True where a context token is padding (ignored).
             context_pos: optional (B or 1, K, dim) position embedding added to the keys.
-            pos_in_values: add ``context_pos`` to the values too, so that what the query reads
-                carries where it was read.
+            value_pos: optional (B or 1, K, dim) position embedding added to the values, so
+                that what a query reads carries where it was read.
 
         Returns:
             (B, Q, dim).
@@ -63,7 +63,7 @@ class CrossAttention(nn.Module):
         q = self.norm_q(query)
         kv = self.norm_kv(context)
         k = kv if context_pos is None else kv + context_pos
-        v = k if pos_in_values else kv
+        v = kv if value_pos is None else kv + value_pos
         return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=False)[0]
 
     def attention_weights(

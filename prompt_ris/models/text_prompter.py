@@ -23,9 +23,10 @@ from prompt_ris.models.layers import MLP, CrossAttention
 class _TextPromptBlock(nn.Module):
     """Self-attention over the text tokens, cross-attention to the SAM image tokens, MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, pos_in_values: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, position: str) -> None:
         super().__init__()
-        self.pos_in_values = pos_in_values
+        self.pos_in_keys = "keys" in position
+        self.pos_in_values = "values" in position
         self.self_attn = CrossAttention(dim, num_heads)
         self.cross_attn = CrossAttention(dim, num_heads)
         self.norm = nn.LayerNorm(dim)
@@ -40,11 +41,11 @@ class _TextPromptBlock(nn.Module):
         maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(x, x, pad_mask)
+        key_pos = image_pos if self.pos_in_keys else None
+        value_pos = image_pos if self.pos_in_values else None
         if maps is not None:  # (B, L, hw) where each text token reads the image
-            maps.append(self.cross_attn.attention_weights(x, image_tokens, context_pos=image_pos))
-        x = x + self.cross_attn(
-            x, image_tokens, context_pos=image_pos, pos_in_values=self.pos_in_values
-        )
+            maps.append(self.cross_attn.attention_weights(x, image_tokens, context_pos=key_pos))
+        x = x + self.cross_attn(x, image_tokens, context_pos=key_pos, value_pos=value_pos)
         return x + self.mlp(self.norm(x))
 
 
@@ -53,8 +54,8 @@ class TextPrompter(nn.Module):
 
     F_T is projected to D_S and passed through ``num_blocks`` blocks of self-attention (padding
     after [EOS] masked), cross-attention to the SAM image embedding of the expression's image
-    (keys carry SAM's dense position encoding; with ``position="keys+values"`` the values carry it
-    too) and an MLP, then a final LayerNorm. The positions after [EOS] are left as they come out:
+    (SAM's dense position encoding added where ``position`` says: to the keys, the values or
+    both) and an MLP, then a final LayerNorm. The positions after [EOS] are left as they come out:
     ``FrozenSAM.embed_prompts`` leaves them out.
 
     Args:
@@ -64,8 +65,8 @@ class TextPrompter(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / dim.
         position: where SAM's dense position encoding enters the cross-attention to F_IS:
-            ``"keys"`` (where a token looks) or ``"keys+values"`` (also what it reads back, so
-            the tokens can say where the referent is, as a point prompt does).
+            ``"keys"`` (where a token looks), ``"values"`` (what it reads back, so that a token
+            can say where the referent is, as a point prompt does) or ``"keys+values"``.
     """
 
     def __init__(
@@ -83,7 +84,7 @@ class TextPrompter(nn.Module):
             raise ValueError(f"position must be one of {TEXT_POSITIONS}, got {position!r}")
         self.in_proj = nn.Linear(text_dim, dim)
         self.blocks = nn.ModuleList(
-            _TextPromptBlock(dim, num_heads, mlp_ratio, pos_in_values=position == "keys+values")
+            _TextPromptBlock(dim, num_heads, mlp_ratio, position)
             for _ in range(num_blocks)
         )
         self.out_norm = nn.LayerNorm(dim)
