@@ -1,0 +1,54 @@
+"""scripts/probe_text_prompter.py: a fresh text prompter trained alone on an export, measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prompt_ris.config import load_config
+from prompt_ris.data.prepare import prepare_refer
+from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
+from prompt_ris.models import PromptRIS
+from repo_scripts import load_script
+from tiny_random import TINY_RANDOM_ARGS
+
+probe = load_script("scripts/probe_text_prompter.py")
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("probe")
+    generate_synthetic(root, num_images=16, seed=0)
+    prepare_refer(
+        root, root / "prepared", [(SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)], check_images="none"
+    )
+    torch.manual_seed(0)
+    PromptRIS.from_config(load_config(overrides=TINY_RANDOM_ARGS).model).save_pretrained(
+        root / "ckpt"
+    )
+    return {"root": root, "checkpoint": root / "ckpt", "prepared": root / "prepared"}
+
+
+@pytest.mark.parametrize("oracle", [False, True])
+def test_probe_trains_a_fresh_prompter_and_reports(export: dict[str, Path], oracle: bool) -> None:
+    out = export["root"] / f"out_{oracle}"
+    args = [
+        "--checkpoint", str(export["checkpoint"]), "--out", str(out), "--steps", "3",
+        "--attention-batches", "1", "--split", "synthetic:val",
+        f"data.prepared={export['prepared']}", "data.train=synthetic:train", "data.num_workers=0",
+        "data.images_per_step=2", "model.prompts.text_start=random",
+        "model.prompts.text_position=keys+values",
+    ] + (["--oracle-attention"] if oracle else [])  # fmt: skip
+    assert probe.main(args) == 0
+    report = json.loads((out / "probe.json").read_text())
+    assert report["steps"] == 3 and report["oracle_attention"] is oracle
+    assert {"coarse", "final", "random"} <= set(report["mIoU"])
+    assert report["grad_first_layer"]["first_10_steps"] > 0  # a random start learns at once
+    if oracle:
+        assert report["attention"] == {}
+    else:
+        on, share = report["attention"]["on_referent"], report["attention"]["referent_share"]
+        assert len(on) == 2 and all(0.0 <= x <= 1.0 for x in on) and 0.0 < share[0] < 1.0
