@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--oracle-attention", action="store_true",
         help="cross-attention reads the referent's ground-truth cells (a diagnosis, not a model)",
     )  # fmt: skip
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value (model.prompts.*, data.*)")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides key=value (model.prompts.*, data.*)"
+    )
     return parser.parse_args(argv)
 
 
