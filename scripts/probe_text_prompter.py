@@ -7,7 +7,8 @@ decoder trained, SAM frozen) and frozen; a fresh text prompter, built as
 the stage-2 loss on the final mask (BCE + Dice, ICL as the run's ``train.icl_weight``), AdamW and
 the poly schedule. Then, on ``--split`` (a validation split, never a test split):
 
-- text-alone mIoU / oIoU beside the random object and the coarse CLIP mask (``prompt_ris.evaluate``);
+- text-alone mIoU / oIoU beside the random object and the coarse CLIP mask
+  (``prompt_ris.evaluate``);
 - where each block's cross-attention looks: its weight on the referent's cells of F_IS's grid,
   against the referent's share of the grid (what attention spread evenly would give);
 - the gradient reaching the prompter's first layer in the first steps, and the scale of its final
@@ -58,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="export whose CLIP side is kept")
     parser.add_argument("--out", required=True, help="folder for probe.json")
     parser.add_argument("--split", default="synthetic:val", help="validation split to measure on")
-    parser.add_argument("--steps", type=int, default=952, help="optimizer steps (the demo's stage 2)")
+    parser.add_argument(
+        "--steps", type=int, default=952, help="optimizer steps (the demo's stage 2)"
+    )
     parser.add_argument("--lr", type=float, default=None, help="default: the run's train.lr / 2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention-batches", type=int, default=8)
