@@ -62,7 +62,6 @@ import yaml
 from accelerate import Accelerator, PartialState, skip_first_batches
 from accelerate.utils import (
     DistributedDataParallelKwargs,
-    has_compiled_regions,
     is_compiled_module,
     parse_flag_from_env,
     send_to_device,
@@ -208,7 +207,7 @@ def describe_launch(accelerator: Accelerator, model: nn.Module, plan: StepPlan) 
     else:
         precision = "no (float32)"
     dynamo = accelerator.state.dynamo_plugin
-    if is_compiled_module(model) or has_compiled_regions(model):
+    if any(is_compiled_module(module) for module in model.modules()):  # whole or in regions
         compiled = (
             f"torch.compile with dynamo backend {dynamo.backend.value.lower()} "
             f"(mode {dynamo.mode or 'default'})"
