@@ -62,11 +62,11 @@ import yaml
 from accelerate import Accelerator, PartialState, skip_first_batches
 from accelerate.utils import (
     DistributedDataParallelKwargs,
-    is_compiled_module,
     parse_flag_from_env,
     send_to_device,
     set_seed,
 )
+from accelerate.utils.other import is_compiled_module  # not in accelerate.utils at the 1.1.0 floor
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
