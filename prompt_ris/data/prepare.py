@@ -473,14 +473,16 @@ def open_prepared(prepared_dir: str | Path, dataset: str, split_by: str) -> data
             "(or scripts/make_synthetic.py for the synthetic data)"
         )
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    if not state.get("_data_files"):  # written with no rows (datasets cannot load it back)
+    # A table written with no rows: newer datasets write no data file (and cannot load it back),
+    # older ones write an empty one.
+    table = datasets.load_from_disk(str(path)) if state.get("_data_files") else None
+    if table is None or len(table) == 0:
         raise ValueError(
             f"prepared data for {dataset}({split_by}) at '{path}' holds no refs (every ref was "
             f"left out, most often for missing images: '{Path(prepared_dir) / MANIFEST}' lists "
             "them by id); put the COCO train2014 images where the refer layout expects them "
             "(README.md, section 'Data') and run scripts/prepare_data.py again"
         )
-    table = datasets.load_from_disk(str(path))
     missing = set(PREPARED_FEATURES) - set(table.column_names)
     if missing:
         raise ValueError(
