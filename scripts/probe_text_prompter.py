@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cross-attention reads the referent's ground-truth cells (a diagnosis, not a model)",
     )  # fmt: skip
     parser.add_argument(
+        "--attention-supervision", type=float, default=0.0, metavar="W",
+        help="add W x the cross-entropy of each block's attention against the referent's cells "
+        "(a diagnosis: can attention find the referent in F_IS when told where it is?)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="config overrides key=value (model.prompts.*, data.*)"
     )
     return parser.parse_args(argv)
@@ -126,8 +131,33 @@ class OracleAttention:
         return forward
 
 
+def attention_supervision_loss(
+    model: PromptRIS, encoded: EncodedBatch, gt_masks: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each block's attention (per word token, averaged over heads) against the
+    referent's share of each F_IS cell."""
+    grid = encoded.sam_img_embed.shape[-2:]
+    maps: list[torch.Tensor] = []
+    model.text_prompter(
+        encoded.text_tokens, encoded.text_pad_mask, encoded.sam_img_embed,
+        encoded.image_index, model.sam.dense_pe(), maps,
+    )  # fmt: skip
+    cells = F.adaptive_avg_pool2d(gt_masks.float(), grid).flatten(1)  # (B, hw)
+    target = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
+    words = (~encoded.text_pad_mask).float()  # (B, L)
+    losses = [
+        ((-(target[:, None] * m.clamp_min(1e-8).log()).sum(-1) * words).sum(1) / words.sum(1))
+        for m in maps  # (B, L, hw)
+    ]
+    return torch.stack(losses).mean()
+
+
 def train_prompter(
-    model: PromptRIS, steps: int, lr: float, oracle: OracleAttention | None = None
+    model: PromptRIS,
+    steps: int,
+    lr: float,
+    oracle: OracleAttention | None = None,
+    attention_supervision: float = 0.0,
 ) -> list[float]:
     """Train only the text prompter; returns the gradient norm at its first layer per step."""
     cfg = model.config
@@ -158,6 +188,10 @@ def train_prompter(
             )
             loss, terms = stage_loss(out, batch, Stage.FULL, cfg.train.icl_weight)
             loss = loss - terms["clipseg"] - terms["icl_coarse"]  # the frozen side's terms
+            if attention_supervision:
+                loss = loss + attention_supervision * attention_supervision_loss(
+                    model, encoded, batch.gt_masks
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grads.append(float(model.text_prompter.in_proj.weight.grad.norm()))
@@ -237,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.eval.num_overlays = 0
     lr = args.lr if args.lr is not None else cfg.train.lr / 2
     oracle = OracleAttention(model.text_prompter) if args.oracle_attention else None
-    grads = train_prompter(model, args.steps, lr, oracle)
+    grads = train_prompter(model, args.steps, lr, oracle, args.attention_supervision)
     if oracle is None:
         attention = attention_on_referent(model, args.split, args.attention_batches)
         results = evaluate(model, args.split, [TEXT], config=cfg)
@@ -249,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint,
         "overrides": args.overrides,
         "oracle_attention": args.oracle_attention,
+        "attention_supervision": args.attention_supervision,
         "split": args.split,
         "steps": args.steps,
         "lr": lr,
