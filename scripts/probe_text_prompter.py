@@ -45,6 +45,7 @@ from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.engine.evaluation import EvaluationResults
 from prompt_ris.losses import Stage, stage_loss
+from prompt_ris.miniature.synthetic import expression_form
 from prompt_ris.models.layers import CrossAttention
 from prompt_ris.models.prompt_ris import EncodedBatch, PromptRISOutput
 from prompt_ris.models.text_prompter import TextPrompter
@@ -70,7 +71,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cross-attention reads the referent's ground-truth cells (a diagnosis, not a model)",
     )  # fmt: skip
     parser.add_argument(
-        "--attention-supervision", type=float, default=0.0, metavar="W",
+        "--oracle-share",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="with --oracle-attention: put only P of the weight on the referent's cells and "
+        "spread the rest evenly (what attention that finds the referent in part reads)",
+    )
+    parser.add_argument(
+        "--attention-supervision",
+        type=float,
+        default=0.0,
+        metavar="W",
         help="add W x the cross-entropy of each block's attention against the referent's cells "
         "(a diagnosis: can attention find the referent in F_IS when told where it is?)",
     )
@@ -102,14 +114,16 @@ class OracleAttention:
     """Replaces each cross-attention's weights by the referent's ground-truth mask on F_IS's
     grid (set per batch with ``show``); values, projections and the rest are the prompter's."""
 
-    def __init__(self, prompter: TextPrompter) -> None:
+    def __init__(self, prompter: TextPrompter, share: float = 1.0) -> None:
         self.weights: torch.Tensor | None = None  # (B, hw), rows summing to 1
+        self.share = share
         for block in prompter.blocks:
             block.cross_attn.forward = self._forward_of(block.cross_attn)
 
     def show(self, gt_masks: torch.Tensor, grid: tuple[int, int]) -> None:
         cells = F.adaptive_avg_pool2d(gt_masks.float(), grid).flatten(1)  # (B, hw)
-        self.weights = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
+        referent = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
+        self.weights = self.share * referent + (1 - self.share) / cells.shape[1]
 
     def _forward_of(self, module: CrossAttention) -> Callable[..., torch.Tensor]:
         def forward(
@@ -270,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     assert cfg is not None
     cfg.eval.num_overlays = 0
     lr = args.lr if args.lr is not None else cfg.train.lr / 2
-    oracle = OracleAttention(model.text_prompter) if args.oracle_attention else None
+    oracle = (
+        OracleAttention(model.text_prompter, args.oracle_share) if args.oracle_attention else None
+    )
     grads = train_prompter(model, args.steps, lr, oracle, args.attention_supervision)
     if oracle is None:
         attention = attention_on_referent(model, args.split, args.attention_batches)
@@ -283,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint,
         "overrides": args.overrides,
         "oracle_attention": args.oracle_attention,
+        "oracle_share": args.oracle_share if args.oracle_attention else None,
         "attention_supervision": args.attention_supervision,
         "split": args.split,
         "steps": args.steps,
@@ -290,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "mIoU": {o: round(m["mIoU"], 2) for o, m in metrics.items()},
         "oIoU": {o: round(m["oIoU"], 2) for o, m in metrics.items()},
+        "mIoU_by_form": {
+            form: {o: round(m["mIoU"], 2) for o, m in outputs.items()}
+            for form, outputs in results.by_group(
+                args.split, lambda r: expression_form(r["text"]), ["final", "coarse", "random"]
+            ).items()
+        },
         "attention": attention,
         "grad_first_layer": {
             "first_10_steps": sum(grads[:10]) / max(len(grads[:10]), 1),

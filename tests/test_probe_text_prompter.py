@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from repo_scripts import load_script
+from tiny_random import TINY_RANDOM_ARGS
 
 from prompt_ris.config import load_config
 from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import PromptRIS
-from repo_scripts import load_script
-from tiny_random import TINY_RANDOM_ARGS
 
 probe = load_script("scripts/probe_text_prompter.py")
 
@@ -77,3 +78,40 @@ def test_attention_supervision_moves_attention_onto_the_referent(export: dict[st
     queries = model.text_prompter.blocks[0].cross_attn.attn.in_proj_weight
     assert queries.grad is not None and float(queries.grad.abs().sum()) > 0
     assert float(loss.detach()) < first  # the cross-entropy falls as attention finds the referent
+
+
+grounding = load_script("scripts/probe_grounding.py")
+
+
+def test_grounding_scorers_find_a_referent_that_the_text_names() -> None:
+    # Cells carry one of four "colours" (one-hot features); the text names the referent's colour:
+    # each scorer must learn to point at it, and the score must say so.
+    torch.manual_seed(0)
+    n, hw, dim = 256, 16, 8
+    colours = torch.randint(0, 4, (n, hw))
+    cells = F.one_hot(colours, dim).float() + 0.05 * torch.randn(n, hw, dim)
+    named = colours[:, 0]  # the referent is every cell of the first cell's colour
+    referent = (colours == named[:, None]).float()
+    text = F.one_hot(named, 4).float()
+    data = {"text": text, "cells": cells, "referent": referent, "form": ["colour"] * n}
+    for scorer in (grounding.Bilinear(4, dim, None), grounding.Joint(4, dim)):
+        grounding.fit(scorer, data, steps=300)
+        with torch.no_grad():
+            result = grounding.score(scorer(text, cells), data)
+        assert result["all"]["pointing"] == 100.0 and result["colour"]["expressions"] == n
+        assert result["all"]["mass"] > 90.0
+    chance = grounding.score(torch.zeros(n, hw), data)["all"]["mass"]
+    assert abs(chance - 100 * float(referent.mean())) < 0.1  # flat logits spread the mass evenly
+
+
+def test_grounding_probe_reports_on_an_export(export: dict[str, Path]) -> None:
+    out = export["root"] / "grounding"
+    assert grounding.main([
+        "--checkpoint", str(export["checkpoint"]), "--out", str(out), "--batches", "2",
+        "--steps", "5", f"data.prepared={export['prepared']}", "data.train=synthetic:train",
+        "data.num_workers=0", "data.images_per_step=2",
+    ]) == 0  # fmt: skip
+    report = json.loads((out / "grounding.json").read_text())
+    for name in ("coarse", "bilinear", "bilinear+pos", "mlp"):
+        assert 0.0 <= report[name]["all"]["pointing"] <= 100.0
+        assert report[name]["all"]["expressions"] > 0
