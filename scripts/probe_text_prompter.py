@@ -16,7 +16,11 @@ the poly schedule. Then, on ``--split`` (a validation split, never a test split)
 
 With ``--oracle-attention`` every cross-attention reads the referent's cells of F_IS, weighted by
 its ground-truth mask, instead of where its weights point: what the prompter gives once it has
-found the referent, and so whether finding it is what it lacks.
+found the referent, and so whether finding it is what it lacks; ``--oracle-share P`` puts only P
+of that weight on the referent and spreads the rest evenly over the grid. With
+``--attention-supervision W`` the learnt attention is also taught the referent's cells (W x the
+cross-entropy of each block's weights against them): whether it can find the referent in F_IS
+when told where it is.
 
 Figures go to the log and to ``<out>/probe.json``::
 

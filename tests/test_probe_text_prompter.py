@@ -115,3 +115,16 @@ def test_grounding_probe_reports_on_an_export(export: dict[str, Path]) -> None:
     for name in ("coarse", "bilinear", "bilinear+pos", "mlp"):
         assert 0.0 <= report[name]["all"]["pointing"] <= 100.0
         assert report[name]["all"]["expressions"] > 0
+
+
+def test_oracle_share_spreads_the_rest_evenly() -> None:
+    prompter = probe.TextPrompter(text_dim=8, dim=8, num_blocks=1, num_heads=2)
+    oracle = probe.OracleAttention(prompter, share=0.25)
+    gt = torch.zeros(1, 1, 4, 4)
+    gt[..., :2, :2] = 1  # the referent: the top-left 2 x 2 cells of a 4 x 4 grid
+    oracle.show(gt, (4, 4))
+    assert oracle.weights is not None
+    weights = oracle.weights.reshape(4, 4)
+    assert torch.allclose(weights.sum(), torch.tensor(1.0))
+    assert torch.allclose(weights[:2, :2], torch.full((2, 2), 0.25 / 4 + 0.75 / 16))
+    assert torch.allclose(weights[2:, 2:], torch.full((2, 2), 0.75 / 16))
