@@ -149,20 +149,28 @@ class OracleAttention:
         return forward
 
 
-def attention_supervision_loss(
+def attention_and_referent(
     model: PromptRIS, encoded: EncodedBatch, gt_masks: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of each block's attention (per word token, averaged over heads) against the
-    referent's share of each F_IS cell."""
-    grid = encoded.sam_img_embed.shape[-2:]
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each block's cross-attention weights (B, L, hw), averaged over heads; the referent's share
+    of each F_IS cell (B, hw); and the expression's tokens (B, L), 1 before padding."""
     maps: list[torch.Tensor] = []
     model.text_prompter(
         encoded.text_tokens, encoded.text_pad_mask, encoded.sam_img_embed,
         encoded.image_index, model.sam.dense_pe(), maps,
     )  # fmt: skip
+    grid = encoded.sam_img_embed.shape[-2:]
     cells = F.adaptive_avg_pool2d(gt_masks.float(), grid).flatten(1)  # (B, hw)
-    target = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
-    words = (~encoded.text_pad_mask).float()  # (B, L)
+    return maps, cells, (~encoded.text_pad_mask).float()
+
+
+def attention_supervision_loss(
+    model: PromptRIS, encoded: EncodedBatch, gt_masks: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each block's attention (per word token, averaged over heads) against the
+    referent's share of each F_IS cell."""
+    maps, cells, words = attention_and_referent(model, encoded, gt_masks)
+    target = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)  # (B, hw)
     losses = [
         ((-(target[:, None] * m.clamp_min(1e-8).log()).sum(-1) * words).sum(1) / words.sum(1))
         for m in maps  # (B, L, hw)
@@ -240,14 +248,7 @@ def attention_on_referent(model: PromptRIS, split: str, batches: int) -> dict[st
         if i == batches:
             break
         encoded = model.encode(batch, with_sam=True)
-        grid = encoded.sam_img_embed.shape[-2:]
-        maps: list[torch.Tensor] = []
-        model.text_prompter(
-            encoded.text_tokens, encoded.text_pad_mask, encoded.sam_img_embed,
-            encoded.image_index, model.sam.dense_pe(), maps,
-        )  # fmt: skip
-        gt = F.adaptive_avg_pool2d(batch.gt_masks.float(), grid).flatten(1)  # (B, hw)
-        words = (~encoded.text_pad_mask).float()  # (B, L)
+        maps, gt, words = attention_and_referent(model, encoded, batch.gt_masks)
         per_block = [
             ((m * gt[:, None]).sum(-1) * words).sum(1) / words.sum(1)  # (B,)
             for m in maps  # (B, L, hw)
