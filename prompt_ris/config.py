@@ -33,6 +33,7 @@ from prompt_ris.weights import CLIP_FILE, SAM_FILE
 
 TEXT_POSITIONS = ("keys", "keys+values", "values")  # model.prompts.text_position
 TEXT_STARTS = ("padding", "random")  # model.prompts.text_start
+TEXT_KEYS = ("linear", "mlp")  # model.prompts.text_keys
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,6 +115,10 @@ class PromptConfig:
     # The text prompter's start: "padding" (every P_text token is SAM's padding token until
     # training moves it) or "random" (PyTorch's default initialisation).
     text_start: str = "padding"
+    # How the prompter's cross-attention keys are made from F_IS: "linear" (the paper: one
+    # projection of each cell) or "mlp" (each cell through a residual MLP first, so that what the
+    # frozen SAM holds non-linearly, such as shape, can be matched by the words; values unchanged).
+    text_keys: str = "linear"
     gumbel_tau: float = 1.0  # temperature of the straight-through Gumbel-softmax
     drop_mask: float = 0.2  # per-sample probability of dropping each prompt in stage 2
     drop_point: float = 0.2
@@ -277,6 +282,7 @@ CHECKS = {  # values a type alone does not check
     "model.prompts.switches": _check_switches,
     "model.prompts.text_position": _choice("model.prompts.text_position", TEXT_POSITIONS),
     "model.prompts.text_start": _choice("model.prompts.text_start", TEXT_STARTS),
+    "model.prompts.text_keys": _choice("model.prompts.text_keys", TEXT_KEYS),
 }
 
 

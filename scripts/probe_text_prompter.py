@@ -3,7 +3,7 @@ what it learns.
 
 The rest of the model is taken from an export (a run's ``stage1/``: CLIP with CMP and the coarse
 decoder trained, SAM frozen) and frozen; a fresh text prompter, built as
-``model.prompts.text_start`` / ``text_position`` say, is trained on the run's training split with
+``model.prompts.text_start`` / ``text_position`` / ``text_keys`` say, is trained on the run's training split with
 the stage-2 loss on the final mask (BCE + Dice, ICL as the run's ``train.icl_weight``), AdamW and
 the poly schedule. Then, on ``--split`` (a validation split, never a test split):
 
@@ -50,6 +50,7 @@ from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.engine.evaluation import EvaluationResults
 from prompt_ris.losses import Stage, stage_loss
 from prompt_ris.miniature.synthetic import expression_form
+from prompt_ris.models.build import build_text_prompter
 from prompt_ris.models.layers import CrossAttention
 from prompt_ris.models.prompt_ris import EncodedBatch, PromptRISOutput
 from prompt_ris.models.text_prompter import TextPrompter
@@ -100,17 +101,7 @@ def fresh_prompter(model: PromptRIS, overrides: list[str]) -> None:
     """Replace the model's text prompter by one built as the overridden config says."""
     assert model.config is not None
     cfg = load_config(base=model.config, overrides=overrides)
-    prompts = cfg.model.prompts
-    prompter = TextPrompter(
-        text_dim=cfg.model.clip.text_width,
-        dim=cfg.model.sam.prompt_embed_dim,
-        num_blocks=prompts.text_blocks,
-        num_heads=prompts.text_heads,
-        position=prompts.text_position,
-    )
-    if prompts.text_start == "padding":
-        prompter.start_from(model.sam.pad_embed[0])
-    model.text_prompter = prompter
+    model.text_prompter = build_text_prompter(cfg.model, model.sam.pad_embed[0])
     model.config = cfg
 
 
@@ -136,6 +127,7 @@ class OracleAttention:
             context_pad_mask: torch.Tensor | None = None,
             context_pos: torch.Tensor | None = None,
             value_pos: torch.Tensor | None = None,
+            key_context: torch.Tensor | None = None,
         ) -> torch.Tensor:
             assert self.weights is not None, "show() the batch's ground truth first"
             kv = module.norm_kv(context)

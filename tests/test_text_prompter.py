@@ -164,8 +164,65 @@ def test_a_position_or_start_the_config_does_not_know_is_refused() -> None:
 
     from prompt_ris.config import ConfigError, load_config
 
-    for override in ("model.prompts.text_position=queries", "model.prompts.text_start=zero"):
+    for override in (
+        "model.prompts.text_position=queries",
+        "model.prompts.text_start=zero",
+        "model.prompts.text_keys=conv",
+    ):
         with pytest.raises(ConfigError, match="expected one of"):
             load_config(overrides=[override])
     with pytest.raises(ValueError, match="position must be one of"):
         TextPrompter(text_dim=D_T, dim=C, num_blocks=1, num_heads=2, position="queries")
+    with pytest.raises(ValueError, match="keys must be one of"):
+        TextPrompter(text_dim=D_T, dim=C, num_blocks=1, num_heads=2, keys="conv")
+
+
+def _keys_prompter(keys: str) -> TextPrompter:
+    torch.manual_seed(0)
+    return TextPrompter(text_dim=D_T, dim=C, num_blocks=2, num_heads=2, keys=keys).eval()
+
+
+def test_mlp_keys_start_as_the_linear_keys_and_change_only_where_tokens_look() -> None:
+    """``keys="mlp"`` starts as the paper's prompter (the reader's last layer is zero). Once the
+    reader moves, the attention maps change."""
+    text, pad, embed, index, pe = _inputs()
+    linear, mlp = _keys_prompter("linear"), _keys_prompter("mlp")
+    mlp.load_state_dict(linear.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mlp(text, pad, embed, index, pe), linear(text, pad, embed, index, pe)
+        )
+        torch.nn.init.normal_(mlp.key_reader[1].fc2.weight, std=0.5)
+        linear_maps: list[torch.Tensor] = []
+        mlp_maps: list[torch.Tensor] = []
+        linear(text, pad, embed, index, pe, linear_maps)
+        mlp(text, pad, embed, index, pe, mlp_maps)
+    assert not torch.allclose(linear_maps[0], mlp_maps[0], atol=1e-4)
+    assert linear.key_reader is None and isinstance(mlp.key_reader, torch.nn.Sequential)
+
+
+def test_text_keys_come_from_the_config(tiny_cfg: Config) -> None:
+    import copy
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.prompts.text_keys = "mlp"
+    model = PromptRIS.from_config(cfg)
+    assert model.text_prompter.key_reader is not None
+    assert PromptRIS.from_config(tiny_cfg).text_prompter.key_reader is None
+
+
+def test_key_context_changes_the_keys_only() -> None:
+    """With one context token attention's weight is 1 whatever the keys, so the output is the
+    value alone: other key tokens change nothing there, and change the output over many."""
+    from prompt_ris.models.layers import CrossAttention
+
+    torch.manual_seed(0)
+    attn = CrossAttention(C, 2).eval()
+    gen = torch.Generator().manual_seed(4)
+    query, context, other = (torch.randn(2, k, C, generator=gen) for k in (3, 5, 5))
+    with torch.no_grad():
+        one = attn(query, context[:, :1])
+        torch.testing.assert_close(attn(query, context[:, :1], key_context=other[:, :1]), one)
+        many = attn(query, context)
+        torch.testing.assert_close(attn(query, context, key_context=context), many)
+        assert not torch.allclose(attn(query, context, key_context=other), many, atol=1e-4)

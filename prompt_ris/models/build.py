@@ -355,15 +355,7 @@ def build_parts(
         freeze_prompt_encoder=sam_cfg.freeze_prompt_encoder,
         gumbel_tau=prompt_cfg.gumbel_tau,
     )
-    text_prompter = TextPrompter(
-        text_dim=clip_cfg.text_width,
-        dim=sam_cfg.prompt_embed_dim,
-        num_blocks=prompt_cfg.text_blocks,
-        num_heads=prompt_cfg.text_heads,
-        position=prompt_cfg.text_position,
-    )
-    if prompt_cfg.text_start == "padding":  # a token the frozen decoder knows (design.md)
-        text_prompter.start_from(frozen_sam.pad_embed[0])
+    text_prompter = build_text_prompter(model_cfg, frozen_sam.pad_embed[0])
     return PromptRISParts(
         clip=prompted_clip,
         decoder=decoder,
@@ -373,3 +365,20 @@ def build_parts(
         drop_probs=(prompt_cfg.drop_mask, prompt_cfg.drop_point, prompt_cfg.drop_text),
         default_switches=PromptSwitches.parse(prompt_cfg.switches),
     )
+
+
+def build_text_prompter(model_cfg: ModelConfig, pad_embed: torch.Tensor) -> TextPrompter:
+    """A fresh text prompter as ``model.prompts`` says; ``pad_embed`` (D_S,) is SAM's padding
+    token, the start of ``text_start="padding"``."""
+    prompt_cfg = model_cfg.prompts
+    text_prompter = TextPrompter(
+        text_dim=model_cfg.clip.text_width,
+        dim=model_cfg.sam.prompt_embed_dim,
+        num_blocks=prompt_cfg.text_blocks,
+        num_heads=prompt_cfg.text_heads,
+        position=prompt_cfg.text_position,
+        keys=prompt_cfg.text_keys,
+    )
+    if prompt_cfg.text_start == "padding":  # a token the frozen decoder knows (design.md)
+        text_prompter.start_from(pad_embed)
+    return text_prompter

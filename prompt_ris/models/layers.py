@@ -46,6 +46,7 @@ class CrossAttention(nn.Module):
         context_pad_mask: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
         value_pos: torch.Tensor | None = None,
+        key_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to ``context``.
 
@@ -56,14 +57,13 @@ class CrossAttention(nn.Module):
             context_pos: optional (B or 1, K, dim) position embedding added to the keys.
             value_pos: optional (B or 1, K, dim) position embedding added to the values, so
                 that what a query reads carries where it was read.
+            key_context: optional (B, K, dim) tokens the keys are made from instead of
+                ``context`` (the values are always made from ``context``).
 
         Returns:
             (B, Q, dim).
         """
-        q = self.norm_q(query)
-        kv = self.norm_kv(context)
-        k = kv if context_pos is None else kv + context_pos
-        v = kv if value_pos is None else kv + value_pos
+        q, k, v = self._qkv(query, context, context_pos, value_pos, key_context)
         return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=False)[0]
 
     def attention_weights(
@@ -72,9 +72,23 @@ class CrossAttention(nn.Module):
         context: torch.Tensor,
         context_pad_mask: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
+        key_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Where each query token looks: (B, Q, K) attention weights, averaged over heads."""
-        q = self.norm_q(query)
+        q, k, v = self._qkv(query, context, context_pos, None, key_context)
+        return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=True)[1]
+
+    def _qkv(
+        self,
+        query: torch.Tensor,
+        context: torch.Tensor,
+        context_pos: torch.Tensor | None,
+        value_pos: torch.Tensor | None,
+        key_context: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised queries, keys (with ``context_pos``) and values (with ``value_pos``)."""
         kv = self.norm_kv(context)
-        k = kv if context_pos is None else kv + context_pos
-        return self.attn(q, k, kv, key_padding_mask=context_pad_mask, need_weights=True)[1]
+        k = kv if key_context is None else self.norm_kv(key_context)
+        k = k if context_pos is None else k + context_pos
+        v = kv if value_pos is None else kv + value_pos
+        return self.norm_q(query), k, v

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from prompt_ris.config import TEXT_POSITIONS
+from prompt_ris.config import TEXT_KEYS, TEXT_POSITIONS
 from prompt_ris.models.layers import MLP, CrossAttention
 
 
@@ -38,14 +38,21 @@ class _TextPromptBlock(nn.Module):
         pad_mask: torch.Tensor,
         image_tokens: torch.Tensor,
         image_pos: torch.Tensor,
+        key_tokens: torch.Tensor | None = None,
         maps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(x, x, pad_mask)
         key_pos = image_pos if self.pos_in_keys else None
         value_pos = image_pos if self.pos_in_values else None
         if maps is not None:  # (B, L, hw) where each text token reads the image
-            maps.append(self.cross_attn.attention_weights(x, image_tokens, context_pos=key_pos))
-        x = x + self.cross_attn(x, image_tokens, context_pos=key_pos, value_pos=value_pos)
+            maps.append(
+                self.cross_attn.attention_weights(
+                    x, image_tokens, context_pos=key_pos, key_context=key_tokens
+                )
+            )
+        x = x + self.cross_attn(
+            x, image_tokens, context_pos=key_pos, value_pos=value_pos, key_context=key_tokens
+        )
         return x + self.mlp(self.norm(x))
 
 
@@ -67,6 +74,11 @@ class TextPrompter(nn.Module):
         position: where SAM's dense position encoding enters the cross-attention to F_IS:
             ``"keys"`` (where a token looks), ``"values"`` (what it reads back, so that a token
             can say where the referent is, as a point prompt does) or ``"keys+values"``.
+        keys: how the cross-attention keys are made from F_IS: ``"linear"`` (the paper: the
+            attention's own projection of each cell) or ``"mlp"`` (each cell first through a
+            residual MLP shared by the blocks, ``F_IS + MLP(LN(F_IS))``, so that what SAM's
+            features hold non-linearly can be matched by the words; it starts as the identity).
+            The values are F_IS either way.
     """
 
     def __init__(
@@ -78,14 +90,21 @@ class TextPrompter(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         position: str = "keys",
+        keys: str = "linear",
     ) -> None:
         super().__init__()
         if position not in TEXT_POSITIONS:
             raise ValueError(f"position must be one of {TEXT_POSITIONS}, got {position!r}")
+        if keys not in TEXT_KEYS:
+            raise ValueError(f"keys must be one of {TEXT_KEYS}, got {keys!r}")
         self.in_proj = nn.Linear(text_dim, dim)
+        self.key_reader: nn.Sequential | None = None
+        if keys == "mlp":
+            self.key_reader = nn.Sequential(nn.LayerNorm(dim), MLP(dim, int(dim * mlp_ratio)))
+            nn.init.zeros_(self.key_reader[1].fc2.weight)
+            nn.init.zeros_(self.key_reader[1].fc2.bias)
         self.blocks = nn.ModuleList(
-            _TextPromptBlock(dim, num_heads, mlp_ratio, position)
-            for _ in range(num_blocks)
+            _TextPromptBlock(dim, num_heads, mlp_ratio, position) for _ in range(num_blocks)
         )
         self.out_norm = nn.LayerNorm(dim)
 
@@ -123,9 +142,13 @@ class TextPrompter(nn.Module):
         Returns:
             (B, L, D_S) sparse text tokens.
         """
-        image_tokens = rearrange(sam_img_embed, "i c h w -> i (h w) c")[image_index]  # (B, hw, D_S)
+        cells = rearrange(sam_img_embed, "i c h w -> i (h w) c")  # (I, hw, D_S)
+        image_tokens = cells[image_index]  # (B, hw, D_S)
+        key_tokens = None
+        if self.key_reader is not None:  # once per image, then per expression
+            key_tokens = (cells + self.key_reader(cells))[image_index]  # (B, hw, D_S)
         image_pos = rearrange(image_pe, "1 c h w -> 1 (h w) c")  # (1, hw, D_S)
         x = self.in_proj(text_tokens)  # (B, L, D_S)
         for block in self.blocks:
-            x = block(x, text_pad_mask, image_tokens, image_pos, maps)
+            x = block(x, text_pad_mask, image_tokens, image_pos, key_tokens, maps)
         return self.out_norm(x)  # (B, L, D_S)
