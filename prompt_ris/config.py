@@ -169,6 +169,10 @@ class TrainConfig:
     val_every: int = 1  # epochs between validations
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests)
     icl_weight: float = 1.0
+    # Weight of the text grounding loss (stage 2): the cross-entropy of where the text prompter's
+    # tokens read F_IS against the referent's cells (losses.text_grounding_loss). 0 = the paper,
+    # which has no such term; docs/design.md says when it helps.
+    text_grounding_weight: float = 0.0
     num_overlays: int = 4  # mask overlays written to TensorBoard per validation
     tracker: str = "tensorboard"  # accelerate tracker: "tensorboard", "wandb", "all" or "none"
     # torch.compile through accelerate: None = the launcher's --dynamo_backend; true = inductor.
@@ -278,11 +282,21 @@ def _choice(path: str, choices: tuple[str, ...]) -> Callable[[str], None]:
     return check
 
 
+def _non_negative(path: str) -> Callable[[float], None]:
+    def check(value: float) -> None:
+        if value < 0:
+            raise ConfigError(f"{path}: expected a weight >= 0, got {value!r}")
+
+    return check
+
+
 CHECKS = {  # values a type alone does not check
     "model.prompts.switches": _check_switches,
     "model.prompts.text_position": _choice("model.prompts.text_position", TEXT_POSITIONS),
     "model.prompts.text_start": _choice("model.prompts.text_start", TEXT_STARTS),
     "model.prompts.text_keys": _choice("model.prompts.text_keys", TEXT_KEYS),
+    "train.icl_weight": _non_negative("train.icl_weight"),
+    "train.text_grounding_weight": _non_negative("train.text_grounding_weight"),
 }
 
 

@@ -1,5 +1,5 @@
 """The training stages and their losses: BCE + Dice segmentation, Instance Contrastive Learning
-(eqs. 7-8), eq. (9).
+(eqs. 7-8), eq. (9); and the text grounding loss, an option the paper does not have.
 
 Conventions (docs/design.md, "Losses"):
 
@@ -20,6 +20,7 @@ Conventions (docs/design.md, "Losses"):
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 import torch
@@ -168,8 +169,7 @@ def _icl(
     gap = distance.square() / denom  # (B, B)
     same = (object_ids[:, None] == object_ids[None, :]).float()  # Y, (B, B)
     log_likelihood = (
-        same * overlap.clamp(eps, 1.0 - eps).log()
-        + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
+        same * overlap.clamp(eps, 1.0 - eps).log() + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
     )  # (B, B)
     per_row = (weights[:, None] * log_likelihood * same_image).sum(-1) / b.square()  # (B,)
     # Eq. (8) per image is the sum of its rows; the mean over images divides by their number,
@@ -177,13 +177,46 @@ def _icl(
     return -per_row.sum() / b.reciprocal().sum()
 
 
+def text_grounding_loss(
+    attention: torch.Tensor, text_pad_mask: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Where the text prompter's tokens read F_IS against where the referent is: the
+    cross-entropy of each block's attention weights (per word token, [SOS] and [EOS] included)
+    against the referent's share of each F_IS cell, normalised to sum to 1; mean over the
+    expression's tokens, the blocks and the batch. Not in the paper (``train.text_grounding_weight``).
+
+    Args:
+        attention: (B, blocks, L, h w) weights over F_IS's square h x w grid, rows summing to 1.
+        text_pad_mask: (B, L) bool, True at padding (left out).
+        target: (B, 1, H, W) ground truth in [0, 1]; area-pooled to the grid.
+
+    Returns:
+        Scalar tensor.
+    """
+    side = math.isqrt(attention.shape[-1])
+    if side * side != attention.shape[-1]:
+        raise ValueError(f"attention over {attention.shape[-1]} cells is not a square grid")
+    cells = F.adaptive_avg_pool2d(target.float(), side).flatten(1)  # (B, h w)
+    share = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)  # (B, h w)
+    log_weights = attention.float().clamp_min(1e-8).log()  # (B, blocks, L, h w)
+    per_token = -(share[:, None, None] * log_weights).sum(-1)  # (B, blocks, L)
+    words = (~text_pad_mask).float()[:, None]  # (B, 1, L)
+    return ((per_token * words).sum(-1) / words.sum(-1).clamp_min(1.0)).mean()
+
+
 def stage_loss(
-    out: PromptRISOutput, batch: Batch, stage: Stage, icl_weight: float = 1.0
+    out: PromptRISOutput,
+    batch: Batch,
+    stage: Stage,
+    icl_weight: float = 1.0,
+    text_grounding_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total training loss of a stage (eq. 9) and its terms for logging.
 
     ``Stage.COARSE``: ``L_clipseg + icl_weight * L_icl(coarse)``.
-    ``Stage.FULL``: ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``.
+    ``Stage.FULL``: ``L_clipseg + L_samseg + icl_weight * (L_icl(coarse) + L_icl(final))``,
+    plus ``text_grounding_weight * text_grounding_loss`` when that weight is above 0 (not in
+    the paper; ``out.text_attention`` is then needed).
     The coarse terms read S_C (``out.coarse_lowres``, the low-res frame of ``batch.gt_masks``).
 
     Args:
@@ -192,12 +225,14 @@ def stage_loss(
         batch: the batch with ``gt_masks``, ``object_ids`` and ``image_index``.
         stage: a ``Stage`` (or its number, 1 or 2).
         icl_weight: weight of the ICL terms (1.0 in the paper).
+        text_grounding_weight: weight of the text grounding term (0 in the paper).
 
     Returns:
         The total loss (scalar tensor) and a dict of detached scalar tensors (read them with
         ``float()`` when logging; keeping them on the device avoids a host sync per step):
         ``clipseg``, ``icl_coarse`` and, in stage 2, ``samseg`` and ``icl_final`` (the ICL terms
-        already multiplied by ``icl_weight``, so the terms sum to the total), plus ``total``.
+        already multiplied by ``icl_weight``, so the terms sum to the total), ``text_grounding``
+        when its weight is above 0 (multiplied too), plus ``total``.
     """
     if stage not in tuple(Stage):
         raise ValueError(f"stage must be 1 or 2 (a Stage), got {stage!r}")
@@ -220,6 +255,15 @@ def stage_loss(
         final = out.mask_logits.float()  # (B, 1, S_s/4, S_s/4)
         terms["samseg"] = bce_dice_loss(final, gt)
         terms["icl_final"] = icl(final)
+        if text_grounding_weight > 0:
+            if out.text_attention is None or out.text_pad_mask is None:
+                raise ValueError(
+                    "text_grounding_weight > 0 needs out.text_attention; call the model with "
+                    "text_attention=True and text among its switches"
+                )
+            terms["text_grounding"] = text_grounding_weight * text_grounding_loss(
+                out.text_attention, out.text_pad_mask, gt
+            )
     total = torch.stack(list(terms.values())).sum()
     logged = {name: value.detach() for name, value in terms.items()}
     logged["total"] = total.detach()

@@ -3,9 +3,9 @@ what it learns.
 
 The rest of the model is taken from an export (a run's ``stage1/``: CLIP with CMP and the coarse
 decoder trained, SAM frozen) and frozen; a fresh text prompter, built as
-``model.prompts.text_start`` / ``text_position`` / ``text_keys`` say, is trained on the run's training split with
-the stage-2 loss on the final mask (BCE + Dice, ICL as the run's ``train.icl_weight``), AdamW and
-the poly schedule. Then, on ``--split`` (a validation split, never a test split):
+``model.prompts.text_start`` / ``text_position`` / ``text_keys`` say, is trained on the run's
+training split with the stage-2 loss on the final mask (BCE + Dice, ICL as the run's
+``train.icl_weight``), AdamW and the poly schedule. Then, on ``--split`` (a validation split, never a test split):
 
 - text-alone mIoU / oIoU beside the random object and the coarse CLIP mask
   (``prompt_ris.evaluate``);
@@ -17,15 +17,16 @@ the poly schedule. Then, on ``--split`` (a validation split, never a test split)
 With ``--oracle-attention`` every cross-attention reads the referent's cells of F_IS, weighted by
 its ground-truth mask, instead of where its weights point: what the prompter gives once it has
 found the referent, and so whether finding it is what it lacks; ``--oracle-share P`` puts only P
-of that weight on the referent and spreads the rest evenly over the grid. With
-``--attention-supervision W`` the learnt attention is also taught the referent's cells (W x the
-cross-entropy of each block's weights against them): whether it can find the referent in F_IS
-when told where it is.
+of that weight on the referent and spreads the rest evenly over the grid. With the
+override ``train.text_grounding_weight=W`` the learnt attention is also taught the referent's
+cells (W x ``losses.text_grounding_loss``, the cross-entropy of each block's weights against
+them): whether it can find the referent in F_IS when told where it is.
 
 Figures go to the log and to ``<out>/probe.json``::
 
     python scripts/probe_text_prompter.py --checkpoint runs/demo/train/stage1 --out runs/probe \\
-        model.prompts.text_position=keys+values model.prompts.text_start=random
+        model.prompts.text_position=keys+values model.prompts.text_start=random \\
+        model.prompts.text_keys=mlp train.text_grounding_weight=1
 """
 
 from __future__ import annotations
@@ -84,15 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "spread the rest evenly (what attention that finds the referent in part reads)",
     )
     parser.add_argument(
-        "--attention-supervision",
-        type=float,
-        default=0.0,
-        metavar="W",
-        help="add W x the cross-entropy of each block's attention against the referent's cells "
-        "(a diagnosis: can attention find the referent in F_IS when told where it is?)",
-    )
-    parser.add_argument(
-        "overrides", nargs="*", help="config overrides key=value (model.prompts.*, data.*)"
+        "overrides", nargs="*", help="config overrides key=value (model.prompts.*, train.*, data.*)"
     )
     return parser.parse_args(argv)
 
@@ -156,26 +149,11 @@ def attention_and_referent(
     return maps, cells, (~encoded.text_pad_mask).float()
 
 
-def attention_supervision_loss(
-    model: PromptRIS, encoded: EncodedBatch, gt_masks: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of each block's attention (per word token, averaged over heads) against the
-    referent's share of each F_IS cell."""
-    maps, cells, words = attention_and_referent(model, encoded, gt_masks)
-    target = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)  # (B, hw)
-    losses = [
-        ((-(target[:, None] * m.clamp_min(1e-8).log()).sum(-1) * words).sum(1) / words.sum(1))
-        for m in maps  # (B, L, hw)
-    ]
-    return torch.stack(losses).mean()
-
-
 def train_prompter(
     model: PromptRIS,
     steps: int,
     lr: float,
     oracle: OracleAttention | None = None,
-    attention_supervision: float = 0.0,
 ) -> list[float]:
     """Train only the text prompter; returns the gradient norm at its first layer per step."""
     cfg = model.config
@@ -200,16 +178,16 @@ def train_prompter(
                 encoded = model.encode(batch, with_sam=True)
             if oracle is not None:
                 oracle.show(batch.gt_masks, encoded.sam_img_embed.shape[-2:])
-            final = model.decode(encoded, TEXT, prompt_dropout=False)  # (B, 1, h, w)
-            out = PromptRISOutput(
-                encoded.coarse_logits, encoded.coarse_lowres, final, encoded.text_global
-            )
-            loss, terms = stage_loss(out, batch, Stage.FULL, cfg.train.icl_weight)
+            grounding = cfg.train.text_grounding_weight
+            maps: list[torch.Tensor] | None = [] if grounding else None
+            final = model.decode(encoded, TEXT, prompt_dropout=False, text_attention=maps)
+            out = PromptRISOutput(  # final: (B, 1, h, w)
+                encoded.coarse_logits, encoded.coarse_lowres, final, encoded.text_global,
+                text_attention=torch.stack(maps, 1) if maps else None,
+                text_pad_mask=encoded.text_pad_mask,
+            )  # fmt: skip
+            loss, terms = stage_loss(out, batch, Stage.FULL, cfg.train.icl_weight, grounding)
             loss = loss - terms["clipseg"] - terms["icl_coarse"]  # the frozen side's terms
-            if attention_supervision:
-                loss = loss + attention_supervision * attention_supervision_loss(
-                    model, encoded, batch.gt_masks
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grads.append(float(model.text_prompter.in_proj.weight.grad.norm()))
@@ -284,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     oracle = (
         OracleAttention(model.text_prompter, args.oracle_share) if args.oracle_attention else None
     )
-    grads = train_prompter(model, args.steps, lr, oracle, args.attention_supervision)
+    grads = train_prompter(model, args.steps, lr, oracle)
     if oracle is None:
         attention = attention_on_referent(model, args.split, args.attention_batches)
         results = evaluate(model, args.split, [TEXT], config=cfg)
@@ -297,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         "oracle_attention": args.oracle_attention,
         "oracle_share": args.oracle_share if args.oracle_attention else None,
-        "attention_supervision": args.attention_supervision,
+        "text_grounding_weight": cfg.train.text_grounding_weight,
         "split": args.split,
         "steps": args.steps,
         "lr": lr,

@@ -16,6 +16,7 @@ from prompt_ris.losses import (
     hard_iou,
     instance_contrastive_loss,
     stage_loss,
+    text_grounding_loss,
 )
 from prompt_ris.models import PromptRISOutput
 
@@ -246,3 +247,33 @@ def test_stage2_without_sam_output_says_how_to_fix() -> None:
     out, batch = _stage_inputs(with_sam=False)
     with pytest.raises(ValueError, match="with_sam=True"):
         stage_loss(out, batch, stage=Stage.FULL)
+
+
+def test_text_grounding_loss_by_hand() -> None:
+    """On a 2 x 2 grid with the referent in one cell: a token looking only there costs 0, an even
+    look log 4; padded tokens are left out whatever they look at."""
+    gt = torch.zeros(1, 1, 4, 4)
+    gt[..., :2, :2] = 1.0  # the top-left cell of the 2 x 2 grid
+    on, even, elsewhere = [1.0, 0.0, 0.0, 0.0], [0.25] * 4, [0.0, 1.0, 0.0, 0.0]
+    attention = torch.tensor([[[on, even, elsewhere]]])  # (B=1, blocks=1, L=3, hw=4)
+    pad = torch.tensor([[False, False, True]])
+    loss = text_grounding_loss(attention, pad, gt)
+    assert float(loss) == pytest.approx(math.log(4) / 2, rel=1e-6)  # (0 + log 4) / 2 tokens
+    two_blocks = torch.cat([attention, torch.tensor([[[on, on, on]]])], 1)  # (1, 2, 3, 4)
+    assert float(text_grounding_loss(two_blocks, pad, gt)) == pytest.approx(math.log(4) / 4)
+    with pytest.raises(ValueError, match="square grid"):
+        text_grounding_loss(torch.full((1, 1, 3, 6), 1 / 6), pad, gt)
+
+
+def test_stage2_adds_the_text_grounding_term_only_when_weighted() -> None:
+    out, batch = _stage_inputs(with_sam=True)
+    with pytest.raises(ValueError, match="text_attention=True"):
+        stage_loss(out, batch, stage=Stage.FULL, text_grounding_weight=1.0)
+    out.text_attention = torch.full((2, 2, 5, 4), 0.25)  # (B, blocks, L, 2 x 2 grid), even
+    out.text_pad_mask = torch.zeros(2, 5, dtype=torch.bool)
+    plain, terms = stage_loss(out, batch, stage=Stage.FULL)
+    assert "text_grounding" not in terms
+    total, terms = stage_loss(out, batch, stage=Stage.FULL, text_grounding_weight=0.5)
+    # The referent is the top half: share .5 on each top cell; even weights cost log 4.
+    assert float(terms["text_grounding"]) == pytest.approx(0.5 * math.log(4), rel=1e-6)
+    assert total.item() == pytest.approx(plain.item() + 0.5 * math.log(4), rel=1e-6)

@@ -13,6 +13,7 @@ from tiny_random import TINY_RANDOM_ARGS
 
 from prompt_ris.config import load_config
 from prompt_ris.data.prepare import prepare_refer
+from prompt_ris.losses import text_grounding_loss
 from prompt_ris.miniature.synthetic import SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY, generate_synthetic
 from prompt_ris.models import PromptRIS
 
@@ -41,11 +42,12 @@ def test_probe_trains_a_fresh_prompter_and_reports(export: dict[str, Path], orac
         "--attention-batches", "1", "--split", "synthetic:val",
         f"data.prepared={export['prepared']}", "data.train=synthetic:train", "data.num_workers=0",
         "data.images_per_step=2", "model.prompts.text_start=random",
-        "model.prompts.text_position=keys+values",
-    ] + (["--oracle-attention"] if oracle else [])  # fmt: skip
+        "model.prompts.text_position=keys+values", "model.prompts.text_keys=mlp",
+    ] + (["--oracle-attention"] if oracle else ["train.text_grounding_weight=1"])  # fmt: skip
     assert probe.main(args) == 0
     report = json.loads((out / "probe.json").read_text())
     assert report["steps"] == 3 and report["oracle_attention"] is oracle
+    assert report["text_grounding_weight"] == (0.0 if oracle else 1.0)
     assert {"coarse", "final", "random"} <= set(report["mIoU"])
     assert report["grad_first_layer"]["first_10_steps"] > 0  # a random start learns at once
     if oracle:
@@ -55,7 +57,9 @@ def test_probe_trains_a_fresh_prompter_and_reports(export: dict[str, Path], orac
         assert len(on) == 2 and all(0.0 <= x <= 1.0 for x in on) and 0.0 < share[0] < 1.0
 
 
-def test_attention_supervision_moves_attention_onto_the_referent(export: dict[str, Path]) -> None:
+def test_text_grounding_loss_moves_attention_onto_the_referent(export: dict[str, Path]) -> None:
+    """The model returns where its text tokens read F_IS, and the grounding loss on it teaches
+    the prompter (mlp keys included) to look at the referent."""
     cfg = load_config(
         overrides=[
             *TINY_RANDOM_ARGS, f"data.prepared={export['prepared']}", "data.num_workers=0",
@@ -64,20 +68,25 @@ def test_attention_supervision_moves_attention_onto_the_referent(export: dict[st
     )  # fmt: skip
     torch.manual_seed(0)
     model = PromptRIS.from_pretrained(export["checkpoint"])
-    probe.fresh_prompter(model, ["model.prompts.text_start=random"])
+    probe.fresh_prompter(model, ["model.prompts.text_start=random", "model.prompts.text_keys=mlp"])
     batch = next(iter(probe.build_train_loader(cfg)))
-    with torch.no_grad():
-        encoded = model.encode(batch, with_sam=True)
+    out = model(batch, text_attention=True)
+    blocks, length = len(model.text_prompter.blocks), batch.text_tokens.shape[1]
+    assert out.text_attention is not None and out.text_attention.shape[:3] == (
+        batch.num_expressions, blocks, length)  # fmt: skip
+    assert model(batch).text_attention is None  # only on request
     optimizer = torch.optim.Adam(model.text_prompter.parameters(), lr=1e-2)
-    first = float(probe.attention_supervision_loss(model, encoded, batch.gt_masks))
+    losses = []
     for _ in range(20):
-        loss = probe.attention_supervision_loss(model, encoded, batch.gt_masks)
+        out = model(batch, text_attention=True, prompt_dropout=False)
+        loss = text_grounding_loss(out.text_attention, out.text_pad_mask, batch.gt_masks)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    queries = model.text_prompter.blocks[0].cross_attn.attn.in_proj_weight
-    assert queries.grad is not None and float(queries.grad.abs().sum()) > 0
-    assert float(loss.detach()) < first  # the cross-entropy falls as attention finds the referent
+        losses.append(float(loss.detach()))
+    reader = model.text_prompter.key_reader[1].fc2.weight
+    assert reader.grad is not None and float(reader.grad.abs().sum()) > 0
+    assert losses[-1] < 0.8 * losses[0]  # the cross-entropy falls as attention finds the referent
 
 
 grounding = load_script("scripts/probe_grounding.py")

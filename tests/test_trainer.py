@@ -146,7 +146,7 @@ def test_losses_decrease_on_a_fixed_batch(prepared: Path, tmp_path: Path) -> Non
     for stage, steps in ((Stage.COARSE, 8), (Stage.FULL, 12)):
         for step in range(steps):
             torch.manual_seed(step)
-            loss, terms = forward_loss(model, batch, stage, icl_weight=1.0)
+            loss, terms = forward_loss(model, batch, stage, cfg.train)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -72,7 +72,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from prompt_ris.config import Config, ConfigError, config_to_dict, save_config
+from prompt_ris.config import Config, ConfigError, TrainConfig, config_to_dict, save_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.data.schedule import StepPlan, check_epoch_unit, plan_steps
@@ -527,7 +527,7 @@ def train_one_epoch(run: TrainRun) -> bool:
         with accelerator.accumulate(run.model):
             sam_img_embed = cached_sam_embeddings(run, batch) if stage == Stage.FULL else None
             loss, terms = forward_loss(
-                run.model, batch, stage, cfg.train.icl_weight, sam_img_embed=sam_img_embed
+                run.model, batch, stage, cfg.train, sam_img_embed=sam_img_embed
             )
             accelerator.backward(loss)
             run.optimizer.step()
@@ -571,7 +571,7 @@ def forward_loss(
     model: nn.Module,
     batch: Batch,
     stage: Stage,
-    icl_weight: float,
+    train_cfg: TrainConfig,
     sam_img_embed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The stage's forward pass and loss (eq. 9): stage 1 skips SAM, stage 2 drops prompts.
@@ -579,8 +579,14 @@ def forward_loss(
     ``sam_img_embed`` (I, D_S, h_s, w_s), when given, replaces the SAM image encoder's pass.
     """
     full = stage == Stage.FULL
-    out = model(batch, with_sam=full, prompt_dropout=full, sam_img_embed=sam_img_embed)
-    return stage_loss(out, batch, stage, icl_weight)
+    grounding = full and train_cfg.text_grounding_weight > 0
+    out = model(
+        batch, with_sam=full, prompt_dropout=full, sam_img_embed=sam_img_embed,
+        text_attention=grounding,
+    )  # fmt: skip
+    return stage_loss(
+        out, batch, stage, train_cfg.icl_weight, train_cfg.text_grounding_weight if full else 0.0
+    )
 
 
 def after_optimizer_step(run: TrainRun, stage: Stage) -> bool:

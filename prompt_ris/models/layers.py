@@ -66,17 +66,19 @@ class CrossAttention(nn.Module):
         q, k, v = self._qkv(query, context, context_pos, value_pos, key_context)
         return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=False)[0]
 
-    def attention_weights(
+    def forward_with_weights(
         self,
         query: torch.Tensor,
         context: torch.Tensor,
         context_pad_mask: torch.Tensor | None = None,
         context_pos: torch.Tensor | None = None,
+        value_pos: torch.Tensor | None = None,
         key_context: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Where each query token looks: (B, Q, K) attention weights, averaged over heads."""
-        q, k, v = self._qkv(query, context, context_pos, None, key_context)
-        return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=True)[1]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s output (B, Q, dim) and where each query token looks: the (B, Q, K)
+        attention weights, averaged over heads."""
+        q, k, v = self._qkv(query, context, context_pos, value_pos, key_context)
+        return self.attn(q, k, v, key_padding_mask=context_pad_mask, need_weights=True)
 
     def _qkv(
         self,

@@ -56,12 +56,18 @@ class PromptRISOutput:
             (what the mask and point prompts, the coarse losses and the coarse metrics read).
         mask_logits: S', (B, 1, S_s/4, S_s/4) in the low-res frame; None when ``with_sam=False``.
         text_global: t_g, (B, D_C).
+        text_attention: where the text prompter's tokens read F_IS, (B, blocks, L, h_s w_s)
+            cross-attention weights averaged over heads; only when asked for
+            (``forward(..., text_attention=True)``) and text prompts were made.
+        text_pad_mask: (B, L) bool, True at padding, with ``text_attention``.
     """
 
     coarse_logits: torch.Tensor
     coarse_lowres: torch.Tensor
     mask_logits: torch.Tensor | None
     text_global: torch.Tensor
+    text_attention: torch.Tensor | None = None
+    text_pad_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -218,6 +224,7 @@ class PromptRIS(nn.Module):
         switches: PromptSwitches | None = None,
         sam_img_embed: torch.Tensor | None = None,
         prompt_dropout: bool | None = None,
+        text_attention: bool = False,
     ) -> PromptRISOutput:
         """Segment the objects B expressions refer to in I images: ``encode``, then ``decode``.
 
@@ -229,13 +236,23 @@ class PromptRIS(nn.Module):
             sam_img_embed: precomputed F_IS (I, D_S, h_s, w_s), e.g. from ``encode_sam``;
                 ``inputs.sam_images`` is then not read.
             prompt_dropout: drop prompts per sample (Sec. 4.2); None = ``self.training``.
+            text_attention: also return where the text prompter's tokens read F_IS
+                (``PromptRISOutput.text_attention``; for ``train.text_grounding_weight``).
         """
         encoded = self.encode(inputs, with_sam=with_sam, sam_img_embed=sam_img_embed)
+        maps: list[torch.Tensor] | None = [] if text_attention else None
         mask_logits = (
-            self.decode(encoded, switches, prompt_dropout=prompt_dropout) if with_sam else None
+            self.decode(encoded, switches, prompt_dropout=prompt_dropout, text_attention=maps)
+            if with_sam
+            else None
         )
         return PromptRISOutput(
-            encoded.coarse_logits, encoded.coarse_lowres, mask_logits, encoded.text_global
+            encoded.coarse_logits,
+            encoded.coarse_lowres,
+            mask_logits,
+            encoded.text_global,
+            text_attention=torch.stack(maps, 1) if maps else None,  # (B, blocks, L, hw)
+            text_pad_mask=encoded.text_pad_mask if maps else None,
         )
 
     def encode(
@@ -280,6 +297,7 @@ class PromptRIS(nn.Module):
         switches: PromptSwitches | None = None,
         *,
         prompt_dropout: bool | None = None,
+        text_attention: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """SAM's prompt and decoder side for one switch set: the final mask S' (B, 1, S_s/4,
         S_s/4) in the low-res frame.
@@ -288,6 +306,8 @@ class PromptRIS(nn.Module):
             encoded: ``encode``'s output, with F_IS.
             switches: prompts given to SAM; defaults to the config's ``model.prompts.switches``.
             prompt_dropout: drop prompts per sample (Sec. 4.2); None = ``self.training``.
+            text_attention: when given, the text prompter's cross-attention weights
+                (B, L, h_s w_s) per block are appended to it.
         """
         if encoded.sam_img_embed is None:
             raise ValueError("decode needs F_IS; call encode(inputs, with_sam=True)")
@@ -299,7 +319,7 @@ class PromptRIS(nn.Module):
         text_prompts = (  # P_text: (B, L, D_S)
             self.text_prompter(
                 encoded.text_tokens, encoded.text_pad_mask, sam_img_embed, image_index,
-                self.sam.dense_pe(),
+                self.sam.dense_pe(), text_attention,
             )
             if "text" in switches
             else None

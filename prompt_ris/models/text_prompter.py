@@ -44,15 +44,13 @@ class _TextPromptBlock(nn.Module):
         x = x + self.self_attn(x, x, pad_mask)
         key_pos = image_pos if self.pos_in_keys else None
         value_pos = image_pos if self.pos_in_values else None
-        if maps is not None:  # (B, L, hw) where each text token reads the image
-            maps.append(
-                self.cross_attn.attention_weights(
-                    x, image_tokens, context_pos=key_pos, key_context=key_tokens
-                )
-            )
-        x = x + self.cross_attn(
-            x, image_tokens, context_pos=key_pos, value_pos=value_pos, key_context=key_tokens
-        )
+        attend = dict(context_pos=key_pos, value_pos=value_pos, key_context=key_tokens)
+        if maps is None:
+            x = x + self.cross_attn(x, image_tokens, **attend)
+        else:
+            read, weights = self.cross_attn.forward_with_weights(x, image_tokens, **attend)
+            maps.append(weights)  # (B, L, hw): where each text token reads the image
+            x = x + read
         return x + self.mlp(self.norm(x))
 
 
