@@ -7,6 +7,7 @@ Usage (one CPU, one GPU or many processes, as ``accelerate config`` describes):
     accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --no-mask
     accelerate launch evaluation/evaluate.py --checkpoint ... --switches "mask + text"
     accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --prompt-ablation
+    accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --every-switch-set
     accelerate launch evaluation/evaluate.py --checkpoint ... --save-masks --overlays 8 \
         --overlay-order worst --output outputs/run1
 
@@ -76,7 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt-ablation",
         action="store_true",
-        help="also score each split with each prompt type switched off in turn (Table 5)",
+        help="also score each split with each prompt type switched off in turn",
+    )
+    parser.add_argument(
+        "--every-switch-set",
+        action="store_true",
+        help="also score each split with every other set of prompts, none included (the eight "
+        "rows of Table 5)",
     )
     parser.add_argument("--save-masks", action="store_true", help="write masks.jsonl (RLE)")
     parser.add_argument("--overlays", type=int, help="overlay images per split (eval.num_overlays)")
@@ -130,9 +137,7 @@ def resolve_config(
     ev.overlay_order = args.overlay_order or ev.overlay_order
     problems = []
     if ev.overlay_order not in ("first", "worst"):
-        problems.append(
-            f"eval.overlay_order must be 'first' or 'worst', got '{ev.overlay_order}'"
-        )
+        problems.append(f"eval.overlay_order must be 'first' or 'worst', got '{ev.overlay_order}'")
     if args.switches is not None:
         try:
             PromptSwitches.parse(args.switches)
@@ -148,12 +153,14 @@ def resolve_config(
 
 def switch_sets(args: argparse.Namespace, default: Any) -> list[Any]:
     """The switch sets to score: ``--switches`` (else the checkpoint's ``default``) less the
-    ``--no-<prompt>`` types, then, with ``--prompt-ablation``, each of its types off in turn."""
-    from prompt_ris.prompt_switches import PromptSwitches
+    ``--no-<prompt>`` types, then, with ``--prompt-ablation``, each of its types off in turn,
+    and with ``--every-switch-set`` every other set in Table 5's order."""
+    from prompt_ris.prompt_switches import PromptSwitches, parse_switch_sets
 
     base = default if args.switches is None else PromptSwitches.parse(args.switches)
     base = base.without(*(t for t in PROMPT_TYPES if getattr(args, f"no_{t}")))
-    return base.ablation() if args.prompt_ablation else [base]
+    sets = base.ablation() if args.prompt_ablation else [base]
+    return parse_switch_sets(sets + (PromptSwitches.every() if args.every_switch_set else []))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import combinations
 
 PROMPT_TYPES = ("mask", "point", "text")  # every prompt type, in the order names list them
 SEPARATOR = " + "
@@ -87,6 +88,16 @@ class PromptSwitches:
     def without(self, *prompt_types: str) -> PromptSwitches:
         """This set with ``prompt_types`` switched off."""
         return PromptSwitches(self.on - set(PromptSwitches(frozenset(prompt_types)).on))
+
+    @classmethod
+    def every(cls) -> list[PromptSwitches]:
+        """Every switch set, in the order of the paper's Table 5: none, each type alone, each
+        pair, all of them."""
+        return [
+            cls(frozenset(types))
+            for size in range(len(PROMPT_TYPES) + 1)
+            for types in combinations(PROMPT_TYPES, size)
+        ]
 
     def ablation(self) -> list[PromptSwitches]:
         """Table 5's rows: this set, then this set with each of its prompt types off in turn."""

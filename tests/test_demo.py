@@ -34,10 +34,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
 
     report = (out / "demo_results.md").read_text()
     for needle in ("random object", "Prompt-RIS final mask", "Prompt-RIS coarse mask",
-                   "| synthetic:test_seen |", "| synthetic:test_unseen |", "point + text",
-                   "mask + text", "mask + point", "By expression form", "| colour + shape |",
-                   "SAM refines", "without text (mask + point)", "unseen shapes: final mIoU",
-                   "ImgAcc", "ICL weight 1"):  # fmt: skip
+                   "| synthetic:test_seen |", "| synthetic:test_unseen |", "| point + text |",
+                   "| mask + text |", "| mask + point |", "| none |", "| text |",
+                   "the paper's mIoU (refcoco:val)", "| 75.11 |", "By expression form",
+                   "| colour + shape |", "SAM refines", "text alone >= 70% of all three",
+                   "text adds: mask + point + text >= mask + point + 1.0",
+                   "point alone below mask alone", "unseen shapes: final mIoU", "ImgAcc",
+                   "ICL weight 1"):  # fmt: skip
         assert needle in report, report
     results = json.loads((out / "eval" / "results.json").read_text())["splits"]
     test = results["synthetic:test"]
@@ -49,7 +52,10 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert 0.0 <= test["final"]["mIoU"] <= 100.0
     assert 0.0 < test["random"]["mIoU"] < 100.0  # a random object overlaps its target at times
     ablation = json.loads((out / "eval" / "results.json").read_text())["ablation"]
-    assert list(ablation) == ["mask + point + text", "point + text", "mask + text", "mask + point"]
+    assert list(ablation) == [
+        "mask + point + text", "none", "mask", "point", "text", "mask + point", "mask + text",
+        "point + text",
+    ]  # fmt: skip
     assert ablation["mask + point + text"]["synthetic:test"] == test["final"]
     assert len(list((out / "eval" / "overlays").rglob("*.png"))) >= 2
     assert (out / "new_scene_prediction.png").is_file()

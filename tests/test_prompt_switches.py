@@ -40,6 +40,10 @@ def test_without_and_the_table_5_rows() -> None:
     assert [s.name for s in parse_switch_sets(["mask", PromptSwitches.parse("mask"), "text"])] == [
         "mask", "text",
     ]  # fmt: skip
+    assert [s.name for s in PromptSwitches.every()] == [  # Table 5's order
+        "none", "mask", "point", "text", "mask + point", "mask + text", "point + text",
+        "mask + point + text",
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -80,3 +84,8 @@ def test_the_flags_come_from_the_prompt_types() -> None:
     assert [s.name for s in sets] == ["mask + text", "text", "mask"]
     args = evaluate_cli.parse_args(["--checkpoint", "c", "--switches", "point"])
     assert evaluate_cli.switch_sets(args, PromptSwitches()) == [PromptSwitches.parse("point")]
+    args = evaluate_cli.parse_args(["--checkpoint", "c", "--every-switch-set"])
+    assert [s.name for s in evaluate_cli.switch_sets(args, PromptSwitches())] == [
+        "mask + point + text", "none", "mask", "point", "text", "mask + point", "mask + text",
+        "point + text",
+    ]  # fmt: skip
