@@ -173,6 +173,9 @@ class TrainConfig:
     # tokens read F_IS against the referent's cells (losses.text_grounding_loss). 0 = the paper,
     # which has no such term; docs/design.md says when it helps.
     text_grounding_weight: float = 0.0
+    # lr0 of the text prompter (None: train.lr). It first trains in stage 2, when the poly
+    # schedule has already decayed the run's lr; not in the paper.
+    text_prompter_lr: float | None = None
     num_overlays: int = 4  # mask overlays written to TensorBoard per validation
     tracker: str = "tensorboard"  # accelerate tracker: "tensorboard", "wandb", "all" or "none"
     # torch.compile through accelerate: None = the launcher's --dynamo_backend; true = inductor.
@@ -290,6 +293,14 @@ def _non_negative(path: str) -> Callable[[float], None]:
     return check
 
 
+def _positive_lr(path: str) -> Callable[[float | None], None]:
+    def check(value: float | None) -> None:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{path}: expected a learning rate > 0 (or null), got {value!r}")
+
+    return check
+
+
 CHECKS = {  # values a type alone does not check
     "model.prompts.switches": _check_switches,
     "model.prompts.text_position": _choice("model.prompts.text_position", TEXT_POSITIONS),
@@ -297,6 +308,7 @@ CHECKS = {  # values a type alone does not check
     "model.prompts.text_keys": _choice("model.prompts.text_keys", TEXT_KEYS),
     "train.icl_weight": _non_negative("train.icl_weight"),
     "train.text_grounding_weight": _non_negative("train.text_grounding_weight"),
+    "train.text_prompter_lr": _positive_lr("train.text_prompter_lr"),
 }
 
 

@@ -26,6 +26,7 @@ from prompt_ris.data.prepare import prepare_refer
 from prompt_ris.engine.trainer import (
     check_val_split,
     forward_loss,
+    parameter_groups,
     poly_decay,
     resolve_mixed_precision,
     stage_of_epoch,
@@ -93,6 +94,27 @@ def read_losses(output_dir: Path) -> dict[int, dict[str, float]]:
 # --------------------------------------------------------------------------------------------
 # Schedule and settings
 # --------------------------------------------------------------------------------------------
+def test_the_text_prompter_can_have_its_own_lr(tiny_model: PromptRIS, tiny_cfg: Config) -> None:
+    trained = [p for p in tiny_model.parameters() if p.requires_grad]
+    (one,) = parameter_groups(tiny_model, tiny_cfg.train)
+    assert one["params"] == trained and "lr" not in one  # the run's lr for all
+    cfg = load_config(base=tiny_cfg, overrides=["train.lr=1e-3", "train.text_prompter_lr=5e-3"])
+    rest, prompter = parameter_groups(tiny_model, cfg.train)
+    assert [id(p) for p in prompter["params"]] == [
+        id(p) for p in tiny_model.text_prompter.parameters()
+    ]
+    assert len(rest["params"]) + len(prompter["params"]) == len(trained)
+    optimizer = torch.optim.AdamW([rest, prompter], lr=cfg.train.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(10, 0.9))
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    lrs = [group["lr"] for group in optimizer.param_groups]  # both decay by the same schedule
+    assert lrs == pytest.approx([1e-3 * 0.5**0.9, 5e-3 * 0.5**0.9])
+    with pytest.raises(ConfigError, match="learning rate > 0"):
+        load_config(overrides=["train.text_prompter_lr=0"])
+
+
 def test_poly_decay_matches_the_formula_by_hand() -> None:
     factor = poly_decay(total_steps=10, power=0.9)
     assert factor(0) == 1.0

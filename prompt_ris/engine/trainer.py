@@ -247,6 +247,19 @@ def poly_decay(total_steps: int, power: float) -> Callable[[int], float]:
     return factor
 
 
+def parameter_groups(model: PromptRIS, train_cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The trained parameters as AdamW's groups: one at ``train.lr``, or, with
+    ``train.text_prompter_lr``, the text prompter's in a second group at that lr."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train_cfg.text_prompter_lr is None:
+        return [{"params": params}]
+    prompter = {id(p) for p in model.text_prompter.parameters()}
+    return [
+        {"params": [p for p in params if id(p) not in prompter]},
+        {"params": [p for p in params if id(p) in prompter], "lr": train_cfg.text_prompter_lr},
+    ]
+
+
 def stage_of_epoch(epoch: int, cfg: Config) -> Stage:
     """``Stage.COARSE`` for the first ``train.stage1_epochs`` epochs (0-based ``epoch``), then
     ``Stage.FULL``."""
@@ -368,9 +381,8 @@ def setup_run(cfg: Config, checkpoint: Path | None) -> TrainRun:
     model = PromptRIS.from_config(cfg.model)  # right after set_seed: the same weights on every run
     with accelerator.main_process_first():
         train_loader, val_loader = build_loaders(cfg, accelerator)
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params,
+        parameter_groups(model, cfg.train),
         lr=cfg.train.lr,
         weight_decay=cfg.train.weight_decay,
         fused=torch.cuda.is_available(),
