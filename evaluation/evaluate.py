@@ -7,7 +7,8 @@ Usage (one CPU, one GPU or many processes, as ``accelerate config`` describes):
     accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --no-mask
     accelerate launch evaluation/evaluate.py --checkpoint ... --switches "mask + text"
     accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --prompt-ablation
-    accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val --every-switch-set
+    accelerate launch evaluation/evaluate.py --checkpoint ... --splits refcoco:val \
+        --every-switch-set
     accelerate launch evaluation/evaluate.py --checkpoint ... --save-masks --overlays 8 \
         --overlay-order worst --output outputs/run1
 

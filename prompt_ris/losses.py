@@ -183,7 +183,8 @@ def text_grounding_loss(
     """Where the text prompter's tokens read F_IS against where the referent is: the
     cross-entropy of each block's attention weights (per word token, [SOS] and [EOS] included)
     against the referent's share of each F_IS cell, normalised to sum to 1; mean over the
-    expression's tokens, the blocks and the batch. Not in the paper (``train.text_grounding_weight``).
+    expression's tokens, the blocks and the batch. Not in the paper
+    (``train.text_grounding_weight``).
 
     Args:
         attention: (B, blocks, L, h w) weights over F_IS's square h x w grid, rows summing to 1.

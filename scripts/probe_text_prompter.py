@@ -5,7 +5,8 @@ The rest of the model is taken from an export (a run's ``stage1/``: CLIP with CM
 decoder trained, SAM frozen) and frozen; a fresh text prompter, built as
 ``model.prompts.text_start`` / ``text_position`` / ``text_keys`` say, is trained on the run's
 training split with the stage-2 loss on the final mask (BCE + Dice, ICL as the run's
-``train.icl_weight``), AdamW and the poly schedule. Then, on ``--split`` (a validation split, never a test split):
+``train.icl_weight``), AdamW and the poly schedule. Then, on ``--split`` (a validation split,
+never a test split):
 
 - text-alone mIoU / oIoU beside the random object and the coarse CLIP mask
   (``prompt_ris.evaluate``);
