@@ -569,7 +569,8 @@ def test_train_script_reports_every_problem_before_building_anything(
     argv = [
         "--config", str(CONFIG), f"train.output_dir={tmp_path / 'run'}",
         f"data.prepared={tmp_path / 'nothing'}", "train.lrr=1", "data.val=synthetic:testA",
-        "model.sam.checkpoint=sam_vit_b_01ec64.pth", "train.tracker=tensorbord", "--resume",
+        "model.sam.checkpoint=sam_vit_b_01ec64.pth", "train.tracker=tensorbord",
+        "train.text_grounding_weight=1", "model.prompts.switches=mask + point", "--resume",
     ]  # fmt: skip
     with pytest.raises(SystemExit) as stop:
         cli(argv)
@@ -584,9 +585,11 @@ def test_train_script_reports_every_problem_before_building_anything(
         "model.sam.checkpoint='sam_vit_b_01ec64.pth' not found in the weights folder",
         "prepared data for synthetic(unc) not found",
         "--resume latest: no checkpoint found",
+        "train.text_grounding_weight=1 teaches the text prompter, but "
+        "model.prompts.switches='mask + point' has no text",
     ):
         assert fragment in text, (fragment, text)
-    assert lines[-1] == "train.py: 6 problem(s) found before building the model"
+    assert lines[-1] == "train.py: 7 problem(s) found before building the model"
 
     # A folder that already holds a run is not trained over without --resume.
     monkeypatch.undo()

@@ -43,6 +43,7 @@ from prompt_ris.engine.trainer import (
 )
 from prompt_ris.metrics import threshold_logit
 from prompt_ris.models.build import base_weight_problems
+from prompt_ris.prompt_switches import PromptSwitches
 
 PREPARE_HINT = (
     "run `python scripts/prepare_data.py --root <refer data root> --out {prepared}` (or "
@@ -174,6 +175,14 @@ def training_problems(
         problems.append(
             "train.sam_embed_cache needs a frozen SAM image encoder; set "
             "model.sam.freeze_image_encoder=true or train.sam_embed_cache=null"
+        )
+    if train.text_grounding_weight > 0 and "text" not in PromptSwitches.parse(
+        cfg.model.prompts.switches
+    ):
+        problems.append(
+            f"train.text_grounding_weight={train.text_grounding_weight:g} teaches the text "
+            f"prompter, but model.prompts.switches='{cfg.model.prompts.switches}' has no text; "
+            "set train.text_grounding_weight=0 or add text to the switches"
         )
     for setting in ("stage1_epochs", "stage2_epochs"):
         if getattr(train, setting) < 0:
