@@ -13,7 +13,8 @@
    and predicts on a new image from
    Python, as a user would.
 
-Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--ship DIR] [key=value ...]``
+Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--config YAML] [--ship DIR]
+[key=value ...]``
 (overrides go to training; ``--ship checkpoints/tiny_synthetic_demo`` remakes the shipped model
 with ``scripts/ship_model.py``).
 """
@@ -242,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also write the trained model as the shipped model to DIR (scripts/ship_model.py), "
         "e.g. checkpoints/tiny_synthetic_demo",
     )  # fmt: skip
+    parser.add_argument(
+        "--config", type=Path, default=CONFIG,
+        help="training config (default: configs/tiny_synthetic.yaml, the paper's recipe; "
+        "configs/tiny_synthetic_grounded.yaml adds the grounded text prompter)",
+    )  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="training overrides (train.stage1_epochs=2)")
     args = parser.parse_args(argv)
+    config = (args.config if args.config.is_file() else REPO / args.config).resolve()
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     out = (REPO / args.out).resolve()
     data_root, run_dir = out / "data", out / "train"
@@ -269,13 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     # (elsewhere, the same file names in the weights folder).
     from prompt_ris.config import load_config
 
-    tiny = load_config(CONFIG).model  # the preset's foundation files, relative to the repository
+    tiny = load_config(config).model  # the preset's foundation files, relative to the repository
     foundations = [
         f"model.clip.pretrained={REPO / tiny.clip.pretrained}",
         f"model.sam.checkpoint={REPO / tiny.sam.checkpoint}",
     ]
     accelerate_launch(
-        "scripts/train.py", "--config", str(CONFIG), f"data.prepared={prepared}",
+        "scripts/train.py", "--config", str(config), f"data.prepared={prepared}",
         f"train.output_dir={run_dir}", *foundations, *args.overrides,
     )  # fmt: skip
     checkpoint = run_dir / "final"
@@ -294,14 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     from prompt_ris.config import load_config
     from prompt_ris.engine.tables import split_table
 
-    cfg = load_config(CONFIG, args.overrides)
+    cfg = load_config(config, args.overrides)
     test = splits[TEST_SPLIT]
     final, random_miou = test["final"]["mIoU"], test["random"]["mIoU"]
     learnt = final >= MIN_RATIO_TO_RANDOM * random_miou
     report = "\n".join([
         "## Results on the synthetic test split (percent)",
         "",
-        f"Trained on {cfg.data.train} (ICL weight {cfg.train.icl_weight:g}); star and hexagon are "
+        f"Config {config.name}; trained on {cfg.data.train} (ICL weight {cfg.train.icl_weight:g}); "
+        "star and hexagon are "
         f"the held-out (unseen) shapes. Expression kinds: {args.kinds}.",
         "",
         split_table(splits, OUTPUTS),

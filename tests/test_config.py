@@ -198,6 +198,28 @@ def test_repository_configs_load() -> None:
     assert tiny.train.lr == 0.001 and tiny.eval.splits[0] == "synthetic:val"
 
 
+def test_the_grounded_demo_config_is_the_demo_plus_its_named_changes() -> None:
+    """configs/tiny_synthetic_grounded.yaml must not drift from the demo's config: it differs
+    only in the grounded prompter's keys (and its output folder)."""
+
+    def flat(cfg: Config) -> dict[str, object]:
+        return {
+            f"{section}.{key}": value
+            for section, values in config_to_dict(cfg).items()
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)])
+        }
+
+    demo = flat(load_config(ROOT / "configs" / "tiny_synthetic.yaml"))
+    grounded = flat(load_config(ROOT / "configs" / "tiny_synthetic_grounded.yaml"))
+    changed = {key for key in demo if demo[key] != grounded[key]}
+    assert changed == {"model.prompts", "train.output_dir", "train.stage2_epochs",
+                       "train.text_prompter_lr", "train.text_grounding_weight"}  # fmt: skip
+    prompts = load_config(ROOT / "configs" / "tiny_synthetic_grounded.yaml").model.prompts
+    assert (prompts.text_keys, prompts.text_position, prompts.text_start) == (
+        "mlp", "keys+values", "random")  # fmt: skip
+    assert (prompts.drop_mask, prompts.drop_point, prompts.drop_text) == (0.5, 0.5, 0.2)
+
+
 def test_tiny_preset_differs_from_the_paper_model_only_in_sizes() -> None:
     """Same freezing and prompting as ``vit_b``; pretrained base weights (the committed
     miniature foundations) instead of random ones."""
