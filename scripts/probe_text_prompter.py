@@ -260,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     assert cfg is not None
     cfg.eval.num_overlays = 0
     lr = args.lr if args.lr is not None else cfg.train.lr / 2
+    if args.oracle_attention and cfg.train.text_grounding_weight > 0:
+        logger.error(
+            "--oracle-attention replaces the attention that train.text_grounding_weight "
+            "teaches; drop one of them"
+        )
+        return 1
     oracle = (
         OracleAttention(model.text_prompter, args.oracle_share) if args.oracle_attention else None
     )

@@ -57,6 +57,16 @@ def test_probe_trains_a_fresh_prompter_and_reports(export: dict[str, Path], orac
         assert len(on) == 2 and all(0.0 <= x <= 1.0 for x in on) and 0.0 < share[0] < 1.0
 
 
+def test_the_oracle_and_the_grounding_loss_are_not_combined(export: dict[str, Path]) -> None:
+    args = [
+        "--checkpoint", str(export["checkpoint"]), "--out", str(export["root"] / "both"),
+        "--oracle-attention", f"data.prepared={export['prepared']}",
+        "train.text_grounding_weight=1",
+    ]  # fmt: skip
+    assert probe.main(args) == 1
+    assert not (export["root"] / "both" / "probe.json").exists()
+
+
 def test_text_grounding_loss_moves_attention_onto_the_referent(export: dict[str, Path]) -> None:
     """The model returns where its text tokens read F_IS, and the grounding loss on it teaches
     the prompter (mlp keys included) to look at the referent."""
