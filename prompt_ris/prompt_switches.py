@@ -100,7 +100,8 @@ class PromptSwitches:
         ]
 
     def ablation(self) -> list[PromptSwitches]:
-        """Table 5's rows: this set, then this set with each of its prompt types off in turn."""
+        """This set, then this set with each of its prompt types off in turn (``every`` gives
+        all of Table 5's rows)."""
         return [self, *(self.without(t) for t in self.types())]
 
 
