@@ -121,20 +121,17 @@ def paper_table(ablation: dict[str, dict]) -> str:
     import json
 
     from prompt_ris import PromptSwitches
+    from prompt_ris.engine.tables import switch_table
 
     paper = json.loads(PAPER_RESULTS.read_text())["entries"]
-    keys = ("oIoU", "mIoU", "P@0.5", "P@0.9")
-    rows = [
-        "| prompts to SAM | " + " | ".join(keys) + f" | the paper's mIoU ({PAPER_SPLIT}) |",
-        "|---" + "|---:" * (len(keys) + 1) + "|",
-    ]
-    for switches in PromptSwitches.every():
-        entry = paper.get(f"table5/{switches.name.replace(' + ', '+')}")
-        theirs = f"{entry['splits'][PAPER_SPLIT]['final']['mIoU']:.2f}" if entry else "-"
-        ours = ablation.get(switches.name, {}).get(TEST_SPLIT)
-        cells = [f"{ours[k]:.2f}" if ours else "-" for k in keys]
-        rows.append(f"| {switches.name} | " + " | ".join(cells) + f" | {theirs} |")
-    return "\n".join(rows)
+    every = [switches.name for switches in PromptSwitches.every()]
+    theirs = {
+        name: entry["splits"][PAPER_SPLIT]["final"]["mIoU"]
+        for name in every
+        if (entry := paper.get(f"table5/{name.replace(' + ', '+')}"))
+    }
+    ordered = {name: ablation[name] for name in every}
+    return switch_table(ordered, TEST_SPLIT, (f"the paper's mIoU ({PAPER_SPLIT})", theirs))
 
 
 def paper_claims(splits: dict[str, dict], ablation: dict[str, dict]) -> list[tuple[str, str, bool]]:
@@ -309,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "## Results on the synthetic test split (percent)",
         "",
         f"Config {config.name}; trained on {cfg.data.train} (ICL weight {cfg.train.icl_weight:g}); "
-        "star and hexagon are "
-        f"the held-out (unseen) shapes. Expression kinds: {args.kinds}.",
+        f"star and hexagon are the held-out (unseen) shapes. Expression kinds: {args.kinds}.",
         "",
         split_table(splits, OUTPUTS),
         "",

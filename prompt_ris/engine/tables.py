@@ -85,12 +85,26 @@ def split_table(
     return "\n".join(rows)
 
 
-def switch_table(ablation: Mapping[str, Mapping[str, Metrics]], split: str) -> str:
-    """The final mask of one split per prompt switch set (Table 5 on one split)."""
+def switch_table(
+    ablation: Mapping[str, Mapping[str, Metrics]],
+    split: str,
+    reference: tuple[str, Mapping[str, float]] | None = None,
+) -> str:
+    """The final mask of one split per prompt switch set (Table 5 on one split), in the order of
+    ``ablation``; ``reference`` = (column name, {switch set name: value}) adds a column ("-"
+    where it has no value), e.g. the paper's mIoU."""
     keys = ("oIoU", "mIoU", "P@0.5", "P@0.9")
-    rows = [f"| {PROMPTS_HEADER} | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
+    extra = [reference[0]] if reference else []
+    rows = [
+        f"| {PROMPTS_HEADER} | " + " | ".join([*keys, *extra]) + " |",
+        "|---" + "|---:" * (len(keys) + len(extra)) + "|",
+    ]
     for name, splits in ablation.items():
-        rows.append(f"| {name} | {_cells(splits[split], keys)} |")
+        cells = [_cells(splits[split], keys)]
+        if reference:
+            value = reference[1].get(name)
+            cells.append("-" if value is None else f"{value:.2f}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
