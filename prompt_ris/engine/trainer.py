@@ -596,9 +596,7 @@ def forward_loss(
         batch, with_sam=full, prompt_dropout=full, sam_img_embed=sam_img_embed,
         text_attention=grounding,
     )  # fmt: skip
-    return stage_loss(
-        out, batch, stage, train_cfg.icl_weight, train_cfg.text_grounding_weight if full else 0.0
-    )
+    return stage_loss(out, batch, stage, train_cfg.icl_weight, train_cfg.text_grounding_weight)
 
 
 def after_optimizer_step(run: TrainRun, stage: Stage) -> bool:
