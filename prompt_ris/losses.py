@@ -177,6 +177,13 @@ def _icl(
     return -per_row.sum() / b.reciprocal().sum()
 
 
+def referent_share(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The referent's share of each cell of an h x w grid, normalised to sum to 1: (B, h w) from
+    a (B, 1, H, W) ground truth in [0, 1] (area-pooled)."""
+    cells = F.adaptive_avg_pool2d(target.float(), grid).flatten(1)  # (B, h w)
+    return cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
+
+
 def text_grounding_loss(
     attention: torch.Tensor, text_pad_mask: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
@@ -197,8 +204,7 @@ def text_grounding_loss(
     side = math.isqrt(attention.shape[-1])
     if side * side != attention.shape[-1]:
         raise ValueError(f"attention over {attention.shape[-1]} cells is not a square grid")
-    cells = F.adaptive_avg_pool2d(target.float(), side).flatten(1)  # (B, h w)
-    share = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)  # (B, h w)
+    share = referent_share(target, (side, side))  # (B, h w)
     log_weights = attention.float().clamp_min(1e-8).log()  # (B, blocks, L, h w)
     per_token = -(share[:, None, None] * log_weights).sum(-1)  # (B, blocks, L)
     words = (~text_pad_mask).float()[:, None]  # (B, 1, L)

@@ -50,7 +50,7 @@ from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader, build_train_loader
 from prompt_ris.engine.evaluation import EvaluationResults
-from prompt_ris.losses import Stage, stage_loss
+from prompt_ris.losses import Stage, referent_share, stage_loss
 from prompt_ris.miniature.synthetic import expression_form
 from prompt_ris.models.build import build_text_prompter
 from prompt_ris.models.layers import CrossAttention
@@ -110,9 +110,8 @@ class OracleAttention:
             block.cross_attn.forward = self._forward_of(block.cross_attn)
 
     def show(self, gt_masks: torch.Tensor, grid: tuple[int, int]) -> None:
-        cells = F.adaptive_avg_pool2d(gt_masks.float(), grid).flatten(1)  # (B, hw)
-        referent = cells / cells.sum(1, keepdim=True).clamp_min(1e-6)
-        self.weights = self.share * referent + (1 - self.share) / cells.shape[1]
+        referent = referent_share(gt_masks, grid)  # (B, hw)
+        self.weights = self.share * referent + (1 - self.share) / referent.shape[1]
 
     def _forward_of(self, module: CrossAttention) -> Callable[..., torch.Tensor]:
         def forward(
