@@ -13,8 +13,9 @@
    and predicts on a new image from
    Python, as a user would.
 
-Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--config YAML] [--ship DIR]
-[key=value ...]``
+Usage: ``python scripts/demo.py [--out runs/demo] [--kinds attribute] [--world flat] [--config YAML]
+[--ship DIR] [key=value ...]`` (``--world ambiguous`` adds shapes inside shapes and same-coloured
+shapes overlapping, and a table by situation)
 (overrides go to training; ``--ship checkpoints/tiny_synthetic_demo`` remakes the shipped model
 with ``scripts/ship_model.py``).
 """
@@ -48,6 +49,12 @@ FORM_EXAMPLES = {
     "shape": "the circle",
     "position": "the leftmost shape",
     "relation": "the square above the blue star",
+}
+SITUATION_EXAMPLES = {
+    "apart": "a shape with room around it",
+    "outer": "a shape with a smaller one inside",
+    "inner": "the smaller shape inside",
+    "touching": "one of two same-coloured shapes overlapping",
 }
 # The paper's claims in miniature, each with its target (README: "What the demo does").
 TARGET_MIOU, TARGET_RATIO = 75.0, 2.5  # final mask on the test split, and its ratio to random
@@ -111,7 +118,26 @@ def form_table(records: list[dict]) -> str:
     from prompt_ris.miniature.synthetic import EXPRESSION_FORMS, expression_form
 
     examples = {form: FORM_EXAMPLES[form] for form in EXPRESSION_FORMS}
-    return group_table(records, expression_form, examples, list(OUTPUTS))
+    return group_table(records, lambda r: expression_form(r["text"]), examples, list(OUTPUTS))
+
+
+def situation_section(records: list[dict], data_root: Path) -> list[str]:
+    """mIoU by the referent's situation in its scene (apart, outer, inner, touching), for a world
+    with more than one situation; nothing for the flat world."""
+    import json
+
+    from prompt_ris.engine.tables import group_table
+    from prompt_ris.miniature.synthetic import SITUATIONS, SITUATIONS_FILE, SYNTHETIC_DATASET
+
+    path = data_root / SYNTHETIC_DATASET / SITUATIONS_FILE
+    situations = json.loads(path.read_text()) if path.is_file() else {}
+    if len(set(situations.values())) < 2:
+        return []
+    examples = {s: SITUATION_EXAMPLES[s] for s in SITUATIONS}
+    table = group_table(
+        records, lambda r: situations[str(r["object_id"])], examples, list(OUTPUTS), "situation"
+    )
+    return [f"## By situation of the referent ({TEST_SPLIT})", "", table, ""]
 
 
 def paper_table(ablation: dict[str, dict]) -> str:
@@ -234,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         default="attribute",
         help="expression kinds of the synthetic data (attribute, position, relation; see README)",
     )
+    parser.add_argument(
+        "--world", default="flat",
+        help="flat, or ambiguous: shapes inside shapes and same-coloured shapes overlapping",
+    )  # fmt: skip
     parser.add_argument("--overlays", type=int, default=8, help="overlay pictures per split")
     parser.add_argument(
         "--ship", default=None, metavar="DIR",
@@ -255,13 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     print(
-        f"[1/4] synthetic referring data ({args.num_images} images, {args.kinds} expressions) "
-        f"-> {data_root}",
+        f"[1/4] synthetic referring data ({args.num_images} images of the {args.world} world, "
+        f"{args.kinds} expressions) -> {data_root}",
         flush=True,
     )
     subprocess.run(
         [sys.executable, str(REPO / "scripts/make_synthetic.py"), "--out", str(data_root),
-         "--num-images", str(args.num_images), "--kinds", args.kinds],
+         "--num-images", str(args.num_images), "--kinds", args.kinds, "--world", args.world],
         check=True, cwd=REPO,
     )  # fmt: skip
 
@@ -306,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         "## Results on the synthetic test split (percent)",
         "",
         f"Config {config.name}; trained on {cfg.data.train} (ICL weight {cfg.train.icl_weight:g}); "
-        f"star and hexagon are the held-out (unseen) shapes. Expression kinds: {args.kinds}.",
+        f"star and hexagon are the held-out (unseen) shapes. Expression kinds: {args.kinds}; "
+        f"world: {args.world}.",
         "",
         split_table(splits, OUTPUTS),
         "",
@@ -314,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         form_table(records),
         "",
+        *situation_section(records, data_root),
         f"## Every set of prompts (final mask, {TEST_SPLIT}; Table 5)",
         "",
         paper_table(ablation),

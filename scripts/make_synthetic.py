@@ -3,7 +3,7 @@
 Usage:
 
     python scripts/make_synthetic.py --out data/synthetic [--num-images 300] [--seed 0] \
-        [--kinds attribute,position,relation]
+        [--kinds attribute,position,relation] [--world flat|ambiguous]
 
 Writes ``<out>/synthetic/refs(unc).p``, ``<out>/synthetic/instances.json`` and the images under
 ``<out>/images/mscoco/images/train2014/``, then (unless ``--no-prepare``) the prepared Arrow
@@ -30,6 +30,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated expression kinds to write (default: all of "
         "prompt_ris.miniature.synthetic.EXPRESSION_KINDS; an unknown kind lists them)",
     )
+    parser.add_argument(
+        "--world",
+        default="flat",
+        help="flat (objects apart) or ambiguous (also shapes inside shapes and same-coloured "
+        "shapes overlapping; prompt_ris.miniature.synthetic.WORLDS)",
+    )
     parser.add_argument("--no-prepare", action="store_true", help="skip the Arrow preparation")
     return parser.parse_args(argv)
 
@@ -49,7 +55,9 @@ def main(argv: list[str] | None = None) -> Any:
 
     given = args.kinds.split(",") if args.kinds is not None else EXPRESSION_KINDS
     kinds = [k.strip() for k in given if k.strip()]
-    summary = generate_synthetic(args.out, num_images=args.num_images, seed=args.seed, kinds=kinds)
+    summary = generate_synthetic(
+        args.out, num_images=args.num_images, seed=args.seed, kinds=kinds, world=args.world
+    )
     print(
         f"synthetic data: {summary.num_images} images, {summary.num_refs} refs, "
         f"{summary.num_sentences} sentences in {args.out}"

@@ -46,8 +46,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     test = results["synthetic:test"]
     assert {"coarse", "final", "random"} <= set(test)
     seen, unseen = results["synthetic:test_seen"], results["synthetic:test_unseen"]
-    assert seen["final"]["num_expressions"] + unseen["final"]["num_expressions"] == (
-        test["final"]["num_expressions"]
+    assert (
+        seen["final"]["num_expressions"] + unseen["final"]["num_expressions"]
+        == (test["final"]["num_expressions"])
     )
     assert 0.0 <= test["final"]["mIoU"] <= 100.0
     assert 0.0 < test["random"]["mIoU"] < 100.0  # a random object overlaps its target at times
@@ -66,3 +67,26 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     foundations = REPO / "checkpoints" / "tiny_synthetic"
     assert saved["clip"]["pretrained"] == str(foundations / "clip_tiny_synthetic.pt")
     assert saved["sam"]["checkpoint"] == str(foundations / "sam_tiny_synthetic.pth")
+
+
+def test_situation_table_groups_by_the_referents_situation(tmp_path: Path) -> None:
+    from repo_scripts import load_script
+
+    demo = load_script("scripts/demo.py")
+
+    def record(object_id: int, final: tuple[int, int]) -> dict:
+        scores = {f"{o}_intersection": final[0] for o in ("final", "coarse", "random")}
+        scores |= {f"{o}_union": final[1] for o in ("final", "coarse", "random")}
+        return {"split": "synthetic:test", "image_id": 1, "object_id": object_id, **scores}
+
+    records = [record(7, (1, 2)), record(7, (1, 1)), record(8, (1, 4))]
+    (tmp_path / "synthetic").mkdir()
+    situations = tmp_path / "synthetic" / "situations.json"
+    situations.write_text(json.dumps({"7": "outer", "8": "touching", "9": "apart"}))
+    lines = demo.situation_section(records, tmp_path)
+    table = "\n".join(lines)
+    assert "| outer | a shape with a smaller one inside | 2 | 75.00 | 75.00 | 75.00 |" in table
+    assert "| touching | one of two same-coloured shapes overlapping | 1 | 25.00 |" in table
+    assert "| apart |" not in table  # no expression about it
+    situations.write_text(json.dumps({"7": "apart", "8": "apart"}))  # the flat world
+    assert demo.situation_section(records, tmp_path) == []

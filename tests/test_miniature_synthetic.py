@@ -15,7 +15,14 @@ from pycocotools import mask as mask_utils
 
 from prompt_ris.data.prepare import open_prepared
 from prompt_ris.data.refer import Refer
-from prompt_ris.miniature.synthetic import COLOURS, SHAPES, generate_synthetic, render_scene
+from prompt_ris.miniature.synthetic import (
+    COLOURS,
+    MIN_VISIBLE,
+    SHAPES,
+    SITUATIONS,
+    generate_synthetic,
+    render_scene,
+)
 from repo_scripts import load_script
 
 NUM_IMAGES = 24
@@ -189,3 +196,86 @@ def test_kinds_restrict_the_expressions(tmp_path: Path) -> None:
     assert all(len(objects) >= 3 for objects in scenes.values())
     with pytest.raises(ValueError, match="choose from attribute, position, relation"):
         generate_synthetic(tmp_path / "x", num_images=1, kinds=["colour"])
+
+
+def _situations(root: Path) -> dict[int, str]:
+    raw = json.loads((root / "synthetic" / "situations.json").read_text())
+    return {int(ann_id): situation for ann_id, situation in raw.items()}
+
+
+def _whole(ann: dict, h: int, w: int) -> np.ndarray:
+    """The visible mask with its holes filled row by row: the whole of a convex shape (every
+    shape with room inside is convex)."""
+    mask = _decode(ann, h, w)
+    filled = mask.copy()
+    for y in np.flatnonzero(mask.any(axis=1)):
+        xs = np.flatnonzero(mask[y])
+        filled[y, xs.min() : xs.max() + 1] = True
+    return filled
+
+
+def _decode(ann: dict, h: int, w: int) -> np.ndarray:
+    rle = mask_utils.frPyObjects(ann["segmentation"], h, w)
+    mask = mask_utils.decode(rle)
+    return (mask.sum(axis=2) if mask.ndim == 3 else mask) > 0
+
+
+def test_ambiguous_world_nests_and_touches(tmp_path: Path) -> None:
+    generate_synthetic(tmp_path, num_images=24, seed=3, world="ambiguous")
+    situations = _situations(tmp_path)
+    scenes = _scene_objects(tmp_path)
+    coco = json.loads((tmp_path / "synthetic" / "instances.json").read_text())
+    anns = {a["id"]: a for a in coco["annotations"]}
+    images = {img["id"]: img for img in coco["images"]}
+    assert set(situations) == set(anns) and set(situations.values()) == set(SITUATIONS)
+    for image_id, objects in scenes.items():
+        h, w = images[image_id]["height"], images[image_id]["width"]
+        by = {s: [a for a in objects if situations[a] == s] for s in SITUATIONS}
+        assert len(by["inner"]) == len(by["outer"]) <= 1, image_id
+        if by["inner"]:  # the inner shape lies in the outer's hole, in another colour
+            inner, outer = objects[by["inner"][0]], objects[by["outer"][0]]
+            hole = _whole(anns[by["outer"][0]], h, w) & ~outer["mask"]
+            assert (inner["mask"] & ~hole).sum() == 0, image_id
+            assert inner["colour"] != outer["colour"], image_id
+        assert len(by["touching"]) in (0, 2), image_id
+        if by["touching"]:  # one colour, two shapes, their visible pixels touch
+            a, b = (objects[k] for k in by["touching"])
+            assert a["colour"] == b["colour"] and a["shape"] != b["shape"], image_id
+            grown = np.zeros_like(a["mask"])
+            grown[1:] |= a["mask"][:-1]
+            grown[:-1] |= a["mask"][1:]
+            grown[:, 1:] |= a["mask"][:, :-1]
+            grown[:, :-1] |= a["mask"][:, 1:]
+            assert (grown & b["mask"]).any(), image_id
+    # Every expression still denotes exactly its object, by the test's own reading.
+    refer = Refer(tmp_path, "synthetic", "unc")
+    referred = {s: 0 for s in SITUATIONS}
+    for ref in refer.refs:
+        referred[situations[ref["ann_id"]]] += 1
+        for _, text in refer.sentences(ref):
+            assert _denotes(text, scenes[ref["image_id"]]) == [ref["ann_id"]], text
+    assert all(referred.values()), referred
+
+
+def test_ambiguous_objects_stay_visible() -> None:
+    rng = random.Random(1)
+    for _ in range(30):
+        _, objects = render_scene(rng, 144, 128, "ambiguous")
+        for o in objects:
+            full = mask_utils.decode(mask_utils.frPyObjects([o.polygon], 128, 144))[..., 0] > 0
+            assert o.mask.sum() >= MIN_VISIBLE * full.sum() - 1
+            assert not (o.mask & ~full).any()
+            assert o.occluded == bool((full & ~o.mask).any())
+
+
+def test_flat_world_is_the_default_and_unknown_worlds_are_refused(tmp_path: Path) -> None:
+    generate_synthetic(tmp_path / "flat", num_images=6, seed=11)
+    generate_synthetic(tmp_path / "named", num_images=6, seed=11, world="flat")
+    assert set(_situations(tmp_path / "flat").values()) == {"apart"}
+    assert filecmp.cmp(
+        tmp_path / "flat/synthetic/instances.json",
+        tmp_path / "named/synthetic/instances.json",
+        shallow=False,
+    )
+    with pytest.raises(ValueError, match="unknown world 'nested'; choose from flat, ambiguous"):
+        generate_synthetic(tmp_path / "x", num_images=1, world="nested")

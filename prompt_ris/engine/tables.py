@@ -110,21 +110,19 @@ def switch_table(
 
 def group_table(
     records: Sequence[dict[str, Any]],
-    group_of: Callable[[str], str],
+    group_of: Callable[[dict[str, Any]], str],
     groups: Mapping[str, str],
     outputs: Sequence[str],
     header: str = "expression form",
 ) -> str:
-    """mIoU per group of expressions (``group_of(text)``; ``groups``: group -> example), for
+    """mIoU per group of expressions (``group_of(record)``; ``groups``: group -> example), for
     each output; groups with no expression are left out."""
     rows = [
-        f"| {header} | example | expressions | "
-        + " | ".join(f"{o} mIoU" for o in outputs)
-        + " |",
+        f"| {header} | example | expressions | " + " | ".join(f"{o} mIoU" for o in outputs) + " |",
         "|---|---|---:|" + "---:|" * len(outputs),
     ]
     for group, example in groups.items():
-        members = [r for r in records if group_of(r["text"]) == group]
+        members = [r for r in records if group_of(r) == group]
         if members:
             cells = " | ".join(f"{summarize(members, o)['mIoU']:.2f}" for o in outputs)
             rows.append(f"| {group} | {example} | {len(members)} | {cells} |")

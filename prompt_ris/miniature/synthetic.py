@@ -22,15 +22,30 @@ The output is exactly the refer layout, so the real loaders read it:
 ``<out>/synthetic/refs(unc).p``, ``<out>/synthetic/instances.json`` and the PNG images in
 ``<out>/images/mscoco/images/train2014/`` (the refer image folder). Unoccluded objects are stored
 as polygons, objects partly hidden by a later one as uncompressed RLE of their visible pixels
-(COCO's two formats). Splits are per image: train / val / testA / testB (70/10/10/10). Shape
+(COCO's two formats).
+
+Two worlds (``WORLDS``; ``world=``):
+
+- ``flat`` (the default, as above): objects lie apart, so one click fixes an object and its extent;
+- ``ambiguous``: the flat layout plus, in a share of the scenes, a shape inside a larger shape
+  (``NEST_PROB``; the larger one's ground truth is the ring left visible around the smaller) and
+  two same-coloured shapes of different kinds overlapping (``TOUCH_PROB``; the one below keeps
+  its visible part). A click on a larger shape's middle lands on the smaller, a click on a
+  same-coloured pair fits the pair as well as either: what a click cannot say, the words ("the
+  blue square", "the star") and the coarse mask's extent can. Each object's situation
+  (``SITUATIONS``) is written as data, ``<out>/synthetic/situations.json`` ({ann_id: situation}),
+  for per-situation reports.
+
+Splits are per image: train / val / testA / testB (70/10/10/10). Shape
 categories ``SYNTHETIC_UNSEEN`` play the role of COCO's unseen classes: the category split is
 written as data, ``<out>/synthetic/category_split.json``, which the prepare step carries into the
 prepared data for ``splits.category_split_of``. The output is a function of the seed and the
-kinds only.
+kinds and the world only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -76,6 +91,15 @@ SPLIT_SHARES = (("train", 0.7), ("val", 0.1), ("testA", 0.1), ("testB", 0.1))
 _MIN_GAP = 0.85  # centres at least this x (r1 + r2) apart: shapes overlap slightly at most
 _MARGIN = 0.08  # position margin as a share of the long image side
 _MAX_EXPRESSIONS = 3  # per object
+WORLDS = ("flat", "ambiguous")
+SITUATIONS = ("apart", "outer", "inner", "touching")  # an object's place in an ambiguous scene
+SITUATIONS_FILE = "situations.json"
+NEST_PROB = 0.5  # ambiguous world: share of scenes with a shape inside a larger shape
+TOUCH_PROB = 0.5  # ambiguous world: share of scenes with two same-coloured shapes overlapping
+NESTABLE = {"circle": 1.0, "hexagon": 0.866, "square": 0.72, "diamond": 0.57}  # inradius / r
+INNER_SIDE = (0.45, 0.65)  # an inner shape's radius as a share of its outer shape's inradius
+TOUCH_GAP = (0.5, 0.7)  # a touching pair's centre distance as a share of the radii's sum
+MIN_VISIBLE = 0.4  # ambiguous world: every object keeps this share of its pixels visible
 EXPRESSION_KINDS = ("attribute", "position", "relation")
 _DIRECTIONS = {  # superlative -> (axis, sign): the named object has the largest sign * coordinate
     "left": (0, -1),
@@ -104,6 +128,7 @@ class SceneObject:
     mask: np.ndarray = field(repr=False)  # (H, W) bool, visible pixels
     occluded: bool = False
     centroid: tuple[float, float] = (0.0, 0.0)
+    situation: str = "apart"  # one of SITUATIONS
 
 
 @dataclass(frozen=True)
@@ -137,9 +162,7 @@ class Expression:
                 return f"the {word} {noun}"
             where = "on the" if self.direction in ("left", "right") else "at the"
             return f"the {noun} {where} {self.direction}"
-        landmark = " ".join(
-            w for w in (self.landmark_colour, self.landmark_shape or "shape") if w
-        )
+        landmark = " ".join(w for w in (self.landmark_colour, self.landmark_shape or "shape") if w)
         return f"the {noun} {self.relation} the {landmark}"
 
 
@@ -313,10 +336,115 @@ def _attributes(rng: random.Random, count: int) -> list[tuple[str, str]]:
     return attrs
 
 
+@dataclass(frozen=True)
+class Placement:
+    """One object of a layout before drawing: what it is, where, how big, and its situation."""
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    r: float
+    situation: str = "apart"
+
+
+def _touching_partner(
+    rng: random.Random,
+    layout: list[Placement],
+    width: int,
+    height: int,
+    side: tuple[float, float],
+) -> list[Placement]:
+    """The layout with a shape of another kind overlapping one of its shapes, in its colour.
+
+    The partner is no larger than the shape it overlaps and is drawn on top of it; it keeps the
+    usual distance from every other shape. Unchanged when no place is found.
+    """
+    i = rng.randrange(len(layout))
+    base = layout[i]
+    short = min(width, height)
+    for _attempt in range(200):
+        r = min(rng.uniform(*side) * short / 2, base.r)
+        distance = rng.uniform(*TOUCH_GAP) * (base.r + r)
+        angle = rng.uniform(0.0, 2.0 * math.pi)
+        cx, cy = base.cx + distance * math.cos(angle), base.cy + distance * math.sin(angle)
+        inside = r <= cx <= width - r and r <= cy <= height - r
+        clear = all(
+            math.hypot(cx - o.cx, cy - o.cy) >= _MIN_GAP * (r + o.r)
+            for j, o in enumerate(layout)
+            if j != i
+        )
+        if inside and clear:
+            shape = rng.choice([s for s in SHAPES if s != base.shape])
+            out = list(layout)
+            out[i] = dataclasses.replace(base, situation="touching")
+            return [*out, Placement(shape, base.colour, cx, cy, r, "touching")]
+    return layout
+
+
+def _nested_inner(rng: random.Random, layout: list[Placement]) -> list[Placement]:
+    """The layout with a smaller shape of another colour inside its largest free shape whose
+    kind leaves room inside (``NESTABLE``). Unchanged when there is none."""
+    hosts = [j for j, o in enumerate(layout) if o.situation == "apart" and o.shape in NESTABLE]
+    if not hosts:
+        return layout
+    j = max(hosts, key=lambda k: layout[k].r)
+    outer = layout[j]
+    inradius = NESTABLE[outer.shape] * outer.r
+    r = rng.uniform(*INNER_SIDE) * inradius
+    shift, angle = rng.uniform(0.0, 0.5) * (inradius - r), rng.uniform(0.0, 2.0 * math.pi)
+    cx, cy = outer.cx + shift * math.cos(angle), outer.cy + shift * math.sin(angle)
+    colour = rng.choice([c for c in COLOURS if c != outer.colour])
+    out = list(layout)
+    out[j] = dataclasses.replace(outer, situation="outer")
+    return [*out, Placement(rng.choice(list(SHAPES)), colour, cx, cy, r, "inner")]
+
+
+def add_ambiguity(
+    rng: random.Random,
+    layout: list[Placement],
+    width: int,
+    height: int,
+    side: tuple[float, float] = OBJECT_SIDE,
+) -> list[Placement]:
+    """The ambiguous world's additions to a flat layout (drawn after it, on top of it).
+
+    With ``TOUCH_PROB`` a same-coloured shape of another kind overlaps one shape (both become
+    "touching"); with ``NEST_PROB`` a smaller shape of another colour goes inside the largest
+    free shape with room inside ("inner" and "outer").
+    """
+    if rng.random() < TOUCH_PROB:
+        layout = _touching_partner(rng, layout, width, height, side)
+    if rng.random() < NEST_PROB:
+        layout = _nested_inner(rng, layout)
+    return layout
+
+
+def layout_masks(
+    layout: Sequence[Placement], width: int, height: int
+) -> tuple[list[list[float]], list[np.ndarray], list[np.ndarray]]:
+    """Each object's polygon, its whole (H, W) bool mask and its visible one (the objects after
+    it are drawn on top)."""
+    polygons, wholes, visible = [], [], []
+    for obj in layout:
+        poly = shape_polygon(obj.shape, obj.cx, obj.cy, obj.r)
+        rle = mask_utils.frPyObjects([poly], height, width)
+        mask = mask_utils.decode(rle)[..., 0] > 0  # pycocotools raster = the annotation's pixels
+        visible = [m & ~mask for m in visible] + [mask]
+        polygons.append(poly)
+        wholes.append(mask)
+    return polygons, wholes, visible
+
+
+def _visible_share(wholes: list[np.ndarray], visible: list[np.ndarray]) -> float:
+    """The smallest share of an object's own pixels left visible."""
+    return min(float(v.sum()) / max(int(w.sum()), 1) for w, v in zip(wholes, visible))
+
+
 def render_scene(
-    rng: random.Random, width: int, height: int
+    rng: random.Random, width: int, height: int, world: str = "flat"
 ) -> tuple[np.ndarray, list[SceneObject]]:
-    """Draw one image; returns (H, W, 3) uint8 pixels and its objects, back to front."""
+    """Draw one image of ``world``: (H, W, 3) uint8 pixels and its objects, back to front."""
     while True:
         count = rng.randint(*NUM_OBJECTS)
         placed = place_discs(rng, width, height, count)
@@ -325,19 +453,31 @@ def render_scene(
     np_rng = np.random.default_rng(rng.getrandbits(32))
     grey = rng.randint(95, 150)
     pixels = np.clip(np_rng.normal(grey, 6.0, (height, width, 3)), 0, 255)
+    flat = [
+        Placement(shape, colour, cx, cy, r)
+        for (shape, colour), (cx, cy, r) in zip(_attributes(rng, count), placed)
+    ]
+    layout = flat
+    if world == "ambiguous":
+        for _attempt in range(20):  # redrawn until every object stays visible enough
+            layout = add_ambiguity(rng, flat, width, height)
+            if _visible_share(*layout_masks(layout, width, height)[1:]) >= MIN_VISIBLE:
+                break
+        else:
+            layout = flat
+    elif world != "flat":
+        raise ValueError(f"unknown world {world!r}; choose from {', '.join(WORLDS)}")
+    polygons, wholes, visible = layout_masks(layout, width, height)
     objects = []
-    for (shape, colour), (cx, cy, r) in zip(_attributes(rng, count), placed):
-        poly = shape_polygon(shape, cx, cy, r)
-        rle = mask_utils.frPyObjects([poly], height, width)
-        mask = mask_utils.decode(rle)[..., 0] > 0  # pycocotools raster = the annotation's pixels
-        tint = np.array(COLOURS[colour], dtype=np.float64) + rng.uniform(-12, 12)
-        pixels[mask] = np.clip(tint, 0, 255)
-        for earlier in objects:
-            hidden = earlier.mask & mask
-            if hidden.any():
-                earlier.mask = earlier.mask & ~mask
-                earlier.occluded = True
-        objects.append(SceneObject(shape, colour, (cx, cy), r, poly, mask))
+    for obj, poly, whole, mask in zip(layout, polygons, wholes, visible):
+        tint = np.array(COLOURS[obj.colour], dtype=np.float64) + rng.uniform(-12, 12)
+        pixels[whole] = np.clip(tint, 0, 255)
+        objects.append(
+            SceneObject(
+                obj.shape, obj.colour, (obj.cx, obj.cy), obj.r, poly, mask,
+                occluded=bool((whole & ~mask).any()), situation=obj.situation,
+            )
+        )  # fmt: skip
     for obj in objects:
         ys, xs = np.nonzero(obj.mask)
         obj.centroid = (float(xs.mean()), float(ys.mean()))
@@ -345,14 +485,14 @@ def render_scene(
 
 
 def synthetic_scene(
-    seed: int, kinds: Sequence[str] = ("attribute",)
+    seed: int, kinds: Sequence[str] = ("attribute",), world: str = "flat"
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One scene drawn in memory, as the dataset draws its images: (H, W, 3) uint8 pixels and
-    every unambiguous expression of ``kinds`` about it with the mask of its object ((H, W)
-    bool), objects back to front."""
+    """One scene of ``world`` drawn in memory, as the dataset draws its images: (H, W, 3) uint8
+    pixels and every unambiguous expression of ``kinds`` about it with the mask of its object
+    ((H, W) bool), objects back to front."""
     rng = random.Random(seed)
     width, height = rng.choice(IMAGE_SIDES), rng.choice(IMAGE_SIDES)
-    pixels, objects = render_scene(rng, width, height)
+    pixels, objects = render_scene(rng, width, height, world)
     truths = {}
     for obj, exprs in zip(objects, describe(objects, max(width, height), kinds)):
         for expr in exprs:
@@ -395,16 +535,19 @@ def generate_synthetic(
     num_images: int = 300,
     seed: int = 0,
     kinds: Sequence[str] = EXPRESSION_KINDS,
+    world: str = "flat",
 ) -> SyntheticSummary:
     """Write a synthetic referring dataset in the refer format under ``out_dir``.
 
     Args:
         out_dir: data root; gets ``synthetic/refs(unc).p``, ``synthetic/instances.json``,
-            ``synthetic/category_split.json`` and ``images/mscoco/images/train2014/*.png``.
+            ``synthetic/category_split.json``, ``synthetic/situations.json`` and
+            ``images/mscoco/images/train2014/*.png``.
         num_images: images to draw (split 70/10/10/10 into train/val/testA/testB in order).
-        seed: the output is a function of the seed (and of ``kinds``).
+        seed: the output is a function of the seed (and of ``kinds`` and ``world``).
         kinds: the expression kinds to write, a subset of ``EXPRESSION_KINDS``; an object with
             no unambiguous expression of these kinds stays in its image unreferred.
+        world: ``flat`` or ``ambiguous`` (``WORLDS``; the module docstring).
 
     Returns:
         A summary with the counts written.
@@ -415,16 +558,18 @@ def generate_synthetic(
             f"unknown or no expression kinds {unknown or list(kinds)}; choose from "
             f"{', '.join(EXPRESSION_KINDS)}"
         )
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose from {', '.join(WORLDS)}")
     out_dir = Path(out_dir)
     ann_dir, image_dir = out_dir / SYNTHETIC_DATASET, out_dir / REFER_IMAGE_DIR
     ann_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    images, annotations, refs = [], [], []
+    images, annotations, refs, situations = [], [], [], {}
     ann_id = ref_id = sent_id = 0
     for image_id in range(1, num_images + 1):
         width, height = rng.choice(IMAGE_SIDES), rng.choice(IMAGE_SIDES)
-        pixels, objects = render_scene(rng, width, height)
+        pixels, objects = render_scene(rng, width, height, world)
         file_name = f"synthetic_{image_id:06d}.png"
         Image.fromarray(pixels).save(image_dir / file_name)
         images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
@@ -432,6 +577,7 @@ def generate_synthetic(
         expressions = describe(objects, max(width, height), kinds)
         for obj, exprs in zip(objects, expressions):
             ann_id += 1
+            situations[str(ann_id)] = obj.situation
             segmentation: Any = uncompressed_rle(obj.mask) if obj.occluded else [obj.polygon]
             ys, xs = np.nonzero(obj.mask)
             annotations.append(
@@ -480,6 +626,7 @@ def generate_synthetic(
         pickle.dump(refs, f, protocol=2)  # protocol 2: readable by the Python-2 refer API too
     category_split = {"seen": list(SYNTHETIC_SEEN), "unseen": list(SYNTHETIC_UNSEEN)}
     (ann_dir / CATEGORY_SPLIT_FILE).write_text(json.dumps(category_split) + "\n", encoding="utf-8")
+    (ann_dir / SITUATIONS_FILE).write_text(json.dumps(situations) + "\n", encoding="utf-8")
     per_split: dict[str, int] = {}
     for ref in refs:
         per_split[ref["split"]] = per_split.get(ref["split"], 0) + 1
