@@ -220,8 +220,9 @@ def claims_table(claims: list[tuple[str, str, bool]]) -> str:
     return "\n".join(rows)
 
 
-def predict_on_new_image(checkpoint: Path, out: Path) -> str:
-    """Render a scene the model never saw and run the three-line example on it, as typed."""
+def predict_on_new_image(checkpoint: Path, out: Path, world: str = "flat") -> str:
+    """Render a scene of ``world`` the model never saw and run the three-line example on it, as
+    typed."""
     import numpy as np
     from PIL import Image
 
@@ -234,7 +235,8 @@ def predict_on_new_image(checkpoint: Path, out: Path) -> str:
     from prompt_ris.method_picture import method_picture
 
     scene_root = out / "new_scene"
-    generate_synthetic(scene_root, num_images=1, seed=12345)  # a seed the training data never used
+    # A seed the training data never used.
+    generate_synthetic(scene_root, num_images=1, seed=12345, world=world)
     refer = Refer(scene_root, SYNTHETIC_DATASET, SYNTHETIC_SPLIT_BY)
     ref = refer.refs[0]
     image = refer.image_path(ref)
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     splits, ablation = results.splits, results.ablation()
     records = results.records[TEST_SPLIT]
     print("[4/4] predicting on a new image from Python", flush=True)
-    example = predict_on_new_image(checkpoint, out)
+    example = predict_on_new_image(checkpoint, out, args.world)
 
     from prompt_ris.config import load_config
     from prompt_ris.engine.tables import split_table
