@@ -38,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -133,6 +134,31 @@ def batch_objects(batch: Batch, pixels: Sequence[np.ndarray]) -> list[SceneObjec
 # --------------------------------------------------------------------------------------------
 # Pairs (what ICL acts on) and expressions (what it should change)
 # --------------------------------------------------------------------------------------------
+REGIONS = ("referent", "other objects", "elsewhere")
+
+
+def icl_push(logits: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a descent step on L_icl moves each mask (low-res frame): the gradient of eq. (8)
+    w.r.t. the logits, its positive part (the step lowers the mask there) and its negative part
+    (raises it), each summed over the mask's own referent, the other objects of its image and
+    the rest of the frame (``REGIONS``): two (B, 3) tensors, down and up. ``batch`` needs
+    ``object_ids``, ``image_index`` and ``gt_masks``."""
+    x = logits.detach().float().requires_grad_(True)  # (B, 1, h, w)
+    with torch.enable_grad():
+        loss = instance_contrastive_loss(x, batch.object_ids, batch.image_index, batch.gt_masks)
+        (grad,) = torch.autograd.grad(loss, x)  # (B, 1, h, w)
+    referent = batch.gt_masks > 0.5  # (B, 1, h, w)
+    others = torch.zeros_like(referent)
+    for k in range(len(referent)):
+        mates = (batch.image_index == batch.image_index[k]) & (
+            batch.object_ids != batch.object_ids[k]
+        )  # (B,)
+        others[k] = referent[mates].any(0) & ~referent[k]
+    regions = torch.stack([referent, others, ~referent & ~others], 1).flatten(2)  # (B, 3, hw)
+    down, up = grad.clamp_min(0).flatten(1), (-grad).clamp_min(0).flatten(1)  # (B, hw)
+    return (down[:, None] * regions).sum(-1), (up[:, None] * regions).sum(-1)  # (B, 3)
+
+
 def pair_rows(
     logits: torch.Tensor,
     batch: Batch,
@@ -140,10 +166,14 @@ def pair_rows(
     confused_onto: Sequence[int | None],
 ) -> list[dict[str, Any]]:
     """One row per unordered pair i < j of expressions of one image (low-res frame): its group
-    (a ``RELATIONS`` entry, or ``SAME_OBJECT``), O_ij, the two eq. (8) terms summed, and, when
-    one mask of a different-object pair lies more on the other's object (``confused_onto``:
-    per expression the id of that object, else None), the weights w of the confused side's term
-    and of the other side's."""
+    (a ``RELATIONS`` entry, or ``SAME_OBJECT``), O_ij and the two eq. (8) terms summed.
+
+    When one mask of a different-object pair lies more on the other's object (``confused_onto``:
+    per expression the id of that object, else None), the row also holds the weights w of the
+    confused side's term and of the other side's, and what ICL's step does to the two masks
+    when the pair is the image's only expressions (as training's b = 2 draws it):
+    ``raises_wrong`` when it raises the confused mask on the wrong object (net over it),
+    ``lowers_right`` when it lowers the other mask on its own referent."""
     pairs = icl_pairs(logits, batch.object_ids, batch.image_index, batch.gt_masks)
     rows = []
     for i, j in torch.nonzero(torch.triu(pairs.same_image, diagonal=1)).tolist():
@@ -155,9 +185,19 @@ def pair_rows(
         }
         if row["group"] != SAME_OBJECT:
             for confused, other in ((i, j), (j, i)):
-                if confused_onto[confused] == referents[other].object_id:
-                    row["w_confused"] = float(pairs.weights[confused])
-                    row["w_other"] = float(pairs.weights[other])
+                if confused_onto[confused] != referents[other].object_id:
+                    continue
+                row["w_confused"] = float(pairs.weights[confused])
+                row["w_other"] = float(pairs.weights[other])
+                index = torch.tensor([confused, other])
+                alone = SimpleNamespace(
+                    object_ids=batch.object_ids[index], image_index=torch.zeros_like(index),
+                    gt_masks=batch.gt_masks[index],
+                )  # fmt: skip
+                down, up = icl_push(logits[index], alone)  # (2, 3)
+                net = up - down  # (2, 3) > 0: the step raises the mask there
+                row["raises_wrong"] = bool(net[0, REGIONS.index("other objects")] > 0)
+                row["lowers_right"] = bool(net[1, REGIONS.index("referent")] < 0)
         rows.append(row)
     return rows
 
@@ -227,6 +267,7 @@ def measure(
     exprs: dict[str, list[dict[str, Any]]] = {o: [] for o in OUTPUTS}
     records: list[dict[str, Any]] = []
     icl = {o: 0.0 for o in OUTPUTS}  # eq. (8) summed over images
+    push = {o: {d: dict.fromkeys(REGIONS, 0.0) for d in ("down", "up")} for o in OUTPUTS}
     images = 0
     model.eval()
     for batch in loader:
@@ -257,11 +298,15 @@ def measure(
                 lowres[output], batch.object_ids, batch.image_index, batch.gt_masks
             )
             icl[output] += float(loss) * batch.num_images  # the loss is a mean over images
+            for way, sums in zip(("down", "up"), icl_push(lowres[output], batch)):
+                for region, value in zip(REGIONS, sums.sum(0).tolist()):
+                    push[output][way][region] += value
     return {
         "pairs": pairs,
         "expressions": exprs,
         "records": records,
         "icl_loss": {o: value / max(images, 1) for o, value in icl.items()},
+        "push": push,
     }
 
 
@@ -297,6 +342,12 @@ def overlap_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     confused = [r for r in different if "w_confused" in r]
     out["confused_pairs"] = {
         "pairs": len(confused),
+        "raises_wrong": 100 * float(np.mean([r["raises_wrong"] for r in confused]))
+        if confused
+        else None,
+        "lowers_right": 100 * float(np.mean([r["lowers_right"] for r in confused]))
+        if confused
+        else None,
         "overlap": float(np.mean([r["overlap"] for r in confused])) if confused else None,
         "w_confused": float(np.mean([r["w_confused"] for r in confused])) if confused else None,
         "w_other": float(np.mean([r["w_other"] for r in confused])) if confused else None,
@@ -343,6 +394,15 @@ def mask_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 METRICS = ("oIoU", "mIoU", "ImgAcc", "InstAcc")
 
 
+def push_shares(push: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each region's share (%) of ICL's push down and of its push up."""
+    out = {}
+    for way, sums in push.items():
+        total = sum(sums.values())
+        out[way] = {r: 100 * v / total if total > 0 else 0.0 for r, v in sums.items()}
+    return out
+
+
 def category_summary(
     records: Sequence[dict[str, Any]],
     rows: Sequence[dict[str, Any]],
@@ -376,6 +436,7 @@ def summary(measured: dict[str, Any], unseen: frozenset[int] | None = None) -> d
         out[output] = {
             "metrics": {m: metrics[m] for m in METRICS},
             "icl_loss": measured["icl_loss"][output],
+            "push": push_shares(measured["push"][output]),
             "overlap": overlap_summary(measured["pairs"][output]),
             "confusions": confusion_summary(rows),
             "mask": mask_summary(rows),
@@ -433,6 +494,12 @@ def markdown(report: dict[str, Any]) -> str:
         row(label, lambda r, k=key: r["mask"][k])
     table("What ICL acts on: pairs of one image (low-res frame, eqs. 7-8)")
     row("L_icl (eq. 8), mean over images", lambda r: r["icl_loss"], 4)
+    for way, verb in (("down", "lowers"), ("up", "raises")):
+        for region in REGIONS:
+            row(
+                f"where its step {verb} the masks: {region} (%)",
+                lambda r, w=way, x=region: r["push"][w][x], 1,
+            )  # fmt: skip
     for group in (ALL, *RELATIONS, SAME_OBJECT):
         label = "different objects" if group == ALL else group
         row(f"{label}: pairs", lambda r, g=group: r["overlap"][g]["pairs"], 0, breakdown=True)
@@ -450,6 +517,8 @@ def markdown(report: dict[str, Any]) -> str:
         ("w_confused", "w of the confused side", 4),
         ("w_other", "w of the other side", 4),
         ("term_share", "their share of the terms (%)", 1),
+        ("raises_wrong", "the pair alone: step raises the wrong mask on the wrong object (%)", 1),
+        ("lowers_right", "the pair alone: step lowers the right mask on its referent (%)", 1),
     ):
         row(label, lambda r, k=key: r["overlap"]["confused_pairs"][k], digits)
     table("Confusions: mask nearer another object of its image (% of expressions)")

@@ -73,10 +73,27 @@ def test_pairs_are_the_losses_pairs_and_a_confusion_is_counted() -> None:
     diagonal = -float(weights.sum()) * math.log(1 - ICL_EPS)
     assert 4 * float(loss) == pytest.approx(first["terms"] + diagonal, rel=1e-5)
     assert first["w_confused"] == pytest.approx(0.0) and first["w_other"] == pytest.approx(1.0)
+    # The pair alone, as training's b = 2 draws it: lowering O (eq. 7) makes the two masks
+    # unequal, so the step raises the louder, wrong mask 0 on B and lowers the right mask 1 on
+    # B, its own referent; the regions split the whole gradient.
+    alone = SimpleNamespace(
+        object_ids=batch.object_ids[:2], image_index=batch.image_index[:2], gt_masks=gt[:2]
+    )
+    down, up = probe.icl_push(logits[:2], alone)  # (2, 3)
+    other, own = probe.REGIONS.index("other objects"), probe.REGIONS.index("referent")
+    assert up[0, other] > down[0, other] and down[1, own] > up[1, own]
+    assert first["raises_wrong"] and first["lowers_right"]
+    x = logits[:2].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        instance_contrastive_loss(x, batch.object_ids[:2], batch.image_index[:2], gt[:2]), x
+    )
+    assert float((down - up).sum()) == pytest.approx(float(grad.sum()), abs=1e-6)
+    assert float((down + up).sum()) == pytest.approx(float(grad.abs().sum()), rel=1e-5)
     summary = probe.overlap_summary(pairs)
     assert summary["all"]["pairs"] == 2 and summary[probe.SAME_OBJECT]["pairs"] == 1
     assert summary["same colour"]["term_share"] == pytest.approx(100.0)
     assert summary["confused_pairs"]["pairs"] == 1
+    assert summary["confused_pairs"]["raises_wrong"] == 100.0
     for row, form in zip(rows, ["shape", "colour + shape", "shape"]):
         row["form"] = form
     confusions = probe.confusion_summary(rows)
@@ -150,6 +167,8 @@ def test_probe_reports_two_exports_on_a_split(exports: dict[str, Path]) -> None:
             assert 0.0 <= measured["overlap"]["all"]["mean"] <= 1.0
             assert measured["confusions"]["all"]["expressions"] == len(expressions)
             assert measured["icl_loss"] > 0
+            for way in ("down", "up"):
+                assert sum(measured["push"][way].values()) == pytest.approx(100.0)
             assert {"seen", "unseen"} >= set(measured["categories"]) and measured["categories"]
 
 
