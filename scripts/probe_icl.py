@@ -336,7 +336,7 @@ def overlap_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     for lo, hi, c in zip(BINS[:-1], BINS[1:], counts)
                 },
             }
-        if group != SAME_OBJECT and total_terms > 0:
+        if group != SAME_OBJECT and members and total_terms > 0:
             entry["term_share"] = 100 * sum(r["terms"] for r in members) / total_terms
         out[group] = entry
     confused = [r for r in different if "w_confused" in r]
