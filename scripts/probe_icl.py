@@ -10,21 +10,29 @@ nothing is chosen on it), and for the coarse mask S_C and the final mask S' it r
   ``losses.icl_pairs``, the pairs the loss sums), its mean and distribution, and each group's
   share of the pairs' eq. (8) terms (where the loss pushes); grouped by whether the two objects
   share a colour, a shape, both or neither; same-object pairs beside them. For the pairs where
-  one mask lies more on the other's object than on its own, the weight w of each side's term;
+  one mask lies more on the other's object than on its own, the weight w of each side's term
+  and, for the pair alone (training draws b = 2 expressions per image), whether ICL's step
+  raises the wrong mask on the wrong object and lowers the right one on its referent;
+- *where ICL's step moves the masks*: the gradient of eq. (8) w.r.t. the logits, the share of
+  its push down and of its push up on each mask's referent, on the image's other objects and
+  elsewhere; and the loss itself;
 - *confusions*: the share of expressions whose mask (thresholded, original frame) has a higher
   IoU with another object of its image than with its referent, by expression form, and what
   the other object shares with the referent;
 - *the mask itself*: mIoU, predicted area over the referent's area, mean probability inside and
   outside the referent, the share of the probability mass on the image's other objects;
-- oIoU, mIoU, ImgAcc and InstAcc as evaluation computes them (``engine.evaluation``).
+- oIoU, mIoU, ImgAcc and InstAcc as evaluation computes them (``engine.evaluation``), also
+  for the referents of seen and of unseen categories when the data has a category split.
 
 The objects of an image are the referred objects of the split (its expressions' ``ann_id`` and
 masks, from the prepared data); shape is the category, colour is read from the image's pixels
-under the object's mask (the synthetic world's four flat colours). Writes ``<out>/icl.json`` and
-``<out>/icl.md``::
+under the object's mask (the synthetic world's four flat colours). The data is each checkpoint's
+own (its config's ``data.prepared``) unless an override says otherwise. Writes
+``<out>/icl.json`` and ``<out>/icl.md``; a problem (a missing checkpoint or split) is one line
+on stderr and exit status 1::
 
     python scripts/probe_icl.py --with runs/g5/train/final --without runs/g5_noicl/train/final \\
-        --out runs/probe_icl data.prepared=runs/g5/data/prepared
+        --out runs/probe_icl/seed42_val [--split synthetic:test] [data.prepared=...]
 """
 
 from __future__ import annotations
@@ -48,9 +56,9 @@ from prompt_ris import PromptRIS
 from prompt_ris.config import Config, load_config
 from prompt_ris.data.batch import Batch
 from prompt_ris.data.loader import build_eval_loader
+from prompt_ris.data.splits import category_split_of, parse_split
 from prompt_ris.data.transforms import load_image
 from prompt_ris.engine.evaluation import score_batch
-from prompt_ris.data.splits import category_split_of, parse_split
 from prompt_ris.losses import icl_pairs, instance_contrastive_loss
 from prompt_ris.metrics import summarize, threshold_logit
 from prompt_ris.miniature.synthetic import COLOURS, SHAPES, expression_form
