@@ -21,6 +21,7 @@ Conventions (docs/design.md, "Losses"):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
@@ -128,6 +129,7 @@ def instance_contrastive_loss(
     ``L = -(1 / b^2) sum_ij w_i (Y_ij log O_ij + (1 - Y_ij) log(1 - O_ij))`` (eq. 8).
     The loss is averaged over the images; images may have different b. The diagonal (i = j) is
     included as in eq. (8); it is a constant ``-w_i log(1 - eps)`` with no gradient.
+    :func:`icl_pairs` gives the pairs themselves (O, Y, w and each pair's term).
 
     Args:
         logits: (B, 1, h, w) mask logits.
@@ -144,21 +146,56 @@ def instance_contrastive_loss(
         return _icl(logits.float(), object_ids, image_index, target, eps)
 
 
-def _icl(
+@dataclass
+class ICLPairs:
+    """The pairwise quantities of eq. (8) for a batch; pairs across images are zero in ``terms``.
+
+    Attributes:
+        overlap: O_ij, eq. (7), (B, B), unclamped.
+        gap: 1 - O_ij computed from the mask differences (exact near O = 1), (B, B), unclamped.
+        same_object: Y_ij, (B, B) float.
+        same_image: (B, B) bool, i and j are expressions of the same image.
+        weights: w_i, (B,), the hard IoU of mask i with its ground truth.
+        terms: ``-w_i (Y_ij log O_ij + (1 - Y_ij) log(1 - O_ij))`` with O clamped, (B, B),
+            zero where ``same_image`` is False; the loss is their mean over each image's b^2
+            pairs, averaged over the images.
+    """
+
+    overlap: torch.Tensor
+    gap: torch.Tensor
+    same_object: torch.Tensor
+    same_image: torch.Tensor
+    weights: torch.Tensor
+    terms: torch.Tensor
+
+
+def icl_pairs(
+    logits: torch.Tensor,
+    object_ids: torch.Tensor,
+    image_index: torch.Tensor,
+    target: torch.Tensor,
+    eps: float = ICL_EPS,
+) -> ICLPairs:
+    """Every pair's O_ij, Y_ij, w_i and term of eq. (8), in float32 (the arguments of
+    :func:`instance_contrastive_loss`); what the loss sums, pair by pair."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return _pairs(logits.float(), object_ids, image_index, target, eps)
+
+
+def _pairs(
     logits: torch.Tensor,
     object_ids: torch.Tensor,
     image_index: torch.Tensor,
     target: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """Body of :func:`instance_contrastive_loss`, in float32."""
+) -> ICLPairs:
+    """Body of :func:`icl_pairs`, in float32."""
     target = _match_size(target, tuple(logits.shape[-2:]))  # (B, 1, h, w)
     weights = hard_iou(logits, target)  # (B,)
     probs = logits.sigmoid().flatten(1)  # (B, h*w)
     # All pairs of the batch at once, pairs across images masked out: no loop over images and
     # no host-device synchronisation; every pairwise quantity is (B, B).
     same_image = image_index[:, None] == image_index[None, :]  # (B, B)
-    b = same_image.sum(-1).float()  # (B,) expressions of each row's image
     squares = probs.square().sum(-1)  # (B,)
     denom = (squares[:, None] + squares[None, :]).clamp_min(torch.finfo(probs.dtype).tiny)
     overlap = 2.0 * (probs @ probs.T) / denom  # O, eq. (7), (B, B)
@@ -171,10 +208,24 @@ def _icl(
     log_likelihood = (
         same * overlap.clamp(eps, 1.0 - eps).log() + (1.0 - same) * gap.clamp(eps, 1.0 - eps).log()
     )  # (B, B)
-    per_row = (weights[:, None] * log_likelihood * same_image).sum(-1) / b.square()  # (B,)
+    terms = -(weights[:, None] * log_likelihood * same_image)  # (B, B)
+    return ICLPairs(overlap, gap, same, same_image, weights, terms)
+
+
+def _icl(
+    logits: torch.Tensor,
+    object_ids: torch.Tensor,
+    image_index: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Body of :func:`instance_contrastive_loss`, in float32."""
+    pairs = _pairs(logits, object_ids, image_index, target, eps)
+    b = pairs.same_image.sum(-1).float()  # (B,) expressions of each row's image
+    per_row = pairs.terms.sum(-1) / b.square()  # (B,)
     # Eq. (8) per image is the sum of its rows; the mean over images divides by their number,
     # sum_rows 1 / b_row.
-    return -per_row.sum() / b.reciprocal().sum()
+    return per_row.sum() / b.reciprocal().sum()
 
 
 def referent_share(target: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
