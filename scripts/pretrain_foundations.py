@@ -6,6 +6,7 @@ Usage:
     python scripts/pretrain_foundations.py --only sam      # one of them
     python scripts/pretrain_foundations.py --quick --out /tmp/foundations   # seconds (tests)
     python scripts/pretrain_foundations.py model.clip.vision_layers=4 --clip-steps 500
+    python scripts/pretrain_foundations.py --only sam --world ambiguous --sam-multimask
 
 The model sizes are the ``tiny`` preset's (``prompt_ris/config.py``), changed by ``model.*``
 overrides. Writes into ``--out`` (default ``checkpoints/tiny_synthetic``):
@@ -16,6 +17,12 @@ overrides. Writes into ``--out`` (default ``checkpoints/tiny_synthetic``):
   ``sam_vit_b_01ec64.pth``), for ``model.sam.checkpoint``;
 - ``report.json`` and ``report.md``: settings, wall time and what each model learnt, measured
   on held-out scenes (``prompt_ris/miniature/*_probes.py``).
+
+``--world ambiguous`` pretrains the SAM on the referring data's ambiguous world (shapes inside
+shapes, same-coloured shapes overlapping) and measures it on both worlds; ``--sam-multimask``
+trains a lone click as SAM does, on its three multimask outputs with the lowest of their losses
+(``prompt_ris/miniature/sam_pretrain.py``). ``--evaluate --world ambiguous`` measures weight
+files on both worlds.
 
 Tensors are stored in fp16 unless ``--fp32``. The run is a function of ``--seed`` (and of the
 thread count only through floating-point summation order): it runs single-threaded by default.
@@ -43,6 +50,7 @@ from prompt_ris.config import MODEL_PRESETS, load_config
 from prompt_ris.miniature import clip_probes, sam_probes
 from prompt_ris.miniature.clip_pretrain import ClipPretrainConfig, pretrain_clip
 from prompt_ris.miniature.sam_pretrain import SamPretrainConfig, pretrain_sam
+from prompt_ris.miniature.synthetic import WORLDS
 from prompt_ris.models.build import build_clip, build_sam
 
 logger = logging.getLogger("pretrain_foundations")
@@ -91,6 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-batch", type=int, default=None)
     parser.add_argument("--sam-steps", type=int, default=None)
     parser.add_argument("--sam-images", type=int, default=None, help="scenes per SAM step")
+    parser.add_argument(
+        "--world",
+        choices=WORLDS,
+        default="flat",
+        help="the SAM's scenes; 'ambiguous' is also measured on the flat world",
+    )
+    parser.add_argument(
+        "--sam-multimask",
+        action="store_true",
+        help="a lone click trains SAM's three multimask outputs (the lowest loss)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--no-eval", action="store_true", help="skip the measurements")
@@ -113,7 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _settings(args: argparse.Namespace) -> tuple[ClipPretrainConfig, SamPretrainConfig]:
-    clip_cfg, sam_cfg = ClipPretrainConfig(seed=args.seed), SamPretrainConfig(seed=args.seed)
+    clip_cfg = ClipPretrainConfig(seed=args.seed)
+    sam_cfg = SamPretrainConfig(seed=args.seed, world=args.world, multimask=args.sam_multimask)
     low, full = clip_cfg.phases
     if args.quick:
         low.steps, full.steps, clip_cfg.batch_size, clip_cfg.warmup_steps = 2, 2, 16, 1
@@ -203,19 +223,32 @@ def run_sam(
         "training": pretrain_sam(sam, cfg),
     }
     if sizes is not None:
-        report.update(measure_sam(sam, sizes, eval_seed))
+        report.update(measure_sam(sam, sizes, eval_seed, cfg.world))
     return sam, report
 
 
-def measure_sam(sam: Sam, sizes: EvalSizes, eval_seed: int) -> dict[str, Any]:
-    """mIoU per prompt kind on held-out scenes."""
+def measure_sam(sam: Sam, sizes: EvalSizes, eval_seed: int, world: str = "flat") -> dict[str, Any]:
+    """mIoU per prompt kind on held-out scenes of the flat world (``miou``), and of ``world`` too
+    (``miou_<world>``, with figures per situation) when it is another."""
     start = time.time()
-    miou = sam_probes.prompt_miou(sam, random.Random(eval_seed + 5), sizes.sam_scenes)
-    return {"miou": miou, "eval_seconds": time.time() - start}
+    report: dict[str, Any] = {
+        "miou": sam_probes.prompt_miou(sam, random.Random(eval_seed + 5), sizes.sam_scenes)
+    }
+    if world != "flat":
+        report[f"miou_{world}"] = sam_probes.prompt_miou(
+            sam, random.Random(eval_seed + 5), sizes.sam_scenes, world
+        )
+    report["eval_seconds"] = time.time() - start
+    return report
 
 
 def evaluate_files(
-    model_cfg: Any, out: Path, sizes: EvalSizes, eval_seed: int, report: dict[str, Any]
+    model_cfg: Any,
+    out: Path,
+    sizes: EvalSizes,
+    eval_seed: int,
+    report: dict[str, Any],
+    world: str = "flat",
 ) -> FoundationsResult:
     """Load the weight files in ``out`` through ``build_clip`` / ``build_sam`` and measure them;
     training details come from the reports a training run left in ``out``."""
@@ -232,7 +265,8 @@ def evaluate_files(
         result.files["clip"] = str(out / CLIP_FILE)
     if (out / SAM_FILE).is_file():
         result.sam = build_sam(model_cfg.sam, str(out / SAM_FILE)).eval()
-        report.setdefault("sam", {}).update(measure_sam(result.sam, sizes, eval_seed))
+        measured = measure_sam(result.sam, sizes, eval_seed, world)
+        report.setdefault("sam", {}).update(measured)
         report["sam"]["parameters"] = _num_params(result.sam)
         result.files["sam"] = str(out / SAM_FILE)
     report["measured_files"] = True
@@ -248,6 +282,21 @@ def _row_table(title: str, values: dict[str, float], fmt: str = "{:.1f}") -> lis
         "|---" * (len(values) + 1) + "|",
         "| | " + " | ".join(fmt.format(v) for v in values.values()) + " |",
     ]
+
+
+def _situation_table(miou: dict[str, float]) -> list[str]:
+    """Prompts as rows, all objects and each situation as columns (- where none)."""
+    situations = [k.split("/")[1] for k in miou if k.startswith("objects/")]
+    lines = ["| prompt | all | " + " | ".join(situations) + " |"]
+    lines.append("|---" * (len(situations) + 2) + "|")
+    for name, value in miou.items():
+        if "/" in name or name == "objects":
+            continue
+        cells = [f"{miou[f'{name}/{s}']:.1f}" if f"{name}/{s}" in miou else "-" for s in situations]
+        lines.append(f"| {name} | {value:.1f} | " + " | ".join(cells) + " |")
+    counts = [str(miou["objects"]), *(str(miou[f"objects/{s}"]) for s in situations)]
+    lines.append("| objects | " + " | ".join(counts) + " |")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -284,15 +333,22 @@ def format_report(report: dict[str, Any]) -> str:
     sam = report.get("sam")
     if sam:
         t = sam["training"]
+        settings = sam["settings"]
+        world, multimask = settings.get("world", "flat"), settings.get("multimask", False)
         title = (
             f"## SAM ({sam['parameters']:,} parameters; {t['steps']} steps of "
-            f"{sam['settings']['images_per_step']} scenes; {t['seconds'] / 60:.1f} min)"
+            f"{settings['images_per_step']} scenes of the {world} world"
+            f"{', lone clicks on three outputs (multimask)' if multimask else ''}; "
+            f"{t['seconds'] / 60:.1f} min)"
         )
         lines += ["", title, ""]
         if "miou" in sam:
             lines += ["| prompt | mIoU (%) |", "|---|---|"]
             lines += [f"| {k} | {v:.1f} |" for k, v in sam["miou"].items() if k != "objects"]
             lines += ["", f"{sam['miou']['objects']} objects."]
+        for key in sorted(k for k in sam if k.startswith("miou_")):
+            lines += ["", f"### {key[len('miou_') :]} world: mIoU (%) per situation", ""]
+            lines += _situation_table(sam[key])
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +381,7 @@ def main(argv: list[str] | None = None) -> FoundationsResult:
         "model": {"clip": _architecture(model_cfg.clip), "sam": _architecture(model_cfg.sam)},
     }
     if args.evaluate:
-        result = evaluate_files(model_cfg, out, sizes or EvalSizes(), eval_seed, report)
+        result = evaluate_files(model_cfg, out, sizes or EvalSizes(), eval_seed, report, args.world)
         _write_report(report, out, "report")
         return result
     result = FoundationsResult()

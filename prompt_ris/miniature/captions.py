@@ -33,8 +33,12 @@ from prompt_ris.miniature.synthetic import (
     IMAGE_SIDES,
     OBJECT_SIDE,
     SHAPES,
+    WORLDS,
+    Placement,
+    ambiguous_layout,
     place_discs,
     shape_polygon,
+    situation_groups,
 )
 
 CAPTION_KINDS = ("single", "pair", "listing", "extremes")
@@ -48,7 +52,9 @@ RELATION_MARGIN = 0.12  # pair relation named along an axis with at least this s
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One object: its category, colour, centre (x, y), radius and tint offset."""
+    """One object: its category, colour, centre (x, y), radius and tint offset; in the ambiguous
+    world also its situation (``synthetic.SITUATIONS``) and its group (the objects a click on it
+    may also mean, ``synthetic.situation_groups``; -1 for an object apart)."""
 
     shape: str
     colour: str
@@ -56,6 +62,8 @@ class ShapeSpec:
     cy: float
     r: float
     tint: float = 0.0
+    situation: str = "apart"
+    group: int = -1
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,18 @@ def sample_scene(
     colours: Sequence[str] = tuple(COLOURS),
     side: tuple[float, float] = OBJECT_SIDE,
     image_sides: Sequence[int] = IMAGE_SIDES,
+    world: str = "flat",
 ) -> SceneSpec:
     """Draw a scene layout: image size, background and objects (shape, colour, place, size).
 
     ``side`` is the object diameter as a share of the short image side, ``image_sides`` the
-    widths and heights drawn (the referring data's by default).
+    widths and heights drawn (the referring data's by default). ``world="ambiguous"`` adds the
+    referring data's ambiguous world to the layout (``synthetic.ambiguous_layout``: a shape inside
+    a larger one, two same-coloured shapes overlapping), the added shapes drawn from every shape
+    and colour; each object then carries its situation and group.
     """
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose from {', '.join(WORLDS)}")
     while True:
         width, height = rng.choice(image_sides), rng.choice(image_sides)
         count = rng.randint(*num_objects)
@@ -116,7 +130,28 @@ def sample_scene(
         )
         for cx, cy, r in placed
     )
+    if world == "ambiguous":
+        objects = _with_ambiguity(rng, objects, width, height, side)
     return SceneSpec(width, height, rng.randint(95, 150), rng.getrandbits(32), objects)
+
+
+def _with_ambiguity(
+    rng: random.Random,
+    flat: tuple[ShapeSpec, ...],
+    width: int,
+    height: int,
+    side: tuple[float, float],
+) -> tuple[ShapeSpec, ...]:
+    """A flat scene's objects with the ambiguous world's additions (a tint drawn for each added
+    object), every object with its situation and group."""
+    placements = [Placement(o.shape, o.colour, o.cx, o.cy, o.r) for o in flat]
+    layout = ambiguous_layout(rng, placements, width, height, side)
+    tints = [o.tint for o in flat]
+    tints += [rng.uniform(-TINT_JITTER, TINT_JITTER) for _ in layout[len(flat) :]]
+    return tuple(
+        ShapeSpec(p.shape, p.colour, p.cx, p.cy, p.r, tint, p.situation, group)
+        for p, tint, group in zip(layout, tints, situation_groups(layout))
+    )
 
 
 def paint_scene(spec: SceneSpec) -> tuple[np.ndarray, list[np.ndarray]]:

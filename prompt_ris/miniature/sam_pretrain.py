@@ -17,6 +17,14 @@ encoder and mask decoder (``multimask_output=False``: the first mask, the one Pr
 
 Loss: BCE + Dice on the low-res logits against the low-res ground truth (the frames of
 ``prompt_ris.data.transforms``), plus SAM's IoU-prediction MSE.
+
+Scenes come from ``world`` (``synthetic.WORLDS``): ``flat`` (the committed run) or ``ambiguous``
+(a shape inside a larger one, two same-coloured shapes overlapping). With ``multimask`` the lone
+click is trained as SAM trains an ambiguous prompt: its three multimask outputs (mask tokens 1-3,
+``multimask_output=True``) against a target drawn among the masks that contain the click (the
+object, or its group: the touching pair, the outer shape with its inner one), only the lowest of
+the three losses back-propagated, all three IoU predictions trained; every other prompt kind
+trains the single output (mask token 0) on the object, as without ``multimask``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,9 +42,10 @@ from PIL import Image
 from segment_anything.modeling import Sam
 
 from prompt_ris.data.transforms import letterbox_sam, lowres_mask
-from prompt_ris.losses import dice_loss
+from prompt_ris.losses import DICE_SMOOTH, dice_loss
 from prompt_ris.miniature.captions import SceneSpec, paint_scene, sample_scene
-from prompt_ris.models.frozen_sam import predict_first_mask
+from prompt_ris.miniature.synthetic import WORLDS
+from prompt_ris.models.frozen_sam import MULTIMASK_TOKENS, predict_first_mask, predict_token_masks
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ class SamPretrainConfig:
     max_negative_clicks: int = 3  # clicks+mask: 0 to this many clicks off it
     seed: int = 0
     log_every: int = 50
+    world: str = "flat"  # the scenes: synthetic.WORLDS
+    multimask: bool = False  # a lone click trains the three multimask outputs (min loss)
 
 
 @dataclass
@@ -72,6 +83,9 @@ class SamSample:
         gt_lowres: (K, S/4, S/4) float, covered fraction of each low-res pixel.
         masks: K (H, W) bool masks in the original frame.
         scale: SAM frame pixels per original pixel.
+        situations: each object's situation (``synthetic.SITUATIONS``).
+        groups: each object's group (``ShapeSpec.group``; -1 apart).
+        group_masks: each group's (H, W) bool mask, the union of its objects' visible masks.
     """
 
     image: torch.Tensor
@@ -79,27 +93,58 @@ class SamSample:
     gt_lowres: torch.Tensor
     masks: list[np.ndarray]
     scale: float
+    situations: list[str] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    group_masks: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def make_sample(spec: SceneSpec, sam_size: int) -> SamSample:
     """Draw a scene and put it and its visible masks into the SAM frames."""
     pixels, masks = paint_scene(spec)
     image, input_size = letterbox_sam(Image.fromarray(pixels), sam_size)
-    masks = [m for m in masks if m.any()]  # an object hidden entirely has nothing to segment
+    kept = [i for i, m in enumerate(masks) if m.any()]  # one hidden entirely has nothing to show
+    masks = [masks[i] for i in kept]
     gt = torch.stack([lowres_mask(m, sam_size) for m in masks])  # (K, S/4, S/4)
     scale = sam_size / max(spec.width, spec.height)  # the letterbox resize factor
-    return SamSample(image, input_size, gt, masks, scale)
+    objects = [spec.objects[i] for i in kept]
+    groups = [o.group for o in objects]
+    group_masks = {
+        g: np.logical_or.reduce([m for m, h in zip(masks, groups) if h == g])
+        for g in sorted(set(groups) - {-1})
+    }
+    situations = [o.situation for o in objects]
+    return SamSample(image, input_size, gt, masks, scale, situations, groups, group_masks)
 
 
-def random_point(mask: np.ndarray, scale: float, rng: random.Random) -> tuple[float, float]:
-    """A random pixel of ``mask`` as SAM point coordinates (x, y) in the SAM frame.
+def random_pixel(mask: np.ndarray, rng: random.Random) -> tuple[int, int]:
+    """A random pixel (x, y) of ``mask``, in the original frame."""
+    ys, xs = np.nonzero(mask)
+    j = rng.randrange(len(xs))
+    return int(xs[j]), int(ys[j])
+
+
+def sam_point(pixel: tuple[int, int], scale: float) -> tuple[float, float]:
+    """An original-frame pixel (x, y) as SAM point coordinates in the SAM frame.
 
     Pixel index i of the original has its centre at continuous position i + 0.5, which is
     (i + 0.5) * scale in the SAM frame; SAM adds 0.5 to a click, so the click is that minus 0.5.
     """
-    ys, xs = np.nonzero(mask)
-    j = rng.randrange(len(xs))
-    return (xs[j] + 0.5) * scale - 0.5, (ys[j] + 0.5) * scale - 0.5
+    return (pixel[0] + 0.5) * scale - 0.5, (pixel[1] + 0.5) * scale - 0.5
+
+
+def random_point(mask: np.ndarray, scale: float, rng: random.Random) -> tuple[float, float]:
+    """A random pixel of ``mask`` as SAM point coordinates (x, y) in the SAM frame."""
+    return sam_point(random_pixel(mask, rng), scale)
+
+
+def click_targets(sample: SamSample, k: int, pixel: tuple[int, int]) -> list[np.ndarray]:
+    """The masks a click at ``pixel`` on object ``k`` can mean, those of them that contain it:
+    the object's visible mask (the part) and its group's mask (the whole), (H, W) bool each."""
+    x, y = pixel
+    options = [sample.masks[k]]
+    if sample.groups and sample.groups[k] >= 0:
+        options.append(sample.group_masks[sample.groups[k]])
+    return [m for m in options if m[y, x]]
 
 
 def object_box(
@@ -258,6 +303,27 @@ def decode(
     return masks, decoder.iou_prediction_head(iou_token)[:, :1]  # (N, 1, S/4, S/4), (N, 1)
 
 
+def decode_tokens(
+    sam: Sam,
+    image_embeddings: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    token_ids: tuple[int, ...] = MULTIMASK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode` for the mask tokens ``token_ids`` (default: the three multimask outputs).
+
+    Returns:
+        low-res mask logits (N, T, S/4, S/4) and their predicted IoUs (N, T).
+    """
+    image_pe = sam.prompt_encoder.get_dense_pe()  # (1, C, S/16, S/16)
+    decoder = sam.mask_decoder
+    masks, iou_token = predict_token_masks(
+        decoder, image_embeddings, image_pe, sparse, dense, token_ids
+    )
+    iou_pred = decoder.iou_prediction_head(iou_token)[:, list(token_ids)]  # (N, T)
+    return masks, iou_pred
+
+
 def bce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean BCE + Dice over N masks (N, 1, h, w) against soft targets in [0, 1]; Dice with plain
     sums in the denominator (``losses.dice_loss(..., squared=False)``)."""
@@ -265,8 +331,29 @@ def bce_dice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + dice_loss(logits, target, squared=False)
 
 
+def bce_dice_each(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`bce_dice` of each of M masks per prompt set: logits (N, M, h, w) against targets
+    (N, 1, h, w) -> (N, M)."""
+    target = target.float().expand_as(logits)  # (N, M, h, w)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))
+    probs = logits.float().sigmoid()
+    inter, denom = (probs * target).sum((2, 3)), probs.sum((2, 3)) + target.sum((2, 3))
+    return bce + 1.0 - (2.0 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)  # (N, M)
+
+
+def multimask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SAM's loss for an ambiguous prompt: per prompt set the lowest BCE + Dice among its M
+    outputs (N, M, h, w) against its target (N, 1, h, w), averaged over the N sets."""
+    return bce_dice_each(logits, target).min(dim=1).values.mean()
+
+
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU (N,) of thresholded logits (N, 1, h, w) with targets thresholded at 0.5."""
+    """IoU (N,) of thresholded logits (N, 1, h, w) with targets thresholded at 0.5; (N, M) for
+    M masks per row (N, M, h, w)."""
+    if logits.shape[1] > 1:
+        pred, gt = logits > 0, (target > 0.5).expand_as(logits)  # (N, M, h, w)
+        inter, union = (pred & gt).sum((2, 3)).float(), (pred | gt).sum((2, 3)).float()
+        return inter / union.clamp(min=1)  # (N, M)
     pred, gt = (logits > 0).flatten(1), (target > 0.5).flatten(1)
     inter, union = (pred & gt).sum(1).float(), (pred | gt).sum(1).float()
     return inter / union.clamp(min=1)
@@ -291,17 +378,26 @@ def step_loss(
     each scene."""
     embeddings = sam.image_encoder(torch.stack([s.image for s in samples]))  # (I, C, h, w)
     rows, points, boxes, coarse, clicks, targets = [], [], [], [], [], []
+    click_targets_lowres = []
+    sam_size = sam.image_encoder.img_size
     for i, sample in enumerate(samples):
         count = min(cfg.objects_per_image, len(sample.masks))
         for k in rng.sample(range(len(sample.masks)), count):
             rows.append(i)
-            points.append(random_point(sample.masks[k], sample.scale, rng))
+            pixel = random_pixel(sample.masks[k], rng)
+            points.append(sam_point(pixel, sample.scale))
             boxes.append(object_box(sample.masks[k], sample.scale, rng, cfg.box_jitter))
             coarse.append(random_coarse_mask(sample, k, rng, generator, cfg.leak_prob))
             clicks.append(
                 random_clicks(sample, k, rng, cfg.max_positive_clicks, cfg.max_negative_clicks)
             )
             targets.append(sample.gt_lowres[k])
+            if cfg.multimask:
+                options = click_targets(sample, k, pixel)
+                choice = rng.randrange(len(options))
+                click_targets_lowres.append(
+                    sample.gt_lowres[k] if choice == 0 else lowres_mask(options[choice], sam_size)
+                )
     image_embeddings = embeddings[torch.tensor(rows)]  # (N, C, h, w)
     target = torch.stack(targets).unsqueeze(1)  # (N, 1, S/4, S/4)
     points_t, boxes_t = torch.tensor(points).float(), torch.tensor(boxes).float()
@@ -310,6 +406,12 @@ def step_loss(
     losses = []
     for kind in PROMPT_KINDS:
         sparse, dense = encode_prompts(sam, kind, points_t, boxes_t, masks_t, clicks_t)
+        if cfg.multimask and kind == "point":
+            click_target = torch.stack(click_targets_lowres).unsqueeze(1)  # (N, 1, S/4, S/4)
+            logits, iou_pred = decode_tokens(sam, image_embeddings, sparse, dense)  # (N, 3, ...)
+            iou = mask_iou(logits.detach(), click_target)  # (N, 3)
+            losses.append(multimask_loss(logits, click_target) + F.mse_loss(iou_pred, iou))
+            continue
         logits, iou_pred = decode(sam, image_embeddings, sparse, dense)
         iou = mask_iou(logits.detach(), target)  # (N,)
         losses.append(bce_dice(logits, target) + F.mse_loss(iou_pred[:, 0], iou))
@@ -318,6 +420,8 @@ def step_loss(
 
 def pretrain_sam(sam: Sam, cfg: SamPretrainConfig) -> dict[str, float]:
     """Train every part of ``sam`` in place; returns timing and the last losses."""
+    if cfg.world not in WORLDS:
+        raise ValueError(f"unknown world {cfg.world!r}; choose from {', '.join(WORLDS)}")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -326,7 +430,10 @@ def pretrain_sam(sam: Sam, cfg: SamPretrainConfig) -> dict[str, float]:
     sam.train()
     start, recent = time.time(), []
     for step in range(cfg.steps):
-        samples = [make_sample(sample_scene(rng), sam_size) for _ in range(cfg.images_per_step)]
+        samples = [
+            make_sample(sample_scene(rng, world=cfg.world), sam_size)
+            for _ in range(cfg.images_per_step)
+        ]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = step_loss(sam, samples, rng, generator, cfg)

@@ -14,6 +14,12 @@ size, threshold at logit 0). Prompts:
 
 ``*_prompt_only`` rows score the coarse mask itself (its logits thresholded at 0), so the
 difference is what SAM adds.
+
+``point`` is the single-mask output (mask token 0, what Prompt-RIS reads); for the same click
+``point_best_of_3`` is the best of SAM's three multimask outputs (tokens 1-3) against the object,
+and ``point_whole_best_of_3`` the best of them against the click's group (the touching pair, the
+outer shape with its inner one; objects in a group only). In the ambiguous world every figure is
+also given per situation (``name/situation``: apart, outer, inner, touching).
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from prompt_ris.miniature.captions import sample_scene
+from prompt_ris.miniature.synthetic import SITUATIONS
 from prompt_ris.miniature.sam_pretrain import (
     SamPretrainConfig,
     SamSample,
     coarse_mask_logits,
     decode,
+    decode_tokens,
     encode_prompts,
     make_sample,
     object_box,
@@ -54,26 +62,49 @@ def to_original(logits: torch.Tensor, sample: SamSample, sam_size: int) -> torch
     return x[:, 0]
 
 
-def _ious(logits: torch.Tensor, sample: SamSample, sam_size: int) -> list[float]:
+def _ious(
+    logits: torch.Tensor,
+    sample: SamSample,
+    sam_size: int,
+    truths: list[np.ndarray] | None = None,
+) -> list[float]:
+    """IoU of each of N low-res logits (N, 1, s, s) with its (H, W) truth (the objects' masks by
+    default), in the original frame."""
     pred = (to_original(logits, sample, sam_size) > 0).numpy()  # (N, H, W)
     out = []
-    for p, gt in zip(pred, sample.masks):
+    for p, gt in zip(pred, sample.masks if truths is None else truths):
         union = (p | gt).sum()
         out.append(float((p & gt).sum() / union) if union else 1.0)
     return out
 
 
+def _best_of(logits: torch.Tensor, sample: SamSample, sam_size: int, truths=None) -> list[float]:
+    """The best IoU among M outputs (N, M, s, s) per object."""
+    per_output = [
+        _ious(logits[:, j : j + 1], sample, sam_size, truths) for j in range(len(logits[0]))
+    ]
+    return [max(v) for v in zip(*per_output)]
+
+
 @torch.no_grad()
-def prompt_miou(sam: Sam, rng: random.Random, scenes: int = 150) -> dict[str, float]:
-    """mIoU (%) over every visible object of ``scenes`` held-out scenes, per prompt."""
+def prompt_miou(
+    sam: Sam, rng: random.Random, scenes: int = 150, world: str = "flat"
+) -> dict[str, float]:
+    """mIoU (%) over every visible object of ``scenes`` held-out scenes of ``world``, per prompt
+    (and per situation, ``name/situation``, in the ambiguous world)."""
     sam.eval()
     sam_size = sam.image_encoder.img_size
     generator = torch.Generator().manual_seed(rng.getrandbits(32))
-    ious: dict[str, list[float]] = {}
+    ious: dict[str, list[tuple[str, float]]] = {}  # name -> (situation, IoU) per object
+
+    def add(name: str, values: list[float], situations: list[str]) -> None:
+        ious.setdefault(name, []).extend(zip(situations, values))
+
     for _ in range(scenes):
-        sample = make_sample(sample_scene(rng), sam_size)
+        sample = make_sample(sample_scene(rng, world=world), sam_size)
         embedding = sam.image_encoder(sample.image[None])  # (1, C, h, w)
         n = len(sample.masks)
+        situations = sample.situations
         points = torch.tensor([random_point(m, sample.scale, rng) for m in sample.masks]).float()
         boxes = torch.tensor([object_box(m, sample.scale) for m in sample.masks]).float()
         clean = torch.stack(
@@ -93,12 +124,28 @@ def prompt_miou(sam: Sam, rng: random.Random, scenes: int = 150) -> dict[str, fl
             "point+coarse_degraded": ("point+mask", degraded),
             "clicks+coarse_degraded": ("clicks+mask", degraded),
         }
+        embeddings = embedding.expand(n, -1, -1, -1)  # (N, C, h, w)
         for name, (kind, masks) in runs.items():
             sparse, dense = encode_prompts(sam, kind, points, boxes, masks, clicks)
-            logits, _ = decode(sam, embedding.expand(n, -1, -1, -1), sparse, dense)
-            ious.setdefault(name, []).extend(_ious(logits, sample, sam_size))
-        ious.setdefault("coarse_prompt_only", []).extend(_ious(clean, sample, sam_size))
-        ious.setdefault("coarse_degraded_prompt_only", []).extend(_ious(degraded, sample, sam_size))
-    out = {name: 100.0 * float(np.mean(v)) for name, v in ious.items()}
+            logits, _ = decode(sam, embeddings, sparse, dense)
+            add(name, _ious(logits, sample, sam_size), situations)
+            if name == "point":
+                three, _ = decode_tokens(sam, embeddings, sparse, dense)  # (N, 3, s, s)
+                add("point_best_of_3", _best_of(three, sample, sam_size), situations)
+                grouped = [k for k in range(n) if sample.groups[k] >= 0]
+                if grouped:
+                    wholes = [sample.group_masks[sample.groups[k]] for k in grouped]
+                    best = _best_of(three[grouped], sample, sam_size, wholes)
+                    add("point_whole_best_of_3", best, [situations[k] for k in grouped])
+        add("coarse_prompt_only", _ious(clean, sample, sam_size), situations)
+        add("coarse_degraded_prompt_only", _ious(degraded, sample, sam_size), situations)
+    out = {name: 100.0 * float(np.mean([v for _, v in pairs])) for name, pairs in ious.items()}
     out["objects"] = len(ious["point"])
+    if world != "flat":
+        for situation in SITUATIONS:
+            for name, pairs in ious.items():
+                values = [v for s, v in pairs if s == situation]
+                if values:
+                    out[f"{name}/{situation}"] = 100.0 * float(np.mean(values))
+            out[f"objects/{situation}"] = sum(s == situation for s, _ in ious["point"])
     return out

@@ -436,9 +436,34 @@ def layout_masks(
     return polygons, wholes, visible
 
 
-def _visible_share(wholes: list[np.ndarray], visible: list[np.ndarray]) -> float:
+def visible_share(wholes: list[np.ndarray], visible: list[np.ndarray]) -> float:
     """The smallest share of an object's own pixels left visible."""
     return min(float(v.sum()) / max(int(w.sum()), 1) for w, v in zip(wholes, visible))
+
+
+def ambiguous_layout(
+    rng: random.Random,
+    flat: list[Placement],
+    width: int,
+    height: int,
+    side: tuple[float, float] = OBJECT_SIDE,
+) -> list[Placement]:
+    """A flat layout with the ambiguous world's additions (``add_ambiguity``), redrawn until every
+    object keeps ``MIN_VISIBLE`` of its pixels (the flat layout itself after 20 tries)."""
+    for _attempt in range(20):
+        layout = add_ambiguity(rng, flat, width, height, side)
+        if visible_share(*layout_masks(layout, width, height)[1:]) >= MIN_VISIBLE:
+            return layout
+    return list(flat)
+
+
+GROUP_OF_SITUATION = {"touching": 0, "outer": 1, "inner": 1}  # at most one pair of each per scene
+
+
+def situation_groups(layout: Sequence[Placement]) -> list[int]:
+    """Each object's group in an ambiguous layout: the objects a click on it may also mean (the
+    touching pair; the outer shape and its inner one). -1 for an object apart."""
+    return [GROUP_OF_SITUATION.get(obj.situation, -1) for obj in layout]
 
 
 def render_scene(
@@ -459,12 +484,7 @@ def render_scene(
     ]
     layout = flat
     if world == "ambiguous":
-        for _attempt in range(20):  # redrawn until every object stays visible enough
-            layout = add_ambiguity(rng, flat, width, height)
-            if _visible_share(*layout_masks(layout, width, height)[1:]) >= MIN_VISIBLE:
-                break
-        else:
-            layout = flat
+        layout = ambiguous_layout(rng, flat, width, height)
     elif world != "flat":
         raise ValueError(f"unknown world {world!r}; choose from {', '.join(WORLDS)}")
     polygons, wholes, visible = layout_masks(layout, width, height)

@@ -326,6 +326,9 @@ class FrozenSAM(nn.Module):
         return torch.cat(masks)[torch.argsort(order)]  # (B, 1, 4h_s, 4w_s)
 
 
+MULTIMASK_TOKENS = (1, 2, 3)  # SAM's mask tokens for an ambiguous prompt (multimask_output=True)
+
+
 def predict_first_mask(
     decoder: MaskDecoder,
     image_embeddings: torch.Tensor,
@@ -354,6 +357,24 @@ def predict_first_mask(
         The mask logits (N, 1, 4h, 4w) and the IoU token's output (N, C), from which
         ``decoder.iou_prediction_head`` predicts the IoUs.
     """
+    return predict_token_masks(decoder, image_embeddings, image_pe, sparse, dense, (0,))
+
+
+def predict_token_masks(
+    decoder: MaskDecoder,
+    image_embeddings: torch.Tensor,
+    image_pe: torch.Tensor,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    token_ids: tuple[int, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`predict_first_mask` for the mask tokens ``token_ids``: ``(0,)`` is the single-mask
+    output, ``MULTIMASK_TOKENS`` the three masks of ``multimask_output=True``.
+
+    Returns:
+        The mask logits (N, T, 4h, 4w) of the T tokens, in ``token_ids`` order, and the IoU
+        token's output (N, C) (``decoder.iou_prediction_head`` gives one IoU per mask token).
+    """
     # Concatenate output tokens
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     output_tokens = output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1)
@@ -367,12 +388,13 @@ def predict_first_mask(
     # Run the transformer
     hs, src = decoder.transformer(src, pos_src, tokens)  # (N, 5+k, C), (N, h*w, C)
     iou_token_out = hs[:, 0]  # (N, C)
-    mask_token_out = hs[:, 1]  # first mask token (multimask off): (N, C)
 
-    # Upscale the embedding and predict the mask with the first hypernetwork MLP
+    # Upscale the embedding; each chosen mask token's hypernetwork MLP makes its mask
     src = src.transpose(1, 2).reshape(n, c, h, w)
     upscaled = decoder.output_upscaling(src)  # (N, C/8, 4h, 4w)
-    hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)[:, None]  # (N, 1, C/8)
+    hyper_in = torch.stack(
+        [decoder.output_hypernetworks_mlps[t](hs[:, 1 + t]) for t in token_ids], dim=1
+    )  # (N, T, C/8)
     n, c, h, w = upscaled.shape
-    masks = (hyper_in @ upscaled.reshape(n, c, h * w)).reshape(n, 1, h, w)  # (N, 1, 4h, 4w)
-    return masks, iou_token_out
+    masks = (hyper_in @ upscaled.reshape(n, c, h * w)).reshape(n, len(token_ids), h, w)
+    return masks, iou_token_out  # (N, T, 4h, 4w), (N, C)
