@@ -96,8 +96,9 @@ SITUATIONS = ("apart", "outer", "inner", "touching")  # an object's place in an 
 SITUATIONS_FILE = "situations.json"
 NEST_PROB = 0.5  # ambiguous world: share of scenes with a shape inside a larger shape
 TOUCH_PROB = 0.5  # ambiguous world: share of scenes with two same-coloured shapes overlapping
-NESTABLE = {"circle": 1.0, "hexagon": 0.866, "square": 0.72, "diamond": 0.57}  # inradius / r
-INNER_SIDE = (0.45, 0.65)  # an inner shape's radius as a share of its outer shape's inradius
+NESTABLE = {"circle": 1.0, "hexagon": 0.866, "square": 0.72}  # shapes with room: inradius / r
+NEST_HOST_SIDE = (0.42, 0.52)  # a shape with another inside: diameter / short image side
+INNER_SIDE = (0.55, 0.75)  # an inner shape's radius as a share of its outer shape's inradius
 TOUCH_GAP = (0.5, 0.7)  # a touching pair's centre distance as a share of the radii's sum
 MIN_VISIBLE = 0.4  # ambiguous world: every object keeps this share of its pixels visible
 EXPRESSION_KINDS = ("attribute", "position", "relation")
@@ -382,21 +383,46 @@ def _touching_partner(
     return layout
 
 
-def _nested_inner(rng: random.Random, layout: list[Placement]) -> list[Placement]:
-    """The layout with a smaller shape of another colour inside its largest free shape whose
-    kind leaves room inside (``NESTABLE``). Unchanged when there is none."""
+def _nested_inner(
+    rng: random.Random,
+    layout: list[Placement],
+    width: int,
+    height: int,
+    side: tuple[float, float],
+) -> list[Placement]:
+    """The layout with a smaller shape of another colour inside a large shape.
+
+    A free shape whose kind leaves room inside (``NESTABLE``) becomes large (``NEST_HOST_SIDE``,
+    moved where it fits, keeping the usual distance from the others), and the inner shape is no
+    smaller than the smallest object of the flat world (``side[0]``), so both stay as visible to
+    the miniature foundations' patch grids as any other object. Unchanged when none fits.
+    """
+    short = min(width, height)
     hosts = [j for j, o in enumerate(layout) if o.situation == "apart" and o.shape in NESTABLE]
     if not hosts:
         return layout
-    j = max(hosts, key=lambda k: layout[k].r)
+    j = rng.choice(hosts)
     outer = layout[j]
-    inradius = NESTABLE[outer.shape] * outer.r
-    r = rng.uniform(*INNER_SIDE) * inradius
+    for _attempt in range(200):
+        big = rng.uniform(*NEST_HOST_SIDE) * short / 2
+        ox, oy = rng.uniform(big, width - big), rng.uniform(big, height - big)
+        if all(
+            math.hypot(ox - o.cx, oy - o.cy) >= _MIN_GAP * (big + o.r)
+            for k, o in enumerate(layout)
+            if k != j
+        ):
+            break
+    else:
+        return layout
+    inradius = NESTABLE[outer.shape] * big
+    r = max(rng.uniform(*INNER_SIDE) * inradius, side[0] * short / 2)
+    if r > INNER_SIDE[1] * inradius:
+        return layout
     shift, angle = rng.uniform(0.0, 0.5) * (inradius - r), rng.uniform(0.0, 2.0 * math.pi)
-    cx, cy = outer.cx + shift * math.cos(angle), outer.cy + shift * math.sin(angle)
+    cx, cy = ox + shift * math.cos(angle), oy + shift * math.sin(angle)
     colour = rng.choice([c for c in COLOURS if c != outer.colour])
     out = list(layout)
-    out[j] = dataclasses.replace(outer, situation="outer")
+    out[j] = dataclasses.replace(outer, cx=ox, cy=oy, r=big, situation="outer")
     return [*out, Placement(rng.choice(list(SHAPES)), colour, cx, cy, r, "inner")]
 
 
@@ -416,7 +442,7 @@ def add_ambiguity(
     if rng.random() < TOUCH_PROB:
         layout = _touching_partner(rng, layout, width, height, side)
     if rng.random() < NEST_PROB:
-        layout = _nested_inner(rng, layout)
+        layout = _nested_inner(rng, layout, width, height, side)
     return layout
 
 
