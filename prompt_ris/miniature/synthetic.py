@@ -349,6 +349,16 @@ class Placement:
     situation: str = "apart"
 
 
+def _clear_of_others(layout: list[Placement], skip: int, cx: float, cy: float, r: float) -> bool:
+    """Whether a disc (cx, cy, r) keeps the usual distance (``_MIN_GAP``) from every object of
+    the layout but ``skip``."""
+    return all(
+        math.hypot(cx - o.cx, cy - o.cy) >= _MIN_GAP * (r + o.r)
+        for k, o in enumerate(layout)
+        if k != skip
+    )
+
+
 def _touching_partner(
     rng: random.Random,
     layout: list[Placement],
@@ -370,12 +380,7 @@ def _touching_partner(
         angle = rng.uniform(0.0, 2.0 * math.pi)
         cx, cy = base.cx + distance * math.cos(angle), base.cy + distance * math.sin(angle)
         inside = r <= cx <= width - r and r <= cy <= height - r
-        clear = all(
-            math.hypot(cx - o.cx, cy - o.cy) >= _MIN_GAP * (r + o.r)
-            for j, o in enumerate(layout)
-            if j != i
-        )
-        if inside and clear:
+        if inside and _clear_of_others(layout, i, cx, cy, r):
             shape = rng.choice([s for s in SHAPES if s != base.shape])
             out = list(layout)
             out[i] = dataclasses.replace(base, situation="touching")
@@ -406,11 +411,7 @@ def _nested_inner(
     for _attempt in range(200):
         big = rng.uniform(*NEST_HOST_SIDE) * short / 2
         ox, oy = rng.uniform(big, width - big), rng.uniform(big, height - big)
-        if all(
-            math.hypot(ox - o.cx, oy - o.cy) >= _MIN_GAP * (big + o.r)
-            for k, o in enumerate(layout)
-            if k != j
-        ):
+        if _clear_of_others(layout, j, ox, oy, big):
             break
     else:
         return layout
