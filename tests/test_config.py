@@ -220,6 +220,22 @@ def test_the_grounded_demo_config_is_the_demo_plus_its_named_changes() -> None:
     assert (prompts.drop_mask, prompts.drop_point, prompts.drop_text) == (0.5, 0.5, 0.2)
 
 
+def test_the_ambiguous_demo_config_is_the_demo_with_the_ambiguous_sam() -> None:
+    """configs/tiny_synthetic_ambiguous.yaml is the paper's recipe of the demo with only the
+    miniature SAM pretrained for ambiguous clicks (and its output folder)."""
+    demo = config_to_dict(load_config(ROOT / "configs" / "tiny_synthetic.yaml"))
+    ambiguous = config_to_dict(load_config(ROOT / "configs" / "tiny_synthetic_ambiguous.yaml"))
+    sam_path = "checkpoints/tiny_synthetic_ambiguous/sam_tiny_synthetic_ambiguous.pth"
+    assert ambiguous["model"]["sam"].pop("checkpoint") == sam_path
+    assert (
+        demo["model"]["sam"].pop("checkpoint")
+        == "checkpoints/tiny_synthetic/sam_tiny_synthetic.pth"
+    )
+    assert ambiguous["train"].pop("output_dir") != demo["train"].pop("output_dir")
+    assert ambiguous == demo
+    assert (ROOT / sam_path).is_file()
+
+
 def test_tiny_preset_differs_from_the_paper_model_only_in_sizes() -> None:
     """Same freezing and prompting as ``vit_b``; pretrained base weights (the committed
     miniature foundations) instead of random ones."""

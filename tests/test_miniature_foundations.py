@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -226,3 +227,21 @@ def test_the_tiny_preset_builds_prompt_ris_on_the_committed_foundations(
     )
     grid = small.clip.clip.visual.positional_embedding
     assert grid.shape == (1 + 8 * 8, 64) and grid.dtype == torch.float32
+
+
+def test_the_committed_ambiguous_sam_loads_and_says_how_it_was_made() -> None:
+    """checkpoints/tiny_synthetic_ambiguous: the SAM of configs/tiny_synthetic_ambiguous.yaml, in
+    SAM's format through the real loader, its report naming the world and the multimask clicks."""
+    folder = ROOT / "checkpoints" / "tiny_synthetic_ambiguous"
+    path = folder / "sam_tiny_synthetic_ambiguous.pth"
+    sam = build_sam(_tiny_cfg().sam, str(path)).eval()
+    stored = torch.load(path, weights_only=True)
+    for key, value in sam.state_dict().items():
+        torch.testing.assert_close(value, stored[key].float(), rtol=0, atol=0, msg=key)
+    flat = torch.load(COMMITTED / "sam_tiny_synthetic.pth", weights_only=True)
+    assert not torch.equal(
+        flat["mask_decoder.mask_tokens.weight"], stored["mask_decoder.mask_tokens.weight"]
+    )
+    report = json.loads((folder / "report_sam.json").read_text())
+    assert report["sam"]["settings"]["world"] == "ambiguous"
+    assert report["sam"]["settings"]["multimask"] is True
